@@ -1,0 +1,55 @@
+"""Feature encoding shared by member-model training and the edge.
+
+Training (``retrain_server.member``) and serving (``agent.recommenders.member``)
+must turn a member's gender, age and context items into exactly the same
+integers; this module is the one place that says how.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+
+__all__ = ["CONTEXT_LENGTH", "AGE_EDGES", "N_AGE_BUCKETS", "N_GENDERS", "PAD", "OOV",
+           "gender_index", "age_bucket", "encode_context", "build_index"]
+
+#: Context items fed to the user tower (the seed's padding length).
+CONTEXT_LENGTH = 10
+#: Age bucket boundaries; bucket 0 is "unknown", 1 is "< 20", ..., last is ">= 70".
+AGE_EDGES = np.array([20, 25, 30, 35, 40, 45, 50, 55, 60, 65, 70])
+N_AGE_BUCKETS = len(AGE_EDGES) + 2
+#: Gender index: 0 unknown, 1 male (contract value 0), 2 female (contract value 1).
+N_GENDERS = 3
+#: Context index 0 is padding (masked out), 1 is an out-of-vocabulary product.
+PAD, OOV = 0, 1
+
+
+def gender_index(gender: int | None) -> int:
+    """Contract gender (0 male, 1 female, None/-1 unknown) -> 0..2."""
+    return 0 if gender is None or gender < 0 else int(gender) + 1
+
+
+def age_bucket(age: int | None) -> int:
+    """Age in years (None/-1 unknown) -> bucket 0..N_AGE_BUCKETS-1."""
+    if age is None or age < 0:
+        return 0
+    return 1 + int(np.searchsorted(AGE_EDGES, age, side="right"))
+
+
+def build_index(vocabulary: Sequence[str]) -> dict[str, int]:
+    """id -> row for a lookup array as stored in ``*_lookup.npy``."""
+    return {v: i for i, v in enumerate(vocabulary)}
+
+
+def encode_context(items: Iterable[str], index: Mapping[str, int]) -> np.ndarray:
+    """Most recent CONTEXT_LENGTH items -> int64 indices, left-aligned, PAD-filled.
+
+    ``index`` maps product id -> context index (see ``context_lookup.npy``:
+    position 0 is padding, 1 is OOV). Unknown ids become OOV.
+    """
+    items = list(items)[-CONTEXT_LENGTH:]
+    out = np.zeros(CONTEXT_LENGTH, dtype=np.int64)
+    for k, pid in enumerate(items):
+        out[k] = index.get(pid, OOV)
+    return out

@@ -1,0 +1,172 @@
+"""Guest model: co-purchase candidates + TF-IDF tag similarity (the seed's algorithm).
+
+All heavy work (TF-IDF, cosine nearest neighbours, co-purchase counting) is
+done at training time; the edge serves from precomputed neighbour tables:
+
+* ``co_neighbors_[i]`` / ``co_scores_[i]``: item i's best co-purchase partners,
+  best first, ``-1`` padded; scores are popularity-damped co-purchase counts.
+* ``sim_neighbors_[i]`` / ``sim_scores_[i]``: item i's most TF-IDF-similar items
+  (cosine similarity, self excluded), best first, ``-1`` padded.
+* ``popular_``: item indices by purchase count, for empty or unknown carts.
+
+A request then costs a handful of small numpy operations, independent of the
+catalogue size.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from .base import RecommendRequest
+
+_LOG = logging.getLogger(__name__)
+
+__all__ = ["GuestParams", "GuestRecommender"]
+
+
+@dataclass(frozen=True)
+class GuestParams:
+    """Serving knobs (``guest:`` in the agent config)."""
+
+    #: co-purchase candidates taken per cart item (the seed's co_top_k_per_item)
+    co_top_k_per_item: int = 20
+    #: how many of the best candidates are expanded with their TF-IDF neighbours
+    expand_top: int = 10
+    #: TF-IDF neighbours taken per expanded item
+    sim_top_k: int = 5
+    #: weight of a TF-IDF neighbour relative to the candidate it came from
+    sim_weight: float = 0.3
+    #: fewer co-purchase candidates than this -> add neighbours of the cart items
+    fallback_min_candidates: int = 10
+    #: weight of the fallback (similar-to-cart) scores
+    fallback_weight: float = 0.5
+
+    def __post_init__(self) -> None:
+        for name in ("co_top_k_per_item", "expand_top", "sim_top_k", "fallback_min_candidates"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ValueError(f"guest.{name} must be a non-negative integer")
+        for name in ("sim_weight", "fallback_weight"):
+            if not isinstance(getattr(self, name), (int, float)) or getattr(self, name) < 0:
+                raise ValueError(f"guest.{name} must be a non-negative number")
+
+
+class GuestRecommender:
+    """Recommends from co-purchase and tag-similarity neighbour tables.
+
+    Deterministic: equal scores are ordered by item index (catalogue order).
+    Unknown product ids in a request are ignored; :meth:`unknown_ids` lists them.
+    """
+
+    def __init__(self, item_ids: Sequence[str], co_neighbors: np.ndarray, co_scores: np.ndarray,
+                 sim_neighbors: np.ndarray, sim_scores: np.ndarray, popular: np.ndarray,
+                 params: GuestParams | None = None) -> None:
+        self.params = params or GuestParams()
+        self.item_ids_ = np.asarray(item_ids)
+        n = len(self.item_ids_)
+        self.co_neighbors_ = np.ascontiguousarray(co_neighbors, dtype=np.int32)
+        self.co_scores_ = np.ascontiguousarray(co_scores, dtype=np.float32)
+        self.sim_neighbors_ = np.ascontiguousarray(sim_neighbors, dtype=np.int32)
+        self.sim_scores_ = np.ascontiguousarray(sim_scores, dtype=np.float32)
+        self.popular_ = np.asarray(popular, dtype=np.int32)
+        for name, arr in (("co_neighbors", self.co_neighbors_), ("co_scores", self.co_scores_),
+                          ("sim_neighbors", self.sim_neighbors_), ("sim_scores", self.sim_scores_)):
+            if arr.ndim != 2 or arr.shape[0] != n:
+                raise ValueError(f"{name} must have shape ({n}, k), got {arr.shape}")
+        if self.co_neighbors_.shape != self.co_scores_.shape:
+            raise ValueError("co_neighbors and co_scores differ in shape")
+        if self.sim_neighbors_.shape != self.sim_scores_.shape:
+            raise ValueError("sim_neighbors and sim_scores differ in shape")
+        for name, arr in (("co_neighbors", self.co_neighbors_), ("sim_neighbors", self.sim_neighbors_),
+                          ("popular", self.popular_)):
+            if arr.size and (arr.max() >= n or arr.min() < -1):
+                raise ValueError(f"{name} holds indices outside the catalogue")
+        self.index_ = {pid: i for i, pid in enumerate(self.item_ids_.tolist())}
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_ids_)
+
+    def unknown_ids(self, ids: Sequence[str]) -> list[str]:
+        """The ids in ``ids`` that this model does not know."""
+        return [pid for pid in ids if pid not in self.index_]
+
+    def indices(self, ids: Sequence[str]) -> np.ndarray:
+        """Known ids -> item indices (unknown ids dropped, order kept)."""
+        get = self.index_.get
+        return np.fromiter((i for i in map(get, ids) if i is not None), dtype=np.int64)
+
+    def recommend(self, request: RecommendRequest) -> list[str]:
+        return self.item_ids_[self.recommend_indices(request)].tolist()
+
+    def recommend_indices(self, request: RecommendRequest) -> np.ndarray:
+        """Like :meth:`recommend` but returns item indices."""
+        top_k = request.top_k
+        if top_k <= 0:
+            return np.empty(0, dtype=np.int64)
+        p = self.params
+        cart = self.indices(request.cart)
+        excluded = np.union1d(cart, self.indices(request.wishlist))
+        cand = np.empty(0, dtype=np.int64)
+        score = np.empty(0, dtype=np.float64)
+        if cart.size:
+            cand, score = _aggregate(self.co_neighbors_[cart, :p.co_top_k_per_item],
+                                     self.co_scores_[cart, :p.co_top_k_per_item])
+            cand, score = _drop(cand, score, excluded)
+            if cand.size and p.expand_top and p.sim_top_k and p.sim_weight:
+                top = _top(cand, score, p.expand_top)
+                weight = score[top] / score[top].max() * p.sim_weight
+                sim_c = self.sim_neighbors_[cand[top], :p.sim_top_k]
+                sim_s = self.sim_scores_[cand[top], :p.sim_top_k] * weight[:, None]
+                cand, score = _aggregate(np.concatenate([cand, sim_c.ravel()]),
+                                         np.concatenate([score, sim_s.ravel()]))
+                cand, score = _drop(cand, score, excluded)
+            if cand.size < max(p.fallback_min_candidates, top_k) and p.sim_top_k:
+                # Few co-purchase candidates: items like the cart's own items.
+                fb_c = self.sim_neighbors_[cart, :max(p.sim_top_k, top_k)]
+                fb_s = self.sim_scores_[cart, :max(p.sim_top_k, top_k)] * p.fallback_weight
+                base = score.max() if score.size else 1.0
+                cand, score = _aggregate(np.concatenate([cand, fb_c.ravel()]),
+                                         np.concatenate([score, fb_s.ravel() * base]))
+                cand, score = _drop(cand, score, excluded)
+        picked = cand[_top(cand, score, top_k)]
+        if picked.size < top_k:
+            picked = self._fill_popular(picked, excluded, top_k)
+        return picked
+
+    def _fill_popular(self, picked: np.ndarray, excluded: np.ndarray, top_k: int) -> np.ndarray:
+        need = top_k - picked.size
+        taken = np.union1d(picked, excluded)
+        pop = self.popular_[: need + taken.size + 1]
+        pop = pop[~np.isin(pop, taken)][:need]
+        return np.concatenate([picked, pop]).astype(np.int64)
+
+
+def _aggregate(cand: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sum scores per distinct item; drops ``-1`` padding."""
+    cand = cand.ravel()
+    score = score.ravel()
+    keep = cand >= 0
+    uniq, inverse = np.unique(cand[keep], return_inverse=True)
+    return uniq.astype(np.int64), np.bincount(inverse, weights=score[keep], minlength=uniq.size)
+
+
+def _drop(cand: np.ndarray, score: np.ndarray, excluded: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    if not excluded.size or not cand.size:
+        return cand, score
+    keep = ~np.isin(cand, excluded, assume_unique=True)
+    return cand[keep], score[keep]
+
+
+def _top(cand: np.ndarray, score: np.ndarray, k: int) -> np.ndarray:
+    """Positions of the k best: highest score, then lowest item index."""
+    if cand.size > 4 * k:
+        # Cheap pre-cut; ties at the boundary are kept so order stays exact.
+        kth = np.partition(score, cand.size - k)[cand.size - k]
+        pos = np.flatnonzero(score >= kth)
+        order = np.lexsort((cand[pos], -score[pos]))[:k]
+        return pos[order]
+    return np.lexsort((cand, -score))[:k]

@@ -1,0 +1,144 @@
+"""Member model: the Two-Tower user tower in ONNX, scored against item embeddings.
+
+The user tower (int8-quantized ONNX, run by onnxruntime) turns a member's id,
+gender, age bucket and context (cart + wishlist) into a vector; every product
+is scored by its dot product with the precomputed ``item_embeddings``. The
+lookup arrays are the exact id -> index numbering the graph was trained with.
+
+Grocery shoppers rebuy, so the score can be blended with the member's own
+purchase counts (``repeat_weight``) and with co-purchase evidence from the
+guest model (``co_weight``); both weights are chosen by measurement
+(``retrain-server evaluate``) and 0 turns them off.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from .base import RecommendRequest
+from .features import CONTEXT_LENGTH, age_bucket, build_index, encode_context, gender_index
+from .guest import GuestRecommender
+
+_LOG = logging.getLogger(__name__)
+
+__all__ = ["MemberParams", "MemberHistory", "MemberRecommender"]
+
+INPUT_NAMES = ("user_index", "gender_index", "age_bucket", "context_index")
+
+
+@dataclass(frozen=True)
+class MemberParams:
+    """Serving knobs (``member:`` in the agent config / ``member_meta.json``)."""
+
+    #: weight of log(1 + times the member bought the item)
+    repeat_weight: float = 0.0
+    #: weight of the guest model's co-purchase score of the cart
+    co_weight: float = 0.0
+    #: onnxruntime intra-op threads (1: latency at batch 1, leaves cores free)
+    threads: int = 1
+
+
+@dataclass(frozen=True)
+class MemberHistory:
+    """Per-member purchase counts as CSR rows indexed like ``user_lookup``."""
+
+    indptr: np.ndarray  # int64 [n_users + 1]
+    items: np.ndarray  # int32 item indices (item_lookup numbering)
+    counts: np.ndarray  # float32
+
+    def row(self, user: int) -> tuple[np.ndarray, np.ndarray]:
+        lo, hi = self.indptr[user], self.indptr[user + 1]
+        return self.items[lo:hi], self.counts[lo:hi]
+
+
+class MemberRecommender:
+    """Scores all items for a member; cart and wishlist are excluded."""
+
+    def __init__(self, onnx_model: bytes, user_lookup: Sequence[str], context_lookup: Sequence[str],
+                 item_lookup: Sequence[str], item_embeddings: np.ndarray,
+                 history: MemberHistory | None = None, guest: GuestRecommender | None = None,
+                 params: MemberParams | None = None) -> None:
+        import onnxruntime as ort
+
+        self.params = params or MemberParams()
+        self.item_ids_ = np.asarray(item_lookup)
+        self.item_embeddings_ = np.ascontiguousarray(item_embeddings, dtype=np.float32)
+        if self.item_embeddings_.shape[0] != len(self.item_ids_):
+            raise ValueError("item_embeddings rows != item_lookup length")
+        self.user_index_ = build_index(list(user_lookup))
+        self.context_index_ = build_index(list(context_lookup))
+        self.item_index_ = build_index(self.item_ids_.tolist())
+        self.history_ = history
+        self.guest_ = guest
+        if guest is not None:
+            # guest item index -> member item index (-1 when absent)
+            self.guest_to_item_ = np.array([self.item_index_.get(p, -1) for p in guest.item_ids_.tolist()],
+                                           dtype=np.int64)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = self.params.threads
+        opts.inter_op_num_threads = 1
+        self.session_ = ort.InferenceSession(onnx_model, opts, providers=["CPUExecutionProvider"])
+        names = [i.name for i in self.session_.get_inputs()]
+        if sorted(names) != sorted(INPUT_NAMES):
+            raise ValueError(f"ONNX inputs {names} != expected {list(INPUT_NAMES)}")
+        self.output_name_ = self.session_.get_outputs()[0].name
+        dim = self.session_.get_outputs()[0].shape[-1]
+        if isinstance(dim, int) and dim != self.item_embeddings_.shape[1]:
+            raise ValueError(f"user tower dim {dim} != item embedding dim {self.item_embeddings_.shape[1]}")
+
+    def knows_user(self, user_id: str | None) -> bool:
+        return user_id is not None and user_id in self.user_index_
+
+    def user_vector(self, request: RecommendRequest) -> np.ndarray:
+        """The user tower's output for this request (unknown member -> OOV row)."""
+        feed = {
+            "user_index": np.array([self.user_index_.get(request.user_id or "", 0)], dtype=np.int64),
+            "gender_index": np.array([gender_index(request.gender)], dtype=np.int64),
+            "age_bucket": np.array([age_bucket(request.age)], dtype=np.int64),
+            "context_index": encode_context(request.cart + request.wishlist,
+                                            self.context_index_).reshape(1, CONTEXT_LENGTH),
+        }
+        return self.session_.run([self.output_name_], feed)[0][0]
+
+    def scores(self, request: RecommendRequest) -> np.ndarray:
+        """Blended score of every item (item_lookup order)."""
+        s = self.item_embeddings_ @ self.user_vector(request)
+        p = self.params
+        if p.repeat_weight and self.history_ is not None and request.user_id in self.user_index_:
+            items, counts = self.history_.row(self.user_index_[request.user_id])
+            s[items] += p.repeat_weight * np.log1p(counts)
+        if p.co_weight and self.guest_ is not None and request.cart:
+            g = self.guest_
+            cart = g.indices(request.cart)
+            if cart.size:
+                k = g.params.co_top_k_per_item
+                nb = g.co_neighbors_[cart, :k].ravel()
+                sc = g.co_scores_[cart, :k].ravel()
+                keep = nb >= 0
+                rows = self.guest_to_item_[nb[keep]]
+                ok = rows >= 0
+                co = np.zeros_like(s)
+                np.add.at(co, rows[ok], sc[keep][ok])
+                if co.max() > 0:
+                    s += p.co_weight * co / co.max()
+        return s
+
+    def recommend(self, request: RecommendRequest) -> list[str]:
+        k = request.top_k
+        if k <= 0:
+            return []
+        s = self.scores(request)
+        excluded = [self.item_index_[p] for p in request.excluded if p in self.item_index_]
+        if excluded:
+            s[excluded] = -np.inf
+        n = s.shape[0]
+        k = min(k, n - len(excluded))
+        if k <= 0:
+            return []
+        top = np.argpartition(-s, k - 1)[:k] if k < n else np.arange(n)
+        top = top[np.lexsort((top, -s[top]))]
+        return self.item_ids_[top].tolist()

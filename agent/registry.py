@@ -1,0 +1,168 @@
+"""Immutable model snapshots and the one reference that is swapped.
+
+A :class:`ModelSnapshot` holds everything needed to answer a request (guest
+model, optional member model, product names, version). It is built fully and
+smoke-tested *before* :meth:`ModelRegistry.swap` replaces the current
+reference, so a failed load never disturbs the snapshot that is serving.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from .bundle import Manifest, load_array, verify_parameters
+from .errors import BundleError
+from .recommenders.base import RecommendRequest
+from .recommenders.guest import GuestParams, GuestRecommender
+from .recommenders.member import MemberHistory, MemberParams, MemberRecommender
+
+_LOG = logging.getLogger(__name__)
+
+__all__ = ["Recommendation", "ModelSnapshot", "ModelRegistry", "load_snapshot"]
+
+GUEST_FILES = ("item_ids.npy", "item_names.npy", "co_neighbors.npy", "co_scores.npy",
+               "sim_neighbors.npy", "sim_scores.npy", "popular.npy")
+MEMBER_FILES = ("two_tower_model_quantized.onnx", "user_lookup.npy", "context_lookup.npy",
+                "item_lookup.npy", "item_embeddings.npy")
+HISTORY_FILES = ("history_indptr.npy", "history_items.npy", "history_counts.npy")
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """What a snapshot answers: ids best first, which model, which version."""
+
+    ids: list[str]
+    model: str  # "guest" | "member"
+    version: str
+    unknown: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ModelSnapshot:
+    """One loaded, verified set of models. Never mutated after construction."""
+
+    version: str
+    guest: GuestRecommender
+    member: MemberRecommender | None = None
+    names: Mapping[str, str] = field(default_factory=dict)
+    metrics: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def model_versions(self) -> dict[str, str | None]:
+        return {"guest": self.version, "member": self.version if self.member else None}
+
+    def recommend(self, request: RecommendRequest) -> Recommendation:
+        """Members go to the member model when it is loaded, everyone else to the guest model."""
+        unknown = self.guest.unknown_ids(request.cart + request.wishlist)
+        if request.user_id is not None and self.member is not None:
+            return Recommendation(self.member.recommend(request), "member", self.version, unknown)
+        return Recommendation(self.guest.recommend(request), "guest", self.version, unknown)
+
+    def name(self, product_id: str) -> str:
+        return self.names.get(product_id, product_id)
+
+    def smoke_test(self) -> None:
+        """Ask every model once; raises BundleError when an answer is malformed."""
+        probe = self.guest.item_ids_[:2].tolist()
+        requests = [RecommendRequest(cart=tuple(probe), top_k=5)]
+        if self.member is not None:
+            user = next(iter(self.member.user_index_), "")
+            requests.append(RecommendRequest(cart=tuple(probe), top_k=5, user_id=user or "smoke"))
+        for req in requests:
+            try:
+                rec = self.recommend(req)
+            except Exception as exc:  # any failure here means "do not swap in"
+                raise BundleError(f"smoke recommendation failed: {exc!r}") from exc
+            if len(rec.ids) != min(5, self.guest.n_items - len(probe)) or set(rec.ids) & set(probe):
+                raise BundleError(f"smoke recommendation malformed: {rec.ids}")
+
+
+def load_snapshot(root: str | Path, public_key: Any | None, *, allow_unsigned: bool = False,
+                  guest_params: GuestParams | None = None,
+                  member_params: MemberParams | None = None) -> ModelSnapshot:
+    """Verify ``root`` (signature + hashes), then load and smoke-test its models."""
+    manifest = verify_parameters(root, public_key, allow_unsigned=allow_unsigned)
+    guest = _load_guest(manifest, guest_params)
+    member = _load_member(manifest, guest, member_params)
+    names = dict(zip(guest.item_ids_.tolist(),
+                     load_array(manifest, "guest_model/item_names.npy").tolist()))
+    snap = ModelSnapshot(version=manifest.version, guest=guest, member=member, names=names,
+                         metrics=dict(manifest.metrics))
+    snap.smoke_test()
+    _LOG.info("loaded models %s from %s (guest: %d items, member: %s, signed: %s)",
+              manifest.version, root, guest.n_items,
+              f"{len(member.item_ids_)} items" if member else "absent", manifest.signed)
+    return snap
+
+
+def _load_guest(manifest: Manifest, params: GuestParams | None) -> GuestRecommender:
+    missing = [f for f in GUEST_FILES if not manifest.has(f"guest_model/{f}")]
+    if missing:
+        raise BundleError(f"guest model incomplete, missing: {', '.join(missing)}")
+    a = {f[:-4]: load_array(manifest, f"guest_model/{f}") for f in GUEST_FILES}
+    try:
+        return GuestRecommender(a["item_ids"], a["co_neighbors"], a["co_scores"],
+                                a["sim_neighbors"], a["sim_scores"], a["popular"], params)
+    except ValueError as exc:
+        raise BundleError(f"guest model invalid: {exc}") from exc
+
+
+def _load_member(manifest: Manifest, guest: GuestRecommender,
+                 params: MemberParams | None) -> MemberRecommender | None:
+    missing = [f for f in MEMBER_FILES if not manifest.has(f"member_model/{f}")]
+    if missing:
+        _LOG.warning("member model absent (%s): members are served by the guest model",
+                     ", ".join(missing))
+        return None
+    if params is None:
+        params = _member_params_from_meta(manifest)
+    history = None
+    if all(manifest.has(f"member_model/{f}") for f in HISTORY_FILES):
+        h = [load_array(manifest, f"member_model/{f}") for f in HISTORY_FILES]
+        history = MemberHistory(h[0].astype(np.int64), h[1].astype(np.int32), h[2].astype(np.float32))
+    try:
+        return MemberRecommender(
+            manifest.path("member_model/two_tower_model_quantized.onnx").read_bytes(),
+            load_array(manifest, "member_model/user_lookup.npy").tolist(),
+            load_array(manifest, "member_model/context_lookup.npy").tolist(),
+            load_array(manifest, "member_model/item_lookup.npy"),
+            load_array(manifest, "member_model/item_embeddings.npy"),
+            history=history, guest=guest, params=params)
+    except Exception as exc:  # onnxruntime raises its own types
+        raise BundleError(f"member model invalid: {exc}") from exc
+
+
+def _member_params_from_meta(manifest: Manifest) -> MemberParams:
+    """Blend weights chosen at training time travel in ``member_meta.json``."""
+    if not manifest.has("member_model/member_meta.json"):
+        return MemberParams()
+    meta = json.loads(manifest.path("member_model/member_meta.json").read_text(encoding="utf-8"))
+    serving = meta.get("serving") or {}
+    return MemberParams(repeat_weight=float(serving.get("repeat_weight", 0.0)),
+                        co_weight=float(serving.get("co_weight", 0.0)))
+
+
+class ModelRegistry:
+    """Holds the serving snapshot; readers take ``current`` without locking."""
+
+    def __init__(self, snapshot: ModelSnapshot | None = None) -> None:
+        self._current = snapshot
+        self._lock = threading.Lock()  # serialises swaps, not reads
+
+    @property
+    def current(self) -> ModelSnapshot | None:
+        return self._current
+
+    def swap(self, snapshot: ModelSnapshot) -> ModelSnapshot | None:
+        """Make ``snapshot`` current in one step; returns the previous one."""
+        with self._lock:
+            old, self._current = self._current, snapshot
+        _LOG.info("serving models %s (was %s)", snapshot.version, old.version if old else None)
+        return old

@@ -1,0 +1,166 @@
+"""``retrain-server``: keys, training, evaluation. Only here is logging configured."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+_LOG = logging.getLogger("retrain_server")
+
+
+def _cmd_keygen(args: argparse.Namespace) -> int:
+    from .sign import keygen
+
+    key, pub = keygen(args.out)
+    print(f"wrote {key} (private, mode 600) and {pub}")
+    return 0
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from . import synth
+
+    argv = ["--out", str(args.out), "--seed", str(args.seed)]
+    if args.large:
+        argv.append("--large")
+    return synth.main(argv)
+
+
+def train_bundle(products: Path, purchases: Path, out: Path, signing_key: Path | None, *,
+                 member: bool = True, epochs: int | None = None,
+                 guest_config: Any = None, member_config: Any = None) -> dict[str, Any]:
+    """Full training of both models from the seed's files into a signed parameters dir."""
+    from .data import load_products, load_purchases
+    from .export import write_member_history, write_parameters
+    from .guest import train_guest_model
+
+    catalog = load_products(products)
+    log = load_purchases(purchases)
+    t0 = time.perf_counter()
+    guest = train_guest_model(catalog, log, guest_config)
+    timings = {"guest_train_s": round(time.perf_counter() - t0, 2)}
+    member_writer = None
+    if member:
+        if not (log.user_ids != "").any():
+            _LOG.warning("no member purchases: shipping the guest model only")
+        else:
+            member_writer = _member_writer(catalog, log, epochs, member_config, timings)
+    doc = write_parameters(out, guest, member_writer=member_writer, metrics={"timings": timings},
+                           signing_key=signing_key)
+    return doc
+
+
+def _member_writer(catalog: Any, log: Any, epochs: int | None, config: Any,
+                   timings: dict[str, float]) -> Any:
+    import dataclasses
+    import json
+
+    from . import member as member_mod
+    from .export import write_member_history
+
+    cfg = config or member_mod.MemberTrainingConfig()
+    if epochs is not None:
+        cfg = dataclasses.replace(cfg, epochs=epochs)
+    t0 = time.perf_counter()
+    state = member_mod.train_member_model(log, catalog.ids.tolist(), cfg)
+    timings["member_train_s"] = round(time.perf_counter() - t0, 2)
+
+    def write(member_dir: Path) -> dict[str, Any]:
+        import numpy as np
+
+        member_mod.export_member_model(state, member_dir)
+        user_lookup = np.load(member_dir / "user_lookup.npy", allow_pickle=False)
+        item_lookup = np.load(member_dir / "item_lookup.npy", allow_pickle=False)
+        write_member_history(log, user_lookup, item_lookup, member_dir)
+        meta_path = member_dir / "member_meta.json"
+        meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.exists() else {}
+        meta.setdefault("serving", {"repeat_weight": SERVING_DEFAULTS["repeat_weight"],
+                                    "co_weight": SERVING_DEFAULTS["co_weight"]})
+        meta_path.write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        return {"n_users": int(len(user_lookup)), "n_items": int(len(item_lookup)),
+                "epochs": cfg.epochs, "serving": meta["serving"]}
+
+    return write
+
+
+#: Blend weights for the member model, chosen on Complete Journey validation data
+#: (see README, "Evaluation"). Overridable per agent in agent.yaml ``member:``.
+SERVING_DEFAULTS = {"repeat_weight": 0.0, "co_weight": 0.0}
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    for flag in ("products", "purchases"):
+        if not getattr(args, flag).is_file():
+            raise SystemExit(f"retrain-server train: --{flag}: no such file {getattr(args, flag)}")
+    if args.signing_key is None and not args.allow_unsigned:
+        raise SystemExit("retrain-server train: --signing-key is required "
+                         "(or --allow-unsigned for development)")
+    if args.signing_key is not None and not args.signing_key.is_file():
+        raise SystemExit(f"retrain-server train: --signing-key: no such file {args.signing_key}")
+    doc = train_bundle(args.products, args.purchases, args.out, args.signing_key,
+                       member=not args.guest_only, epochs=args.epochs)
+    print(f"trained parameters {doc['version']} -> {args.out} "
+          f"({len(doc['files'])} files, models: {', '.join(doc['models'])})")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace, rest: Sequence[str]) -> int:
+    from . import evaluate
+
+    return evaluate.main(list(rest))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="retrain-server",
+                                 description="Smart Basket training server: keys, training, evaluation.")
+    ap.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("keygen", help="write an Ed25519 key pair (signing.key, signing.pub)")
+    p.add_argument("--out", type=Path, required=True, help="directory for the key files")
+    p.set_defaults(func=_cmd_keygen)
+
+    p = sub.add_parser("train", help="full training of both models from the seed's files")
+    p.add_argument("--products", type=Path, required=True, help="products.csv")
+    p.add_argument("--purchases", type=Path, required=True, help="purchase_history.jsonl")
+    p.add_argument("--out", type=Path, required=True, help="parameters directory to write")
+    p.add_argument("--signing-key", type=Path, help="Ed25519 private key (retrain-server keygen)")
+    p.add_argument("--allow-unsigned", action="store_true", help="development: write an unsigned manifest")
+    p.add_argument("--guest-only", action="store_true", help="skip the member (Two-Tower) model")
+    p.add_argument("--epochs", type=int, help="member model epochs (default 1, the seed's)")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("synth", help="write a synthetic store in the seed's formats")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--large", action="store_true", help="50,000 products, 1,000,000 rows")
+    p.add_argument("--seed", type=int, default=7)
+    p.set_defaults(func=_cmd_synth)
+
+    p = sub.add_parser("evaluate", add_help=False,
+                       help="Complete Journey evaluation (see 'retrain-server evaluate --help')")
+    p.set_defaults(func=None)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ap = build_parser()
+    args, rest = ap.parse_known_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "evaluate":
+        return _cmd_evaluate(args, rest)
+    if rest:
+        ap.error(f"unrecognized arguments: {' '.join(rest)}")
+    try:
+        return int(args.func(args))
+    except (FileExistsError, ValueError) as exc:
+        print(f"retrain-server {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Set up everything the demo and the tests need, idempotently:
+#   - system packages (Mosquitto, python3-venv) when missing and we are root;
+#   - a virtualenv in .venv with the project installed (agent + server + test extras).
+# Re-running is cheap: pip runs again only when pyproject.toml changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+say() { printf '[bootstrap] %s\n' "$*"; }
+
+need_pkgs=()
+command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need_pkgs+=(mosquitto)
+PY=${PYTHON:-python3}
+if ! command -v "$PY" >/dev/null 2>&1; then need_pkgs+=(python3 python3-venv python3-pip); fi
+if command -v "$PY" >/dev/null 2>&1 && ! "$PY" -c 'import venv, ensurepip' >/dev/null 2>&1; then
+  need_pkgs+=(python3-venv)
+fi
+if [ ${#need_pkgs[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    say "installing system packages: ${need_pkgs[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null
+  else
+    say "missing system packages: ${need_pkgs[*]}"
+    say "run as root, or install them first:  sudo apt-get install ${need_pkgs[*]}"
+    exit 1
+  fi
+fi
+
+if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 10))'; then
+  say "Python >= 3.10 is required ($("$PY" --version 2>&1) found); set PYTHON=/path/to/python3.x"
+  exit 1
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  say "creating virtualenv .venv"
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
+if [ ! -f "$stamp" ]; then
+  say "installing Python packages into .venv (first time: a few minutes, TensorFlow is large)"
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q -e ".[server,demo,test]"
+  rm -f .venv/.installed-*
+  touch "$stamp"
+fi
+say "ready: $(.venv/bin/python --version), mosquitto $(/usr/sbin/mosquitto -h 2>/dev/null | head -1 | awk '{print $3}' || echo '?')"
