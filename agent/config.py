@@ -252,6 +252,10 @@ def parse_config(data: Mapping[str, Any], overrides: Mapping[str, Any] | None = 
         co_weight=r.get("member.co_weight", float, None, minimum=0),
         threads=r.get("member.threads", int, 1, minimum=1))
     http_port = r.get("http.port", int, 0, minimum=0)
+    http_host = r.get("http.host", str, "127.0.0.1")
+    idle_ttl_s = r.get("baskets.idle_ttl_s", float, 1800.0, minimum=1)
+    max_baskets = r.get("baskets.max_baskets", int, 10000, minimum=1)
+    status_interval_s = r.get("status_interval_s", float, 30.0, minimum=0.1)
     log_level = str(r.get("log_level", str, "INFO")).upper()
     if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         r.problems.append(f"log_level must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
@@ -262,10 +266,8 @@ def parse_config(data: Mapping[str, Any], overrides: Mapping[str, Any] | None = 
     return AgentConfig(
         broker=broker, agent_id=agent_id, parameters=parameters,  # type: ignore[arg-type]
         public_key=public_key, allow_unsigned=allow_unsigned, prefix=prefix.strip("/"),
-        http_host=r.get("http.host", str, "127.0.0.1"), http_port=http_port, limits=limits,
-        idle_ttl_s=r.get("baskets.idle_ttl_s", float, 1800.0, minimum=1),
-        max_baskets=r.get("baskets.max_baskets", int, 10000, minimum=1),
-        status_interval_s=r.get("status_interval_s", float, 30.0, minimum=0.1),
+        http_host=http_host, http_port=http_port, limits=limits, idle_ttl_s=idle_ttl_s,
+        max_baskets=max_baskets, status_interval_s=status_interval_s,
         guest=GuestParams(**guest_kwargs), member=member, log_level=log_level)
 
 

@@ -1,0 +1,175 @@
+"""Signed parameters: written by training, verified before anything is opened."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import stat
+
+import numpy as np
+import pytest
+
+from agent.bundle import load_public_key, verify_parameters
+from agent.recommenders.base import RecommendRequest
+from agent.errors import BundleError, SignatureError
+from agent.registry import ModelRegistry, load_snapshot
+from retrain_server.export import write_manifest, write_parameters
+from retrain_server.guest import train_guest_model
+from retrain_server.sign import keygen
+from retrain_server.synth import make_store
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    d = tmp_path_factory.mktemp("keys")
+    key, pub = keygen(d)
+    return key, pub
+
+
+@pytest.fixture(scope="module")
+def guest_model():
+    store = make_store(n_products=120, n_rows=2000, n_users=20, n_families=12)
+    return train_guest_model(store.catalog, store.purchases)
+
+
+@pytest.fixture
+def params(tmp_path, keys, guest_model):
+    out = tmp_path / "parameters"
+    write_parameters(out, guest_model, signing_key=keys[0])
+    return out
+
+
+def test_keygen_writes_private_key_mode_600_and_refuses_overwrite(keys):
+    key, pub = keys
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert b"PUBLIC KEY" in pub.read_bytes()
+    with pytest.raises(FileExistsError):
+        keygen(key.parent)
+
+
+def test_seed_layout_and_manifest(params):
+    for name in ("tfidf_vectorizer.pkl", "knn_model.pkl", "df_items.pkl", "tag_matrix.pkl",
+                 "co_purchase_dict.pkl"):
+        assert (params / "guest_model" / name).is_file()
+    doc = json.loads((params / "manifest.json").read_text())
+    assert set(doc) >= {"version", "created_at", "files", "metrics"}
+    for rel, info in doc["files"].items():
+        assert (params / rel).stat().st_size == info["size"]
+    assert (params / "manifest.sig").is_file()
+
+
+def test_signed_parameters_load_and_serve(params, keys):
+    snap = load_snapshot(params, load_public_key(keys[1]))
+    assert snap.member is None  # guest-only bundle
+    rec = snap.recommend(RecommendRequest(cart=(snap.guest.item_ids_[0],), user_id="u1"))
+    assert rec.model == "guest" and len(rec.ids) == 10  # members fall back to guest
+
+
+def test_wrong_key_is_refused(params, tmp_path):
+    _, other_pub = keygen(tmp_path / "other")
+    with pytest.raises(SignatureError, match="does not match"):
+        verify_parameters(params, load_public_key(other_pub))
+
+
+def test_missing_signature_is_refused_unless_allowed(params, keys):
+    (params / "manifest.sig").unlink()
+    with pytest.raises(SignatureError, match="unsigned"):
+        verify_parameters(params, load_public_key(keys[1]))
+    assert not verify_parameters(params, None, allow_unsigned=True).signed
+
+
+def test_no_key_is_refused_without_allow_unsigned(params):
+    with pytest.raises(SignatureError, match="no public key"):
+        verify_parameters(params, None)
+
+
+def test_tampered_file_is_refused(params, keys):
+    path = params / "guest_model" / "co_scores.npy"
+    arr = np.load(path)
+    arr[0, 0] += 1
+    np.save(path, arr)
+    with pytest.raises(BundleError, match="co_scores.npy"):
+        load_snapshot(params, load_public_key(keys[1]))
+
+
+def test_tampered_manifest_is_refused(params, keys):
+    raw = (params / "manifest.json").read_text().replace('"format": 1', '"format": 2')
+    (params / "manifest.json").write_text(raw)
+    with pytest.raises(SignatureError):
+        verify_parameters(params, load_public_key(keys[1]))
+
+
+class _Boom:
+    """Unpickling this creates a marker file: proof that something unpickled."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_nothing_is_unpickled_even_from_a_valid_bundle(params, keys, tmp_path):
+    marker = tmp_path / "unpickled"
+    for name in ("tfidf_vectorizer.pkl", "knn_model.pkl", "co_purchase_dict.pkl"):
+        (params / "guest_model" / name).write_bytes(pickle.dumps(_Boom(str(marker))))
+    # An attacker's pickle under a wrong signature is refused before anything is read...
+    with pytest.raises(BundleError):
+        load_snapshot(params, load_public_key(keys[1]))
+    # ...and even when properly signed, the edge never unpickles.
+    write_manifest(params, signing_key=keys[0])
+    load_snapshot(params, load_public_key(keys[1]))
+    assert not marker.exists()
+
+
+def test_object_arrays_are_refused(params, keys):
+    np.save(params / "guest_model" / "item_names.npy", np.array([{"x": 1}], dtype=object),
+            allow_pickle=True)
+    write_manifest(params, signing_key=keys[0])
+    with pytest.raises(BundleError, match="without pickle"):
+        load_snapshot(params, load_public_key(keys[1]))
+
+
+def test_path_escape_in_manifest_is_refused(params, keys, tmp_path):
+    (tmp_path / "outside.txt").write_text("x")
+    doc = json.loads((params / "manifest.json").read_text())
+    doc["files"]["../outside.txt"] = {"sha256": "0", "size": 1}
+    raw = json.dumps(doc).encode()
+    (params / "manifest.json").write_bytes(raw)
+    from retrain_server.sign import load_private_key, sign_bytes
+
+    (params / "manifest.sig").write_bytes(sign_bytes(load_private_key(keys[0]), raw))
+    with pytest.raises(BundleError, match="outside the bundle"):
+        verify_parameters(params, load_public_key(keys[1]))
+
+
+def test_failed_load_keeps_the_old_snapshot_serving(params, keys, tmp_path, guest_model):
+    registry = ModelRegistry(load_snapshot(params, load_public_key(keys[1])))
+    old = registry.current
+    bad = tmp_path / "bad"
+    write_parameters(bad, guest_model, signing_key=keys[0])
+    (bad / "guest_model" / "popular.npy").write_bytes(b"garbage")
+    with pytest.raises(BundleError):
+        registry.swap(load_snapshot(bad, load_public_key(keys[1])))
+    assert registry.current is old
+
+
+def test_rewrite_is_atomic_and_keeps_readme(tmp_path, keys, guest_model):
+    out = tmp_path / "parameters"
+    out.mkdir()
+    (out / "README.md").write_text("layout doc")
+    first = write_parameters(out, guest_model, signing_key=keys[0])
+    second = write_parameters(out, guest_model, signing_key=keys[0])
+    assert (out / "README.md").read_text() == "layout doc"
+    assert not any(p.name.startswith(".parameters.") for p in tmp_path.iterdir())
+    assert json.loads((out / "manifest.json").read_text())["version"] == second["version"]
+    assert first["files"] == second["files"]  # training is deterministic
+
+
+def test_bad_signing_key_fails_before_writing(tmp_path, guest_model):
+    bad = tmp_path / "bad.key"
+    bad.write_text("not a key")
+    with pytest.raises(ValueError, match="private key"):
+        write_parameters(tmp_path / "p", guest_model, signing_key=bad)
+    assert not (tmp_path / "p").exists()

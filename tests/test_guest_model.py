@@ -1,0 +1,142 @@
+"""Guest model: training on a synthetic store with planted structure, then serving."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from agent.recommenders.base import RecommendRequest
+from agent.recommenders.guest import GuestParams, GuestRecommender
+from retrain_server.guest import co_purchase_counts, co_purchase_tables, train_guest_model
+from retrain_server.synth import family_of, make_store, partner_of
+
+
+@pytest.fixture(scope="module")
+def store():
+    return make_store(n_products=400, n_rows=8000, n_users=60, n_families=20, seed=3)
+
+
+@pytest.fixture(scope="module")
+def model(store):
+    return train_guest_model(store.catalog, store.purchases)
+
+
+def recommender(model, **params) -> GuestRecommender:
+    a = model.edge_arrays()
+    return GuestRecommender(a["item_ids"], a["co_neighbors"], a["co_scores"], a["sim_neighbors"],
+                            a["sim_scores"], a["popular"], GuestParams(**params))
+
+
+def test_co_purchase_counts_match_a_brute_force_count(store, model):
+    ids = store.catalog.ids.tolist()
+    baskets: dict[str, set[str]] = {}
+    for s, p in zip(store.purchases.session_ids.tolist(), store.purchases.product_ids.tolist()):
+        baskets.setdefault(s, set()).add(p)
+    a, b = ids[0], ids[20]  # same family (0): often bought together
+    expected = sum(1 for items in baskets.values() if a in items and b in items)
+    assert model.co_counts[0, 20] == expected
+    assert model.co_counts[0, 0] == 0
+
+
+def test_popularity_alpha_zero_ranks_by_raw_count():
+    import scipy.sparse as sp
+
+    co = sp.csr_matrix(np.array([[0, 5, 3], [5, 0, 1], [3, 1, 0]], dtype=np.float32))
+    counts = np.array([8.0, 100.0, 3.0])
+    nb0, _ = co_purchase_tables(co, counts, k=2, alpha=0.0)
+    assert nb0[0].tolist() == [1, 2]  # raw counts: 5 > 3
+    nb1, sc1 = co_purchase_tables(co, counts, k=2, alpha=1.0)
+    assert nb1[0].tolist() == [2, 1]  # damped: 3/3 > 5/100
+    assert sc1[0, 0] == pytest.approx(1.0)
+
+
+def test_tfidf_neighbours_stay_in_the_family(model):
+    fams = np.array([family_of(p) for p in model.catalog.ids])
+    nb = model.sim_neighbors[:, :5]
+    same = (fams[nb] == fams[:, None]).mean()
+    assert same > 0.95
+
+
+def test_cart_of_a_family_gets_that_family_or_its_partner(store, model):
+    rec = recommender(model)
+    hits = 0
+    for fam in range(store.n_families):
+        cart = tuple(store.catalog.ids[fam::store.n_families][:3])  # product i is in family i % n
+        out = rec.recommend(RecommendRequest(cart=cart, top_k=10))
+        assert len(out) == 10 and not set(out) & set(cart)
+        ok = {fam, partner_of(fam, store.n_families)}
+        hits += sum(family_of(p) in ok for p in out)
+    assert hits / (10 * store.n_families) > 0.9
+
+
+def test_cart_and_wishlist_are_never_recommended(model):
+    rec = recommender(model)
+    ids = model.catalog.ids.tolist()
+    cart, wish = tuple(ids[0:5]), tuple(ids[20:25])
+    for k in (1, 10, 50):
+        out = rec.recommend(RecommendRequest(cart=cart, wishlist=wish, top_k=k))
+        assert len(out) == k and len(set(out)) == k
+        assert not set(out) & (set(cart) | set(wish))
+
+
+def test_unknown_ids_are_ignored_and_reported(model):
+    rec = recommender(model)
+    ids = model.catalog.ids.tolist()
+    with_unknown = rec.recommend(RecommendRequest(cart=(ids[0], "no-such-id", ids[1])))
+    assert with_unknown == rec.recommend(RecommendRequest(cart=(ids[0], ids[1])))
+    assert rec.unknown_ids([ids[0], "no-such-id"]) == ["no-such-id"]
+
+
+def test_empty_or_unknown_cart_gets_popular_items(model):
+    rec = recommender(model)
+    popular = model.catalog.ids[model.popular[:10]].tolist()
+    assert rec.recommend(RecommendRequest(cart=())) == popular
+    assert rec.recommend(RecommendRequest(cart=("x", "y"))) == popular
+    # popular items already in the basket are skipped
+    out = rec.recommend(RecommendRequest(cart=(popular[0],), top_k=3))
+    assert popular[0] not in out
+
+
+def test_deterministic_with_ties():
+    # Items 1 and 2 tie as partners of 0; the lower index must come first, every time.
+    ids = ["a", "b", "c", "d"]
+    co_nb = np.array([[2, 1], [-1, -1], [-1, -1], [-1, -1]])
+    co_sc = np.array([[1.0, 1.0], [0, 0], [0, 0], [0, 0]], dtype=np.float32)
+    empty = np.full((4, 1), -1)
+    rec = GuestRecommender(ids, co_nb, co_sc, empty, np.zeros((4, 1)), np.array([3, 2, 1, 0]),
+                           GuestParams(fallback_min_candidates=0))
+    for _ in range(5):
+        assert rec.recommend(RecommendRequest(cart=("a",), top_k=3)) == ["b", "c", "d"]
+
+
+def test_fallback_uses_items_similar_to_the_cart():
+    # No co-purchase data at all: the answer comes from TF-IDF neighbours of the cart.
+    ids = ["a", "b", "c", "d", "e"]
+    none = np.full((5, 1), -1)
+    sim_nb = np.array([[3, 4], [-1, -1], [-1, -1], [-1, -1], [-1, -1]])
+    sim_sc = np.array([[0.9, 0.5], [0, 0], [0, 0], [0, 0], [0, 0]], dtype=np.float32)
+    rec = GuestRecommender(ids, none, np.zeros((5, 1)), sim_nb, sim_sc, np.array([1, 2, 0, 3, 4]))
+    assert rec.recommend(RecommendRequest(cart=("a",), top_k=3)) == ["d", "e", "b"]
+
+
+def test_rejects_inconsistent_arrays():
+    with pytest.raises(ValueError, match="outside the catalogue"):
+        GuestRecommender(["a"], np.array([[5]]), np.ones((1, 1)), np.array([[-1]]),
+                         np.zeros((1, 1)), np.array([0]))
+
+
+def test_korean_tags_tokenise(model):
+    vocab = model.vectorizer.vocabulary_
+    assert "우유" in vocab and "쌀" in vocab and "dairy" in vocab
+
+
+def test_co_counts_ignore_products_missing_from_the_catalogue(store):
+    from retrain_server.data import PurchaseLog
+
+    log = PurchaseLog.from_rows([
+        {"session_id": "s1", "id": store.catalog.ids[0]},
+        {"session_id": "s1", "id": "ghost"},
+        {"session_id": "s1", "id": store.catalog.ids[1]},
+    ])
+    co, counts = co_purchase_counts(log, store.catalog)
+    assert co[0, 1] == 1 and co.sum() == 2 and counts.sum() == 2
