@@ -1,0 +1,150 @@
+"""The HTTP bridge (contract §4): ``POST /recommend``, ``GET /health``, ``GET /metrics``.
+
+A FastAPI app over the same :class:`~agent.registry.ModelRegistry` the MQTT
+agent serves from, so both see a model swap at the same moment. Request
+bodies are validated by the same code as MQTT cart events
+(:func:`agent.events.event_from_obj`), so the two entry points accept and
+refuse exactly the same things.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+
+from .errors import EventError
+from .events import EventLimits, event_from_obj
+from .metrics import Metrics
+from .recommenders.base import RecommendRequest
+from .registry import ModelRegistry
+
+_LOG = logging.getLogger(__name__)
+
+__all__ = ["create_app", "HttpBridge"]
+
+GUEST = "guest"
+
+
+def _as_event(body: Any) -> dict[str, Any]:
+    """Map the bridge's flat body (the seed's shape) onto a cart event."""
+    if not isinstance(body, dict):
+        raise EventError("body must be a JSON object")
+    body = dict(body)
+    if "cart_items" in body:
+        if "cart" in body:
+            raise EventError("give either 'cart' or 'cart_items', not both")
+        body["cart"] = body.pop("cart_items")
+    if "cart" not in body:
+        raise EventError("'cart' (or 'cart_items') is required")
+    user_id = body.pop("user_id", None)
+    gender, age = body.pop("gender", None), body.pop("age", None)
+    allowed = {"cart", "wishlist", "top_k"}
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise EventError(f"unknown field(s): {', '.join(unknown)}")
+    if user_id is not None and user_id != GUEST:
+        body["user"] = {"user_id": user_id, "gender": gender, "age": age}
+    elif gender is not None or age is not None:
+        body["user"] = None  # guests' demographics are not used by the guest model
+    return body
+
+
+def create_app(registry: ModelRegistry, metrics: Metrics | None = None,
+               limits: EventLimits | None = None) -> FastAPI:
+    """The bridge app; models always come from ``registry.current``."""
+    metrics = metrics or Metrics()
+    limits = limits or EventLimits()
+    app = FastAPI(title="Smart Basket recommendation bridge", version="1")
+
+    @app.post("/recommend")
+    def recommend(raw: bytes = _raw_body()) -> JSONResponse:  # sync: runs in the threadpool
+        t0 = time.perf_counter()
+        if len(raw) > limits.max_payload_bytes:
+            metrics.error("too_large")
+            return _error(422, f"body of {len(raw)} bytes exceeds {limits.max_payload_bytes}")
+        try:
+            body = json.loads(raw)
+            event = event_from_obj(_as_event(body), limits)
+        except (ValueError, UnicodeDecodeError) as exc:
+            metrics.error("json")
+            return _error(422, f"body is not valid JSON: {exc}")
+        except EventError as exc:
+            metrics.error("schema")
+            return _error(422, str(exc))
+        snap = registry.current
+        if snap is None:
+            return _error(503, "no model loaded")
+        user = event.user
+        req = RecommendRequest(cart=event.cart or (), wishlist=event.wishlist or (),
+                               top_k=event.top_k, user_id=user.user_id, gender=user.gender,
+                               age=user.age)
+        rec = snap.recommend(req)
+        if rec.unknown:
+            metrics.unknown_ids(len(rec.unknown))
+            _LOG.debug("http: unknown product ids ignored: %s", rec.unknown[:10])
+        metrics.answer(rec.model, time.perf_counter() - t0)
+        return JSONResponse({
+            "user_id": user.user_id if user.user_id is not None else GUEST,
+            "recommendations": rec.ids,
+            "items": [{"id": p, "name": snap.name(p)} for p in rec.ids],
+            "model": rec.model,
+            "model_version": rec.version,
+        })
+
+    @app.get("/health")
+    def health() -> JSONResponse:
+        snap = registry.current
+        if snap is None:
+            return JSONResponse({"status": "unavailable", "models": {}}, status_code=503)
+        return JSONResponse({"status": "ok", "models": snap.model_versions})
+
+    @app.get("/metrics")
+    def prometheus() -> PlainTextResponse:
+        return PlainTextResponse(metrics.render_prometheus(),
+                                 media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return app
+
+
+def _raw_body() -> Any:
+    from fastapi import Depends
+
+    async def read(request: Request) -> bytes:
+        return await request.body()
+
+    return Depends(read)
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message, "detail": message}, status_code=status)
+
+
+class HttpBridge:
+    """Runs the app with uvicorn in a background thread (inside ``basket-agent run``)."""
+
+    def __init__(self, app: FastAPI, host: str, port: int) -> None:
+        import uvicorn
+
+        config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+                                lifespan="off")
+        self.server = uvicorn.Server(config)
+        self.server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        self._thread = threading.Thread(target=self.server.run, name="http-bridge", daemon=True)
+
+    def start(self, timeout: float = 10.0) -> None:
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("HTTP bridge failed to start (port in use?)")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self._thread.join(timeout=5)
