@@ -16,6 +16,7 @@ catalogue size.
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -107,58 +108,100 @@ class GuestRecommender:
         top_k = request.top_k
         if top_k <= 0:
             return np.empty(0, dtype=np.int64)
-        p = self.params
+        scratch = self._scratch()
         cart = self.indices(request.cart)
-        excluded = np.union1d(cart, self.indices(request.wishlist))
-        cand = np.empty(0, dtype=np.int64)
-        score = np.empty(0, dtype=np.float64)
-        if cart.size:
-            cand, score = _aggregate(self.co_neighbors_[cart, :p.co_top_k_per_item],
-                                     self.co_scores_[cart, :p.co_top_k_per_item])
-            cand, score = _drop(cand, score, excluded)
-            if cand.size and p.expand_top and p.sim_top_k and p.sim_weight:
-                top = _top(cand, score, p.expand_top)
-                weight = score[top] / score[top].max() * p.sim_weight
-                sim_c = self.sim_neighbors_[cand[top], :p.sim_top_k]
-                sim_s = self.sim_scores_[cand[top], :p.sim_top_k] * weight[:, None]
-                cand, score = _aggregate(np.concatenate([cand, sim_c.ravel()]),
-                                         np.concatenate([score, sim_s.ravel()]))
-                cand, score = _drop(cand, score, excluded)
-            if cand.size < max(p.fallback_min_candidates, top_k) and p.sim_top_k:
-                # Few co-purchase candidates: items like the cart's own items.
-                fb_c = self.sim_neighbors_[cart, :max(p.sim_top_k, top_k)]
-                fb_s = self.sim_scores_[cart, :max(p.sim_top_k, top_k)] * p.fallback_weight
-                base = score.max() if score.size else 1.0
-                cand, score = _aggregate(np.concatenate([cand, fb_c.ravel()]),
-                                         np.concatenate([score, fb_s.ravel() * base]))
-                cand, score = _drop(cand, score, excluded)
-        picked = cand[_top(cand, score, top_k)]
+        excluded = np.concatenate([cart, self.indices(request.wishlist)]) if request.wishlist else cart
+        scratch.excluded[excluded] = True
+        try:
+            picked = self._rank(cart, top_k, scratch)
+        finally:
+            scratch.reset(excluded)
         if picked.size < top_k:
             picked = self._fill_popular(picked, excluded, top_k)
         return picked
 
+    def _rank(self, cart: np.ndarray, top_k: int, scratch: "_Scratch") -> np.ndarray:
+        p = self.params
+        if not cart.size:
+            return np.empty(0, dtype=np.int64)
+        k = p.co_top_k_per_item
+        cand, score = scratch.add(self.co_neighbors_[cart, :k], self.co_scores_[cart, :k])
+        if cand.size and p.expand_top and p.sim_top_k and p.sim_weight:
+            top = _top(cand, score, p.expand_top)
+            weight = score[top] * (p.sim_weight / score[top].max())
+            cand, score = scratch.add(self.sim_neighbors_[cand[top], :p.sim_top_k],
+                                      self.sim_scores_[cand[top], :p.sim_top_k] * weight[:, None])
+        if cand.size < max(p.fallback_min_candidates, top_k) and p.sim_top_k:
+            # Few co-purchase candidates: add items like the cart's own items.
+            width = max(p.sim_top_k, top_k)
+            base = p.fallback_weight * (score.max() if score.size else 1.0)
+            cand, score = scratch.add(self.sim_neighbors_[cart, :width],
+                                      self.sim_scores_[cart, :width] * base)
+        return cand[_top(cand, score, top_k)]
+
+    def _scratch(self) -> "_Scratch":
+        """Per-thread dense buffers: the MQTT worker and HTTP threads may call at once."""
+        local = self.__dict__.get("_local")
+        if local is None:
+            local = self.__dict__.setdefault("_local", threading.local())
+        s = getattr(local, "scratch", None)
+        if s is None:
+            s = local.scratch = _Scratch(self.n_items)
+        return s
+
     def _fill_popular(self, picked: np.ndarray, excluded: np.ndarray, top_k: int) -> np.ndarray:
         need = top_k - picked.size
-        taken = np.union1d(picked, excluded)
+        taken = np.concatenate([picked, excluded])
         pop = self.popular_[: need + taken.size + 1]
         pop = pop[~np.isin(pop, taken)][:need]
         return np.concatenate([picked, pop]).astype(np.int64)
 
 
-def _aggregate(cand: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Sum scores per distinct item; drops ``-1`` padding."""
-    cand = cand.ravel()
-    score = score.ravel()
-    keep = cand >= 0
-    uniq, inverse = np.unique(cand[keep], return_inverse=True)
-    return uniq.astype(np.int64), np.bincount(inverse, weights=score[keep], minlength=uniq.size)
+class _Scratch:
+    """Dense score accumulator over the catalogue, reset after each request.
 
+    Summing scores per item in a dense buffer avoids sorting/hashing the
+    candidates; only the touched entries are cleared afterwards.
+    """
 
-def _drop(cand: np.ndarray, score: np.ndarray, excluded: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    if not excluded.size or not cand.size:
-        return cand, score
-    keep = ~np.isin(cand, excluded, assume_unique=True)
-    return cand[keep], score[keep]
+    def __init__(self, n: int) -> None:
+        self.score = np.zeros(n, dtype=np.float64)
+        self.excluded = np.zeros(n, dtype=bool)
+        self.seen = np.zeros(n, dtype=bool)
+        self.touched: list[np.ndarray] = []
+        self.cand = np.empty(0, dtype=np.int64)
+
+    def add(self, items: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Accumulate; returns all candidates so far (excluded ones dropped) and their sums."""
+        items, scores = items.ravel(), scores.ravel()
+        ok = items >= 0
+        items, scores = items[ok], scores[ok]
+        ok = ~self.excluded[items]
+        items, scores = items[ok], scores[ok]
+        if items.size:
+            # Sum duplicates by sorting (cheaper than np.add.at / np.unique at this size).
+            order = np.argsort(items, kind="stable")
+            items, scores = items[order], scores[order]
+            starts = np.empty(items.size, dtype=bool)
+            starts[0] = True
+            np.not_equal(items[1:], items[:-1], out=starts[1:])
+            first = np.flatnonzero(starts)
+            items = items[first]
+            self.score[items] += np.add.reduceat(scores, first)
+            new = items[~self.seen[items]]
+            if new.size:
+                self.seen[new] = True
+                self.touched.append(new)
+                self.cand = np.concatenate([self.cand, new])
+        return self.cand, self.score[self.cand]
+
+    def reset(self, excluded: np.ndarray) -> None:
+        self.excluded[excluded] = False
+        for t in self.touched:
+            self.score[t] = 0.0
+            self.seen[t] = False
+        self.touched.clear()
+        self.cand = np.empty(0, dtype=np.int64)
 
 
 def _top(cand: np.ndarray, score: np.ndarray, k: int) -> np.ndarray:
