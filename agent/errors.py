@@ -5,13 +5,14 @@ Hierarchy::
     AgentError
     ├── ConfigError            bad or missing configuration (start-up)
     ├── EventError             one cart event / request is invalid (reported, not fatal)
+    ├── MqttError              the broker connection refused an operation
     └── BundleError            model parameters failed verification or loading
         └── SignatureError     manifest signature missing or wrong
 """
 
 from __future__ import annotations
 
-__all__ = ["AgentError", "ConfigError", "EventError", "BundleError", "SignatureError"]
+__all__ = ["AgentError", "ConfigError", "EventError", "MqttError", "BundleError", "SignatureError"]
 
 
 class AgentError(Exception):
@@ -35,6 +36,10 @@ class EventError(AgentError):
     def __init__(self, message: str, event_id: object = None) -> None:
         self.event_id = event_id
         super().__init__(message)
+
+
+class MqttError(AgentError):
+    """Raised when paho refuses to connect or publish (mapped at the adapter boundary)."""
 
 
 class BundleError(AgentError):

@@ -1,0 +1,119 @@
+"""MQTT topic names (contract §3): build them and parse them, nothing else.
+
+Pure: no I/O, no paho. ``PREFIX`` is configurable (``smartbasket/store-17``)::
+
+    PREFIX/basket/{basket_id}/cart              sensor -> agent
+    PREFIX/basket/{basket_id}/recommendations   agent -> display (retained)
+    PREFIX/basket/{basket_id}/errors            agent -> anyone
+    PREFIX/models/updated                       retrain server -> agents (retained)
+    PREFIX/agent/{agent_id}/status              agent -> ops (retained, Last Will)
+
+Ids (basket, agent) are one topic level: non-empty, no ``/``, ``+``, ``#`` or NUL.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from .errors import EventError
+
+_LOG = logging.getLogger(__name__)
+
+__all__ = ["Topics", "BasketTopic", "validate_prefix", "validate_id", "BASKET_KINDS"]
+
+#: the per-basket topic kinds
+BASKET_KINDS = ("cart", "recommendations", "errors")
+_FORBIDDEN = ("/", "+", "#", "\x00")
+_MAX_ID_LENGTH = 256
+
+
+def validate_id(what: str, value: object) -> str:
+    """Return ``value`` when it is a valid single-level id; raises ValueError otherwise."""
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{what} must be a non-empty string, got {value!r}")
+    if any(c in value for c in _FORBIDDEN):
+        raise ValueError(f"{what} must not contain '/', '+', '#' or NUL, got {value!r}")
+    if len(value) > _MAX_ID_LENGTH:
+        raise ValueError(f"{what} is longer than {_MAX_ID_LENGTH} characters")
+    return value
+
+
+def validate_prefix(prefix: object) -> str:
+    """Return the normalised prefix (outer ``/`` stripped); raises ValueError when unusable."""
+    if not isinstance(prefix, str):
+        raise ValueError(f"topic prefix must be a string, got {prefix!r}")  # noqa: TRY004
+    norm = prefix.strip("/")
+    if not norm or any(c in norm for c in ("+", "#", "\x00")) or "//" in norm:
+        raise ValueError(f"topic prefix must be a topic path without wildcards or empty levels, "
+                         f"got {prefix!r}")
+    return norm
+
+
+@dataclass(frozen=True)
+class BasketTopic:
+    """One per-basket topic: ``PREFIX/basket/{basket_id}/{kind}``."""
+
+    prefix: str
+    basket_id: str
+    kind: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "prefix", validate_prefix(self.prefix))
+        validate_id("basket id", self.basket_id)
+        if self.kind not in BASKET_KINDS:
+            raise ValueError(f"basket topic kind must be one of {BASKET_KINDS}, got {self.kind!r}")
+
+    def __str__(self) -> str:
+        return f"{self.prefix}/basket/{self.basket_id}/{self.kind}"
+
+
+@dataclass(frozen=True)
+class Topics:
+    """All topic names under one prefix. ``Topics("smartbasket/store-17").cart("b-1")``."""
+
+    prefix: str = "smartbasket"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "prefix", validate_prefix(self.prefix))
+
+    def cart(self, basket_id: str) -> str:
+        return str(BasketTopic(self.prefix, basket_id, "cart"))
+
+    def recommendations(self, basket_id: str) -> str:
+        return str(BasketTopic(self.prefix, basket_id, "recommendations"))
+
+    def errors(self, basket_id: str) -> str:
+        return str(BasketTopic(self.prefix, basket_id, "errors"))
+
+    @property
+    def models_updated(self) -> str:
+        return f"{self.prefix}/models/updated"
+
+    def status(self, agent_id: str) -> str:
+        return f"{self.prefix}/agent/{validate_id('agent id', agent_id)}/status"
+
+    @property
+    def cart_subscription(self) -> str:
+        """The filter the agent subscribes to: every basket's cart topic."""
+        return f"{self.prefix}/basket/+/cart"
+
+    def parse_basket(self, topic: str) -> BasketTopic:
+        """``PREFIX/basket/{id}/{kind}`` -> BasketTopic; raises EventError for anything else."""
+        head = f"{self.prefix}/basket/"
+        if not topic.startswith(head):
+            raise EventError(f"topic {topic!r} is not under {head!r}")
+        basket_id, sep, kind = topic[len(head):].rpartition("/")
+        if not sep:
+            raise EventError(f"topic {topic!r} has no basket id")
+        try:
+            return BasketTopic(self.prefix, basket_id, kind)
+        except ValueError as exc:
+            raise EventError(f"bad topic {topic!r}: {exc}") from exc
+
+    def parse_cart(self, topic: str) -> str:
+        """A cart topic -> its basket id; raises EventError when it is not one."""
+        parsed = self.parse_basket(topic)
+        if parsed.kind != "cart":
+            raise EventError(f"topic {topic!r} is not a cart topic")
+        return parsed.basket_id

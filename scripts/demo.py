@@ -1,0 +1,256 @@
+"""The demo: a synthetic store, trained models, a broker, the agent, and live baskets.
+
+1. writes a small synthetic store (products.csv with Korean + English tags,
+   purchase_history.jsonl with guests and members) into ``.demo/data``;
+2. makes an Ed25519 key pair and trains both models into ``.demo/parameters``
+   (signed), exactly as ``retrain-server train`` does;
+3. starts a private Mosquitto (or, when it is not installed, the embedded
+   amqtt broker, MQTT 3.1.1) on a free port;
+4. starts ``basket-agent run`` as a separate process with the HTTP bridge on;
+5. simulates baskets (guests and members) adding products, one MQTT event at a
+   time, and prints each basket's cart and its recommendations with names;
+6. checks out every basket, stops the agent (its status turns ``offline``)
+   and exits 0. ``--keep-running`` keeps shopping until Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import queue
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from scripts.brokers import AmqttBroker, MosquittoBroker, free_port, mosquitto_available  # noqa: E402
+
+WORK = ROOT / ".demo"
+
+
+def step(msg: str) -> None:
+    print(f"\n\033[1m== {msg}\033[0m", flush=True)
+
+
+def prepare_models(retrain: bool) -> tuple[Path, Path, Path]:
+    from retrain_server.cli import train_bundle
+    from retrain_server.data import write_products, write_purchases
+    from retrain_server.sign import keygen
+    from retrain_server.synth import make_store
+
+    data, keys, params = WORK / "data", WORK / "keys", WORK / "parameters"
+    step("1. sample data: a synthetic store (Korean + English tags, guests and members)")
+    store = make_store(n_products=400, n_rows=8000, n_users=60, n_families=20, seed=11)
+    data.mkdir(parents=True, exist_ok=True)
+    write_products(data / "products.csv", store.catalog)
+    write_purchases(data / "purchase_history.jsonl", store.purchases)
+    print(f"   {len(store.catalog)} products, {len(store.purchases)} purchase rows -> {data}")
+    step("2. keys and training (guest: TF-IDF + co-purchase; member: Two-Tower -> int8 ONNX)")
+    if not (keys / "signing.key").exists():
+        keygen(keys)
+    if retrain or not (params / "manifest.json").exists():
+        t0 = time.perf_counter()
+        doc = train_bundle(data / "products.csv", data / "purchase_history.jsonl", params,
+                           keys / "signing.key")
+        print(f"   trained {doc['version']} in {time.perf_counter() - t0:.1f} s -> {params}")
+    else:
+        print(f"   reusing {params} (--retrain to train again)")
+    return data, keys / "signing.pub", params
+
+
+def start_broker() -> tuple[object, int, str]:
+    step("3. MQTT broker")
+    if mosquitto_available():
+        broker = MosquittoBroker(WORK / "broker")
+        broker.start()
+        print(f"   Mosquitto on 127.0.0.1:{broker.port} (MQTT 5, TCP_NODELAY)")
+        return broker, broker.port, "5"
+    logging.getLogger("amqtt").setLevel(logging.CRITICAL)
+    broker = AmqttBroker()
+    broker.start()
+    print(f"   Mosquitto not installed: embedded amqtt broker on 127.0.0.1:{broker.port} (MQTT 3.1.1)")
+    return broker, broker.port, "3.1.1"
+
+
+class Display:
+    """A stand-in for the basket's display: subscribes to recommendations."""
+
+    def __init__(self, port: int, protocol: str, prefix: str) -> None:
+        import paho.mqtt.client as mqtt
+
+        self.inbox: queue.Queue = queue.Queue()
+        self.status: queue.Queue = queue.Queue()
+        proto = mqtt.MQTTv5 if protocol == "5" else mqtt.MQTTv311
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"demo-display-{uuid.uuid4().hex[:6]}",
+                                  protocol=proto)
+        self.client.on_socket_open = lambda c, u, sock: sock.setsockopt(6, 1, 1)  # TCP_NODELAY
+        self.prefix = prefix
+
+        def on_connect(client, userdata, flags, rc, props=None):
+            client.subscribe([(f"{prefix}/basket/+/recommendations", 1), (f"{prefix}/basket/+/errors", 1),
+                              (f"{prefix}/agent/+/status", 1)])
+
+        def on_message(client, userdata, msg):
+            if msg.topic.endswith("/status"):
+                self.status.put(json.loads(msg.payload) if msg.payload else None)
+            else:
+                self.inbox.put((time.perf_counter(), msg.topic, msg.payload))
+
+        self.client.on_connect = on_connect
+        self.client.on_message = on_message
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+
+    def send(self, basket: str, event: dict) -> float:
+        t0 = time.perf_counter()
+        self.client.publish(f"{self.prefix}/basket/{basket}/cart", json.dumps(event, ensure_ascii=False), qos=1)
+        return t0
+
+    def wait_for(self, basket: str, event_id: str, timeout: float = 10.0) -> tuple[float, dict]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                t, topic, payload = self.inbox.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if not payload or f"/basket/{basket}/" not in topic:
+                continue
+            msg = json.loads(payload)
+            if topic.endswith("/errors"):
+                raise RuntimeError(f"agent reported an error: {msg}")
+            if msg.get("event_id") == event_id:
+                return t, msg
+        raise TimeoutError(f"no recommendation for {basket} event {event_id}")
+
+    def wait_status(self, state: str, timeout: float = 60.0, process: subprocess.Popen | None = None) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if process is not None and process.poll() is not None:
+                raise RuntimeError(f"the agent exited with status {process.returncode}")
+            try:
+                s = self.status.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if s and s.get("state") == state:
+                return s
+        raise TimeoutError(f"agent status never became {state!r}")
+
+
+def shopping_lists(data: Path, n: int, rng: np.random.Generator) -> list[tuple[dict | None, list[str]]]:
+    """Real baskets from the sample history: (user or None, products in order)."""
+    from retrain_server.data import load_purchases
+
+    log = load_purchases(data / "purchase_history.jsonl")
+    sessions: dict[str, list[int]] = {}
+    for i, s in enumerate(log.session_ids.tolist()):
+        sessions.setdefault(s, []).append(i)
+    keys = list(sessions)
+    picks, want_member = [], True
+    for s in rng.permutation(keys):
+        rows = sessions[s]
+        uid = log.user_ids[rows[0]]
+        if bool(uid) != want_member or len(rows) < 4:
+            continue
+        user = ({"user_id": str(uid), "gender": int(log.genders[rows[0]]), "age": int(log.ages[rows[0]])}
+                if uid else None)
+        picks.append((user, [str(log.product_ids[r]) for r in rows][:5]))
+        want_member = not want_member
+        if len(picks) == n:
+            break
+    return picks
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Smart Basket demo (see the module docstring).")
+    ap.add_argument("--baskets", type=int, default=4, help="baskets to simulate (default 4)")
+    ap.add_argument("--keep-running", action="store_true", help="keep simulating until Ctrl-C")
+    ap.add_argument("--retrain", action="store_true", help="train again even if .demo/parameters exists")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+    data, pub, params = prepare_models(args.retrain)
+    names = dict(zip(np.load(params / "guest_model" / "item_ids.npy").tolist(),
+                     np.load(params / "guest_model" / "item_names.npy").tolist()))
+    broker, port, protocol = start_broker()
+    prefix = f"smartbasket/demo-{uuid.uuid4().hex[:6]}"
+    http_port = free_port()
+    step("4. the agent (basket-agent run), with the HTTP bridge")
+    cmd = [sys.executable, "-m", "agent.cli", "run", "--broker", f"127.0.0.1:{port}", "--protocol", protocol,
+           "--prefix", prefix, "--agent-id", "demo-jetson", "--parameters", str(params),
+           "--public-key", str(pub), "--http-port", str(http_port)]
+    print("   " + " ".join(Path(c).name if c == sys.executable else c for c in cmd))
+    log_path = WORK / "agent.log"
+    agent = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(log_path, "wb"))
+    display = Display(port, protocol, prefix)
+    code = 1
+    try:
+        status = display.wait_status("online", process=agent)
+        print(f"   agent online: models {status['models']}  (log: {log_path.relative_to(ROOT)})")
+        step("5. shoppers fill their baskets (one MQTT cart event per product)")
+        rng = np.random.default_rng(5)
+        latencies: list[float] = []
+        round_no = 0
+        while True:
+            round_no += 1
+            for b, (user, products) in enumerate(shopping_lists(data, args.baskets, rng)):
+                basket = f"b-{round_no}-{b + 1}"
+                who = (f"member {user['user_id']} ({'F' if user['gender'] == 1 else 'M'}, {user['age']})"
+                       if user else "guest")
+                print(f"\n   basket {basket} · {who}")
+                for seq, pid in enumerate(products, 1):
+                    event = {"event_id": f"{basket}-{seq}", "seq": seq, "action": "add", "product_id": pid,
+                             "user": user, "top_k": 5}
+                    t0 = display.send(basket, event)
+                    t1, msg = display.wait_for(basket, event["event_id"])
+                    latencies.append((t1 - t0) * 1000)
+                    recs = ", ".join(i["name"] for i in msg["items"])
+                    print(f"     + {names.get(pid, pid):<16} → [{msg['model']:<6} {latencies[-1]:5.1f} ms] {recs}")
+                display.send(basket, {"event_id": f"{basket}-out", "seq": 99, "action": "checkout"})
+            if not args.keep_running:
+                break
+            time.sleep(1.0)
+        step("6. the HTTP bridge answers the same models")
+        body = json.dumps({"user_id": None, "cart": list(names)[:2], "top_k": 3}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{http_port}/recommend", data=body,
+                                     headers={"content-type": "application/json"})
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            print(f"   POST /recommend -> {resp.status} {resp.read().decode()}")
+        lat = np.array(latencies)
+        print(f"\n   {lat.size} events answered; sensor->display round trip p50 {np.percentile(lat, 50):.2f} ms, "
+              f"p99 {np.percentile(lat, 99):.2f} ms")
+        code = 0
+    except KeyboardInterrupt:
+        code = 0
+    finally:
+        step("stopping")
+        agent.send_signal(signal.SIGTERM)
+        try:
+            agent.wait(10)
+        except subprocess.TimeoutExpired:
+            agent.kill()
+        try:
+            final = display.wait_status("offline", timeout=5)
+            print(f"   agent status: {final['state']}")
+        except TimeoutError:
+            print("   agent status: (offline message not seen)")
+        display.client.loop_stop()
+        broker.stop()
+        if code != 0:
+            print(f"demo failed; agent log: {log_path}", file=sys.stderr)
+            print(log_path.read_text(errors="replace")[-3000:], file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    raise SystemExit(main())

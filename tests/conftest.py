@@ -1,0 +1,88 @@
+"""Shared fixtures."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+# --- MQTT broker (tests/mosquitto.py) ------------------------------------------------------
+from scripts.brokers import Broker, MosquittoBroker, external_broker
+
+
+def _private_broker(workdir) -> MosquittoBroker:
+    try:
+        return MosquittoBroker(workdir)
+    except RuntimeError as exc:  # not installed: fail loudly, never skip silently
+        pytest.fail(str(exc), pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def mqtt_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    """A broker for the whole session: MQTT_HOST/MQTT_PORT if set, else a private Mosquitto."""
+    ext = external_broker()
+    if ext is not None:
+        yield ext
+        return
+    broker = _private_broker(tmp_path_factory.mktemp("mosquitto"))
+    broker.start()
+    try:
+        yield broker.broker
+    finally:
+        broker.stop()
+
+
+@pytest.fixture
+def restartable_broker(tmp_path) -> Iterator[MosquittoBroker]:
+    """A private Mosquitto this test may stop and restart on the same port."""
+    broker = _private_broker(tmp_path / "mosquitto")
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+@pytest.fixture
+def topic_prefix() -> str:
+    """A unique topic prefix, so tests sharing a broker never see each other's messages."""
+    return f"test-{uuid.uuid4().hex[:12]}/store"
+
+
+# --- trained models (real training: TF-IDF/co-purchase + TFRS two-tower -> int8 ONNX) ----------
+class Trained:
+    """A signed parameters dir trained by ``retrain-server train`` on a synthetic store."""
+
+    def __init__(self, root, store) -> None:
+        self.root = root
+        self.store = store
+        self.data = root / "data"
+        self.parameters = root / "parameters"
+        self.signing_key = root / "keys" / "signing.key"
+        self.public_key = root / "keys" / "signing.pub"
+        users = [u for u in store.purchases.user_ids.tolist() if u]
+        self.member_id = max(set(users), key=users.count)
+
+    def family_items(self, family: int) -> list[str]:
+        """Products of a planted family (product i is in family i % n_families)."""
+        return self.store.catalog.ids[family::self.store.n_families].tolist()
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
+    from retrain_server.cli import main as retrain_main
+    from retrain_server.data import write_products, write_purchases
+    from retrain_server.synth import make_store
+
+    root = tmp_path_factory.mktemp("trained")
+    store = make_store(n_products=300, n_rows=6000, n_users=50, n_families=20, seed=21)
+    t = Trained(root, store)
+    t.data.mkdir()
+    write_products(t.data / "products.csv", store.catalog)
+    write_purchases(t.data / "purchase_history.jsonl", store.purchases)
+    assert retrain_main(["keygen", "--out", str(root / "keys")]) == 0
+    assert retrain_main(["--log-level", "WARNING", "train", "--products", str(t.data / "products.csv"),
+                         "--purchases", str(t.data / "purchase_history.jsonl"),
+                         "--out", str(t.parameters), "--signing-key", str(t.signing_key)]) == 0
+    return t
