@@ -80,6 +80,8 @@ class MemberTrainingConfig:
     ``context_history``: fill free context slots with the member's previous purchases.
     ``logq_correction``: subtract log(item frequency) from in-batch logits, so popular
     products are not punished for showing up often as negatives.
+    ``min_steps_per_epoch``: on small data the batch shrinks (to no less than 32) so an
+    epoch still takes this many gradient steps; one 4096-row batch learns nothing.
     """
 
     embedding_dim: int = 32
@@ -95,6 +97,7 @@ class MemberTrainingConfig:
     context_dropout: float = 0.02
     context_history: bool = True
     logq_correction: bool = True
+    min_steps_per_epoch: int = 200
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "MemberTrainingConfig":
@@ -347,16 +350,17 @@ def _fit(state: MemberModelState, log: PurchaseLog) -> MemberModelState:
     if cfg.logq_correction:
         freq = np.bincount(feats["item_index"], minlength=len(state.item_lookup))
         feats["sampling_probability"] = (freq[feats["item_index"]] / n).astype(np.float32)
+    batch = int(min(cfg.batch_size, max(32, -(-n // cfg.min_steps_per_epoch))))
     losses = []
     t1 = time.perf_counter()
     for epoch in range(cfg.epochs):
         perm = rng.permutation(n)
         ds = tf.data.Dataset.from_tensor_slices({k: v[perm] for k, v in feats.items()})
-        ds = ds.batch(cfg.batch_size).prefetch(tf.data.AUTOTUNE)
+        ds = ds.batch(batch).prefetch(tf.data.AUTOTUNE)
         hist = state.model.fit(ds, epochs=1, verbose=0)
         losses.append(float(hist.history["loss"][-1]))
-        _LOG.info("member model: epoch %d/%d loss %.4f (%.1fs)", epoch + 1, cfg.epochs,
-                  losses[-1], time.perf_counter() - t1)
+        _LOG.info("member model: epoch %d/%d loss %.4f (%.1fs, batch %d)", epoch + 1, cfg.epochs,
+                  losses[-1], time.perf_counter() - t1, batch)
     state.history = {"examples": n, "build_seconds": t_build,
                      "train_seconds": time.perf_counter() - t1, "loss": losses}
     return state
