@@ -6,21 +6,26 @@ parameters) end in one line on stderr and a non-zero exit.
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import logging
-import signal
-import sys
-import threading
-from pathlib import Path
-from typing import Any, Sequence
+import os
 
-from .bundle import load_public_key
-from .config import AgentConfig, load_config, parse_hostport
-from .errors import AgentError, BundleError, ConfigError
-from .metrics import Metrics
-from .recommenders.member import MemberParams
-from .registry import ModelRegistry, ModelSnapshot, load_snapshot
+# Batch-1 inference: one BLAS thread is fastest and leaves the other cores to
+# the network loop and the HTTP bridge. Must be set before numpy is imported.
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import logging  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any, Sequence  # noqa: E402
+
+from .bundle import load_public_key  # noqa: E402
+from .config import AgentConfig, load_config, parse_hostport  # noqa: E402
+from .errors import AgentError, BundleError, ConfigError  # noqa: E402
+from .metrics import Metrics  # noqa: E402
+from .recommenders.member import MemberParams  # noqa: E402
+from .registry import ModelRegistry, ModelSnapshot, load_snapshot  # noqa: E402
 
 _LOG = logging.getLogger("agent")
 

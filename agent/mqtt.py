@@ -29,7 +29,7 @@ from typing import Any
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
 
-from .errors import MqttError, AgentError, ConfigError
+from .errors import MqttError, ConfigError
 
 _LOG = logging.getLogger(__name__)
 

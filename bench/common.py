@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
+
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")  # as the agent does (agent/cli.py): batch 1, one thread
+
+import json
 import platform
 import sys
 import time

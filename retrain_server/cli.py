@@ -34,7 +34,7 @@ def train_bundle(products: Path, purchases: Path, out: Path, signing_key: Path |
                  guest_config: Any = None, member_config: Any = None) -> dict[str, Any]:
     """Full training of both models from the seed's files into a signed parameters dir."""
     from .data import load_products, load_purchases
-    from .export import write_member_history, write_parameters
+    from .export import write_parameters
     from .guest import train_guest_model
 
     catalog = load_products(products)

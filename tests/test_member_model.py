@@ -228,7 +228,7 @@ def member_family_hits(user_vecs: np.ndarray, items: np.ndarray, emb: np.ndarray
 
 
 def test_quality_context_family_dominates_top10(member_trained: dict) -> None:
-    state, out = member_trained["state"], member_trained["out"]
+    _state, out = member_trained["state"], member_trained["out"]
     items = np.load(out / "item_lookup.npy")
     emb = np.load(out / "item_embeddings.npy")
     index = build_index(np.load(out / "context_lookup.npy").tolist())
