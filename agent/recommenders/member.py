@@ -25,7 +25,7 @@ from .guest import GuestRecommender
 
 _LOG = logging.getLogger(__name__)
 
-__all__ = ["MemberParams", "MemberHistory", "MemberRecommender"]
+__all__ = ["MemberParams", "MemberHistory", "MemberRecommender", "top_k"]
 
 INPUT_NAMES = ("user_index", "gender_index", "age_bucket", "context_index")
 
@@ -94,13 +94,18 @@ class MemberRecommender:
         return user_id is not None and user_id in self.user_index_
 
     def user_vector(self, request: RecommendRequest) -> np.ndarray:
-        """The user tower's output for this request (unknown member -> OOV row)."""
+        """The user tower's output for this request (unknown member -> OOV row).
+
+        Products the model does not know are left out of the context (ignored, as
+        the guest model ignores them) rather than fed as the OOV index.
+        """
+        known = self.context_index_
+        context = [p for p in request.cart + request.wishlist if p in known]
         feed = {
             "user_index": np.array([self.user_index_.get(request.user_id or "", 0)], dtype=np.int64),
             "gender_index": np.array([gender_index(request.gender)], dtype=np.int64),
             "age_bucket": np.array([age_bucket(request.age)], dtype=np.int64),
-            "context_index": encode_context(request.cart + request.wishlist,
-                                            self.context_index_).reshape(1, CONTEXT_LENGTH),
+            "context_index": encode_context(context, known).reshape(1, CONTEXT_LENGTH),
         }
         return self.session_.run([self.output_name_], feed)[0][0]
 
@@ -135,10 +140,29 @@ class MemberRecommender:
         excluded = [self.item_index_[p] for p in request.excluded if p in self.item_index_]
         if excluded:
             s[excluded] = -np.inf
-        n = s.shape[0]
-        k = min(k, n - len(excluded))
+        k = min(k, s.shape[0] - len(excluded))
         if k <= 0:
             return []
-        top = np.argpartition(-s, k - 1)[:k] if k < n else np.arange(n)
-        top = top[np.lexsort((top, -s[top]))]
-        return self.item_ids_[top].tolist()
+        return self.item_ids_[top_k(s, k)].tolist()
+
+
+def top_k(scores: np.ndarray, k: int, stride: int = 25) -> np.ndarray:
+    """Indices of the k highest scores, best first (ties: lower index first).
+
+    Exact, but avoids a full partition of the catalogue: the k-th best score of
+    every ``stride``-th item is a lower bound for the k-th best overall, so only
+    items at or above it (about ``k * stride``) need ranking.
+    """
+    n = scores.shape[0]
+    if n > 8 * k * stride:
+        sample = scores[::stride]
+        bound = np.partition(sample, sample.size - k)[sample.size - k]
+        cand = np.flatnonzero(scores >= bound)
+    else:
+        cand = np.arange(n)
+    if cand.size > k:
+        part = np.argpartition(scores[cand], cand.size - k)[cand.size - k:]
+        kth = scores[cand[part]].min()
+        cand = cand[scores[cand] >= kth]  # keep boundary ties so the order below is exact
+    order = np.lexsort((cand, -scores[cand]))[:k]
+    return cand[order]

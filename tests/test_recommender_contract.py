@@ -1,0 +1,105 @@
+"""The contract every recommender keeps, run against each trained model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from agent.bundle import load_public_key
+from agent.recommenders.base import RecommendRequest
+from agent.recommenders.member import top_k
+from agent.registry import load_snapshot
+
+
+@pytest.fixture(scope="module")
+def snapshot(trained):
+    return load_snapshot(trained.parameters, load_public_key(trained.public_key))
+
+
+@pytest.fixture(params=["guest", "member"])
+def model(request, snapshot):
+    return getattr(snapshot, request.param)
+
+
+@pytest.fixture
+def user(snapshot, trained, model):
+    return trained.member_id if model is snapshot.member else None
+
+
+def test_returns_k_distinct_known_ids(model, trained, user):
+    ids = set(trained.store.catalog.ids.tolist())
+    for k in (1, 5, 10, 50):
+        out = model.recommend(RecommendRequest(cart=tuple(trained.family_items(1)[:3]), top_k=k, user_id=user))
+        assert len(out) == k == len(set(out)) and set(out) <= ids
+
+
+def test_never_recommends_cart_or_wishlist(model, trained, user):
+    for fam in range(0, 20, 3):
+        cart, wish = trained.family_items(fam)[:4], trained.family_items(fam)[4:6]
+        out = model.recommend(RecommendRequest(cart=tuple(cart), wishlist=tuple(wish), top_k=20, user_id=user))
+        assert not set(out) & set(cart + wish)
+
+
+def test_deterministic(model, trained, user):
+    req = RecommendRequest(cart=tuple(trained.family_items(7)[:2]), top_k=10, user_id=user)
+    first = model.recommend(req)
+    assert all(model.recommend(req) == first for _ in range(5))
+
+
+def test_unknown_ids_are_ignored(model, trained, user):
+    cart = tuple(trained.family_items(2)[:2])
+    assert (model.recommend(RecommendRequest(cart=cart + ("nope",), user_id=user))
+            == model.recommend(RecommendRequest(cart=cart, user_id=user)))
+
+
+def test_empty_cart_is_answered(model, user):
+    assert len(model.recommend(RecommendRequest(cart=(), user_id=user))) == 10
+
+
+def test_asking_for_more_than_the_catalogue(model, trained, user):
+    n = len(trained.store.catalog)
+    cart = tuple(trained.family_items(0)[:3])
+    out = model.recommend(RecommendRequest(cart=cart, top_k=n + 50, user_id=user))
+    assert len(out) == len(set(out)) and not set(out) & set(cart)
+    assert len(out) >= n - 3 - 1  # everything but the cart (guest pads with popular items)
+
+
+def test_member_context_moves_the_answer(snapshot, trained):
+    """The member's cart is part of the user tower's input: different carts, different answers."""
+    m = snapshot.member
+    a = m.recommend(RecommendRequest(cart=tuple(trained.family_items(3)[:5]), user_id=trained.member_id))
+    b = m.recommend(RecommendRequest(cart=tuple(trained.family_items(12)[:5]), user_id=trained.member_id))
+    assert a != b
+
+
+def test_unknown_member_gets_a_context_only_answer(snapshot, trained):
+    m = snapshot.member
+    assert not m.knows_user("stranger")
+    out = m.recommend(RecommendRequest(cart=tuple(trained.family_items(4)[:3]), user_id="stranger"))
+    assert len(out) == 10
+    # the OOV user row is trained (user dropout): the answer follows the cart
+    from retrain_server.synth import family_of
+    assert sum(family_of(p) in (4, 5) for p in out) >= 3
+
+
+def test_gender_and_age_are_inputs(snapshot, trained):
+    m = snapshot.member
+    base = RecommendRequest(cart=tuple(trained.family_items(4)[:3]), user_id=trained.member_id)
+    v = m.user_vector(base)
+    import dataclasses
+    assert not np.allclose(v, m.user_vector(dataclasses.replace(base, age=75, gender=1)))
+    assert np.isfinite(m.user_vector(dataclasses.replace(base, age=None, gender=None))).all()
+
+
+def test_top_k_is_exact_with_ties_and_infinities():
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        n = int(rng.integers(1, 30000))
+        s = rng.normal(size=n).astype(np.float32)
+        if trial % 3 == 0:
+            s = np.round(s, 1)  # many ties
+        if trial % 4 == 0:
+            s[rng.integers(0, n, n // 2)] = -np.inf
+        k = min(int(rng.integers(1, 40)), n)
+        expected = np.lexsort((np.arange(n), -s))[:k]
+        assert top_k(s, k).tolist() == expected.tolist()
