@@ -14,7 +14,6 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
 import argparse  # noqa: E402
-import dataclasses  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -24,7 +23,6 @@ from .bundle import load_public_key  # noqa: E402
 from .config import AgentConfig, load_config, parse_hostport  # noqa: E402
 from .errors import AgentError, BundleError, ConfigError  # noqa: E402
 from .metrics import Metrics  # noqa: E402
-from .recommenders.member import MemberParams  # noqa: E402
 from .registry import ModelRegistry, ModelSnapshot, load_snapshot  # noqa: E402
 
 _LOG = logging.getLogger("agent")
@@ -38,30 +36,15 @@ def _configure_logging(level: str) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def _member_params(cfg: AgentConfig, snapshot_default: MemberParams | None) -> MemberParams | None:
-    """Config overrides on top of the trained blend weights (None = use the trained ones)."""
-    m = cfg.member
-    if m.repeat_weight is None and m.co_weight is None and m.threads == 1:
-        return None
-    base = snapshot_default or MemberParams()
-    return dataclasses.replace(
-        base, threads=m.threads,
-        repeat_weight=base.repeat_weight if m.repeat_weight is None else m.repeat_weight,
-        co_weight=base.co_weight if m.co_weight is None else m.co_weight)
-
-
 def load_models(cfg: AgentConfig) -> ModelSnapshot:
     key = load_public_key(cfg.public_key) if cfg.public_key is not None else None
-    snap = load_snapshot(cfg.parameters, key, allow_unsigned=cfg.allow_unsigned, guest_params=cfg.guest)
-    params = _member_params(cfg, snap.member.params if snap.member else None)
-    if params is not None and snap.member is not None:
-        snap = load_snapshot(cfg.parameters, key, allow_unsigned=cfg.allow_unsigned,
-                             guest_params=cfg.guest, member_params=params)
-    return snap
+    overrides = {"repeat_weight": cfg.member.repeat_weight, "co_weight": cfg.member.co_weight,
+                 "threads": cfg.member.threads}
+    return load_snapshot(cfg.parameters, key, allow_unsigned=cfg.allow_unsigned,
+                         guest_params=cfg.guest, member_overrides=overrides)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .http import HttpBridge, create_app
     from .service import AgentService, AgentSettings
 
     overrides: dict[str, Any] = {
@@ -85,6 +68,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     service = AgentService(registry, AgentSettings.from_config(cfg), metrics=metrics)
     bridge = None
     if cfg.http_port:
+        from .http import HttpBridge, create_app  # FastAPI costs ~30 MB: only when enabled
+
         bridge = HttpBridge(create_app(registry, metrics, cfg.limits), cfg.http_host, cfg.http_port)
         bridge.start()
         _LOG.info("HTTP bridge on http://%s:%d", cfg.http_host, cfg.http_port)

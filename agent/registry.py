@@ -8,12 +8,13 @@ reference, so a failed load never disturbs the snapshot that is serving.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 
@@ -25,13 +26,31 @@ from .recommenders.member import MemberHistory, MemberParams, MemberRecommender
 
 _LOG = logging.getLogger(__name__)
 
-__all__ = ["Recommendation", "ModelSnapshot", "ModelRegistry", "load_snapshot"]
+__all__ = ["Recommendation", "ModelSnapshot", "ModelRegistry", "ProductNames", "load_snapshot"]
 
 GUEST_FILES = ("item_ids.npy", "item_names.npy", "co_neighbors.npy", "co_scores.npy",
                "sim_neighbors.npy", "sim_scores.npy", "popular.npy")
 MEMBER_FILES = ("two_tower_model_quantized.onnx", "user_lookup.npy", "context_lookup.npy",
                 "item_lookup.npy", "item_embeddings.npy")
 HISTORY_FILES = ("history_indptr.npy", "history_items.npy", "history_counts.npy")
+
+
+class ProductNames(Mapping[str, str]):
+    """id -> display name over the guest model's index and a names array (no second dict)."""
+
+    def __init__(self, index: Mapping[str, int], names: np.ndarray) -> None:
+        if len(names) != len(index):
+            raise BundleError("item_names.npy and item_ids.npy differ in length")
+        self._index, self._names = index, names
+
+    def __getitem__(self, product_id: str) -> str:
+        return str(self._names[self._index[product_id]])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._index)
+
+    def __len__(self) -> int:
+        return len(self._index)
 
 
 @dataclass(frozen=True)
@@ -86,13 +105,16 @@ class ModelSnapshot:
 
 def load_snapshot(root: str | Path, public_key: Any | None, *, allow_unsigned: bool = False,
                   guest_params: GuestParams | None = None,
-                  member_params: MemberParams | None = None) -> ModelSnapshot:
-    """Verify ``root`` (signature + hashes), then load and smoke-test its models."""
+                  member_overrides: Mapping[str, Any] | None = None) -> ModelSnapshot:
+    """Verify ``root`` (signature + hashes), then load and smoke-test its models.
+
+    The member model's serving weights come from its ``member_meta.json``;
+    ``member_overrides`` (MemberParams field -> value, None = keep) replace some.
+    """
     manifest = verify_parameters(root, public_key, allow_unsigned=allow_unsigned)
     guest = _load_guest(manifest, guest_params)
-    member = _load_member(manifest, guest, member_params)
-    names = dict(zip(guest.item_ids_.tolist(),
-                     load_array(manifest, "guest_model/item_names.npy").tolist()))
+    member = _load_member(manifest, guest, member_overrides or {})
+    names = ProductNames(guest.index_, load_array(manifest, "guest_model/item_names.npy"))
     snap = ModelSnapshot(version=manifest.version, guest=guest, member=member, names=names,
                          metrics=dict(manifest.metrics))
     snap.smoke_test()
@@ -115,14 +137,16 @@ def _load_guest(manifest: Manifest, params: GuestParams | None) -> GuestRecommen
 
 
 def _load_member(manifest: Manifest, guest: GuestRecommender,
-                 params: MemberParams | None) -> MemberRecommender | None:
+                 overrides: Mapping[str, Any]) -> MemberRecommender | None:
     missing = [f for f in MEMBER_FILES if not manifest.has(f"member_model/{f}")]
     if missing:
         _LOG.warning("member model absent (%s): members are served by the guest model",
                      ", ".join(missing))
         return None
-    if params is None:
-        params = _member_params_from_meta(manifest)
+    params = _member_params_from_meta(manifest)
+    set_ = {k: v for k, v in overrides.items() if v is not None}
+    if set_:
+        params = dataclasses.replace(params, **set_)
     history = None
     if all(manifest.has(f"member_model/{f}") for f in HISTORY_FILES):
         h = [load_array(manifest, f"member_model/{f}") for f in HISTORY_FILES]

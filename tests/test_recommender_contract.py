@@ -103,3 +103,17 @@ def test_top_k_is_exact_with_ties_and_infinities():
         k = min(int(rng.integers(1, 40)), n)
         expected = np.lexsort((np.arange(n), -s))[:k]
         assert top_k(s, k).tolist() == expected.tolist()
+
+
+def test_serving_weights_come_from_the_bundle_and_can_be_overridden(trained, snapshot):
+    key = load_public_key(trained.public_key)
+    trained_weights = snapshot.member.params
+    boosted = load_snapshot(trained.parameters, key, member_overrides={"repeat_weight": 50.0, "co_weight": None})
+    assert boosted.member.params.repeat_weight == 50.0
+    assert boosted.member.params.co_weight == trained_weights.co_weight  # None keeps the trained value
+    # a huge repeat weight turns the answer into the member's own most bought products
+    log = trained.store.purchases
+    own = [p for p, u in zip(log.product_ids.tolist(), log.user_ids.tolist()) if u == trained.member_id]
+    top_own = {p for p, _ in sorted(((p, own.count(p)) for p in set(own)), key=lambda x: -x[1])[:10]}
+    out = boosted.member.recommend(RecommendRequest(user_id=trained.member_id, top_k=5))
+    assert set(out) <= set(own) and len(set(out) & top_own) >= 3

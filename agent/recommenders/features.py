@@ -42,14 +42,17 @@ def build_index(vocabulary: Sequence[str]) -> dict[str, int]:
     return {v: i for i, v in enumerate(vocabulary)}
 
 
-def encode_context(items: Iterable[str], index: Mapping[str, int]) -> np.ndarray:
+def encode_context(items: Iterable[str], index: Mapping[str, int], offset: int = 0) -> np.ndarray:
     """Most recent CONTEXT_LENGTH items -> int64 indices, left-aligned, PAD-filled.
 
     ``index`` maps product id -> context index (see ``context_lookup.npy``:
-    position 0 is padding, 1 is OOV). Unknown ids become OOV.
+    position 0 is padding, 1 is OOV), or, with ``offset=2``, product id -> item
+    index (``context_lookup`` is ``["", "[UNK]"] + item_lookup``). Unknown ids
+    become OOV.
     """
     items = list(items)[-CONTEXT_LENGTH:]
     out = np.zeros(CONTEXT_LENGTH, dtype=np.int64)
     for k, pid in enumerate(items):
-        out[k] = index.get(pid, OOV)
+        i = index.get(pid)
+        out[k] = OOV if i is None else i + offset
     return out

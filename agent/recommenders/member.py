@@ -70,14 +70,24 @@ class MemberRecommender:
         if self.item_embeddings_.shape[0] != len(self.item_ids_):
             raise ValueError("item_embeddings rows != item_lookup length")
         self.user_index_ = build_index(list(user_lookup))
-        self.context_index_ = build_index(list(context_lookup))
-        self.item_index_ = build_index(self.item_ids_.tolist())
         self.history_ = history
         self.guest_ = guest
-        if guest is not None:
-            # guest item index -> member item index (-1 when absent)
-            self.guest_to_item_ = np.array([self.item_index_.get(p, -1) for p in guest.item_ids_.tolist()],
-                                           dtype=np.int64)
+        # Memory: a 50k-product catalogue costs ~6 MB per id -> index dict, so the
+        # guest model's dict is reused when the numbering agrees (it does when both
+        # were trained from the same catalogue), and the context index is derived
+        # from the item index when context_lookup is ["", "[UNK]"] + item_lookup.
+        if guest is not None and np.array_equal(guest.item_ids_, self.item_ids_):
+            self.item_index_ = guest.index_
+            self.guest_to_item_ = None  # same numbering
+        else:
+            self.item_index_ = build_index(self.item_ids_.tolist())
+            self.guest_to_item_ = (None if guest is None else np.array(
+                [self.item_index_.get(p, -1) for p in guest.item_ids_.tolist()], dtype=np.int64))
+        ctx = np.asarray(context_lookup)
+        if len(ctx) == len(self.item_ids_) + 2 and np.array_equal(ctx[2:], self.item_ids_):
+            self.context_index_ = None  # context index = item index + 2
+        else:
+            self.context_index_ = build_index(ctx.tolist())
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = self.params.threads
         opts.inter_op_num_threads = 1
@@ -99,13 +109,16 @@ class MemberRecommender:
         Products the model does not know are left out of the context (ignored, as
         the guest model ignores them) rather than fed as the OOV index.
         """
-        known = self.context_index_
-        context = [p for p in request.cart + request.wishlist if p in known]
+        if self.context_index_ is None:
+            index, offset = self.item_index_, 2
+        else:
+            index, offset = self.context_index_, 0
+        context = encode_context([p for p in request.cart + request.wishlist if p in index], index, offset)
         feed = {
             "user_index": np.array([self.user_index_.get(request.user_id or "", 0)], dtype=np.int64),
             "gender_index": np.array([gender_index(request.gender)], dtype=np.int64),
             "age_bucket": np.array([age_bucket(request.age)], dtype=np.int64),
-            "context_index": encode_context(context, known).reshape(1, CONTEXT_LENGTH),
+            "context_index": context.reshape(1, CONTEXT_LENGTH),
         }
         return self.session_.run([self.output_name_], feed)[0][0]
 
@@ -124,7 +137,7 @@ class MemberRecommender:
                 nb = g.co_neighbors_[cart, :k].ravel()
                 sc = g.co_scores_[cart, :k].ravel()
                 keep = nb >= 0
-                rows = self.guest_to_item_[nb[keep]]
+                rows = nb[keep] if self.guest_to_item_ is None else self.guest_to_item_[nb[keep]]
                 ok = rows >= 0
                 co = np.zeros_like(s)
                 np.add.at(co, rows[ok], sc[keep][ok])

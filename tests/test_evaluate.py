@@ -1,0 +1,210 @@
+"""Offline evaluation: metrics, split, held-out protocol, baselines, end-to-end run."""
+
+from __future__ import annotations
+
+import importlib.util
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from agent.recommenders.base import RecommendRequest
+from retrain_server.data import Catalog, PurchaseLog
+from retrain_server.evaluate import (
+    DAY, Case, CoOccurrenceRecommender, EvaluationConfig, OwnFrequentRecommender,
+    PopularRecommender, evaluate, format_table, held_out_cases, hr_mrr, rank_of, run_evaluation,
+    split_by_time, unseen_targets)
+from retrain_server.completejourney import age_from_band
+
+
+def _log(rows: list[tuple[str, str, str, int]]) -> PurchaseLog:
+    """rows: (session, user, product, timestamp)."""
+    s, u, p, t = zip(*rows)
+    n = len(rows)
+    return PurchaseLog.from_columns(session_ids=s, user_ids=u, product_ids=p,
+                                    genders=[-1] * n, ages=[-1] * n, timestamps=t)
+
+
+def _synthetic(n_users: int = 120, n_items: int = 120, days: int = 120,
+               seed: int = 0) -> SimpleNamespace:
+    """Households with favourite products and product clusters sharing tags."""
+    rng = np.random.default_rng(seed)
+    n_clusters = 12
+    cluster = np.arange(n_items) % n_clusters
+    ids = [f"p{i}" for i in range(n_items)]
+    catalog = Catalog(np.array(ids), np.array([f"item {i}" for i in range(n_items)]),
+                      np.array([f"c{c}, kind{i % 5}" for i, c in enumerate(cluster)]))
+    pop = rng.zipf(1.6, n_items).astype(float)
+    cols: dict[str, list] = {k: [] for k in ("session_ids", "user_ids", "product_ids", "genders",
+                                              "ages", "timestamps")}
+    sid = 0
+    for u in range(n_users):
+        fav = rng.choice(n_items, 4, replace=False)
+        age = int(rng.integers(20, 70))
+        for _ in range(int(rng.integers(4, 12))):
+            c = int(rng.integers(n_clusters))
+            members = np.flatnonzero(cluster == c)
+            w = pop[members] / pop[members].sum()
+            items = set(rng.choice(members, int(rng.integers(1, 5)), replace=False, p=w).tolist())
+            items |= set(rng.choice(fav, int(rng.integers(0, 3)), replace=False).tolist())
+            ts = int(rng.integers(0, days * DAY))
+            for i in items:
+                cols["session_ids"].append(f"s{sid}")
+                cols["user_ids"].append(f"u{u}")
+                cols["product_ids"].append(ids[i])
+                cols["genders"].append(-1)
+                cols["ages"].append(age)
+                cols["timestamps"].append(ts)
+            sid += 1
+    return SimpleNamespace(catalog=catalog, log=PurchaseLog.from_columns(**cols),
+                           stats={"source": "synthetic"})
+
+
+# --------------------------------------------------------------------------- metrics
+
+def test_rank_of() -> None:
+    assert rank_of(["a", "b", "c"], "a", 10) == 1
+    assert rank_of(["a", "b", "c"], "c", 10) == 3
+    assert rank_of(["a", "b", "c"], "c", 2) == 0
+    assert rank_of([], "c", 10) == 0
+
+
+def test_hr_mrr_known_values() -> None:
+    hr, mrr = hr_mrr([1, 0, 3, 11], k=10)
+    assert hr == pytest.approx(0.5)
+    assert mrr == pytest.approx((1 + 1 / 3) / 4)
+    assert hr_mrr([], 10) == (0.0, 0.0)
+    assert hr_mrr([2, 2], 1) == (0.0, 0.0)
+
+
+def test_evaluate_with_fixed_lists() -> None:
+    cases = [Case("s1", ("x",), "a"), Case("s2", ("x",), "b"), Case("s3", ("x",), "z")]
+    fixed = lambda req: ["a", "b", "c"]  # noqa: E731
+    m = evaluate(fixed, cases, k=2)
+    assert (m.hr, m.n) == (pytest.approx(2 / 3), 3)
+    assert m.mrr == pytest.approx((1 + 0.5 + 0) / 3)
+    assert m.ranks == [1, 2, 0]
+    assert m.cart_violations == 0
+    bad = evaluate(lambda req: ["x", "a"], cases, k=2)
+    assert bad.cart_violations == 3
+
+
+# --------------------------------------------------------------------------- split + cases
+
+def test_split_has_no_leakage_and_keeps_baskets_whole() -> None:
+    data = _synthetic()
+    train, test, cutoff = split_by_time(data.log, 30)
+    assert len(train) + len(test) == len(data.log)
+    assert train.timestamps.max() < cutoff <= test.timestamps.max()
+    assert cutoff == data.log.timestamps.max() - 30 * DAY
+    assert not set(train.session_ids.tolist()) & set(test.session_ids.tolist())
+    fit, val, val_cut = split_by_time(train, 30)
+    assert fit.timestamps.max() < val_cut < cutoff
+
+
+def test_split_assigns_straddling_basket_to_later_part() -> None:
+    log = _log([("a", "u", "p1", 0), ("b", "u", "p1", 10 * DAY - 5), ("b", "u", "p2", 10 * DAY + 5),
+                ("c", "u", "p3", 20 * DAY)])
+    train, test, cutoff = split_by_time(log, 10)
+    assert cutoff == 10 * DAY
+    assert set(test.session_ids.tolist()) == {"b", "c"}
+    assert train.timestamps.max() < cutoff
+
+
+def test_held_out_item_never_in_cart_and_deterministic() -> None:
+    data = _synthetic()
+    _, test, _ = split_by_time(data.log, 30)
+    cases = held_out_cases(test, seed=3)
+    assert cases
+    baskets: dict[str, set[str]] = {}
+    for s, p in zip(test.session_ids.tolist(), test.product_ids.tolist()):
+        baskets.setdefault(s, set()).add(p)
+    assert {c.session_id for c in cases} == {s for s, items in baskets.items() if len(items) >= 2}
+    for c in cases:
+        assert c.target not in c.cart
+        assert len(c.cart) >= 1 and len(set(c.cart)) == len(c.cart)
+        assert set(c.cart) | {c.target} == baskets[c.session_id]
+        assert c.user_id is not None
+        assert c.request(hide_user=True).user_id is None
+    assert held_out_cases(test, seed=3) == cases
+    sample = held_out_cases(test, seed=3, max_cases=5)
+    assert len(sample) == 5 and sample == held_out_cases(test, seed=3, max_cases=5)
+
+
+def test_unseen_targets_counted() -> None:
+    train = _log([("a", "u", "p1", 0), ("a", "u", "p2", 0)])
+    cases = [Case("s", ("p1",), "p2"), Case("t", ("p1",), "new")]
+    assert unseen_targets(cases, train) == 1
+
+
+# --------------------------------------------------------------------------- baselines
+
+def _baseline_log() -> PurchaseLog:
+    rows = []
+    # p1 in every basket; p2 with p1 three times; p3 with p4 twice; u1 buys p5 often.
+    for i in range(3):
+        rows += [(f"a{i}", "u0", "p1", i), (f"a{i}", "u0", "p2", i)]
+    for i in range(2):
+        rows += [(f"b{i}", "u2", "p1", 10 + i), (f"b{i}", "u2", "p3", 10 + i), (f"b{i}", "u2", "p4", 10 + i)]
+    for i in range(2):
+        rows += [(f"c{i}", "u1", "p5", 20 + i), (f"c{i}", "u1", "p1", 20 + i)]
+    return _log(rows)
+
+
+def test_baselines_rank_as_defined_and_exclude_cart() -> None:
+    log = _baseline_log()
+    pop, co, own = PopularRecommender(log), CoOccurrenceRecommender(log), OwnFrequentRecommender(log)
+    assert pop.recommend(RecommendRequest(top_k=2)) == ["p1", "p2"]
+    assert pop.recommend(RecommendRequest(cart=("p1",), top_k=2)) == ["p2", "p3"]
+    # co-occurrence with p3: p1 (2), p4 (2) -> tie broken by popularity (p1 first)
+    assert co.recommend(RecommendRequest(cart=("p3",), top_k=2)) == ["p1", "p4"]
+    assert co.recommend(RecommendRequest(cart=("p2",), top_k=3)) == ["p1", "p3", "p4"]  # filled
+    assert own.recommend(RecommendRequest(cart=("p1",), top_k=2, user_id="u1")) == ["p5", "p2"]
+    assert own.recommend(RecommendRequest(cart=("p1",), top_k=2, user_id="nobody")) == ["p2", "p3"]
+    for rec in (pop, co, own):
+        for cart in (("p1",), ("p1", "p2", "p5"), ("p3", "p4")):
+            for user in (None, "u0", "u1"):
+                out = rec.recommend(RecommendRequest(cart=cart, top_k=5, user_id=user))
+                assert not set(out) & set(cart)
+                assert len(out) == len(set(out)) == min(5, 5 - len(cart))
+
+
+def test_age_band_midpoints() -> None:
+    assert age_from_band("35-44") == 39
+    assert age_from_band("19-24") == 21
+    assert age_from_band("65+") == 70
+    assert age_from_band(None) == -1
+    assert age_from_band("unknown") == -1
+
+
+# --------------------------------------------------------------------------- end to end
+
+_HAS_TF = all(importlib.util.find_spec(m) for m in ("tensorflow_recommenders", "tf2onnx"))
+
+
+@pytest.mark.parametrize("member", [pytest.param(True, marks=pytest.mark.skipif(
+    not _HAS_TF, reason="TensorFlow / TFRS not installed")), False])
+def test_end_to_end_table_has_every_row(tmp_path, member: bool) -> None:
+    data = _synthetic()
+    cfg = EvaluationConfig(max_test_baskets=150, max_val_baskets=150, member=member,
+                           member_config={"embedding_dim": 8, "batch_size": 256})
+    report = run_evaluation(cfg, data=data, work_dir=tmp_path)
+    methods = [r["method"] for r in report["rows"]]
+    for expected in ("baseline: most popular", "baseline: item co-occurrence (raw counts)",
+                     "baseline: member's own most frequent", "guest model (tuned)",
+                     "member: two-tower only",
+                     "member: two-tower + own history + co-purchase (tuned)"):
+        assert expected in methods
+    for r in report["rows"]:
+        if r["hr"] is None:
+            assert not member and r["kind"] == "member"
+            continue
+        assert 0.0 <= r["mrr"] <= r["hr"] <= 1.0
+        assert r["cart_violations"] == 0
+        assert r["n"] == report["split"]["test_cases"] > 0
+    if member:
+        assert "unknown member -> guest model (tuned)" in methods
+        assert report["timings"]["member"]["seconds_per_epoch"] > 0
+        assert set(report["chosen"]["member_params"]) >= {"repeat_weight", "co_weight"}
+    table = format_table(report)
+    assert table.count("\n") == len(report["rows"]) + 1
