@@ -45,4 +45,5 @@ if [ ! -f "$stamp" ]; then
   rm -f .venv/.installed-*
   touch "$stamp"
 fi
-say "ready: $(.venv/bin/python --version), mosquitto $(/usr/sbin/mosquitto -h 2>/dev/null | head -1 | awk '{print $3}' || echo '?')"
+mosq=$(command -v mosquitto || echo /usr/sbin/mosquitto)
+say "ready: $(.venv/bin/python --version), $( ("$mosq" -h 2>/dev/null || true) | head -1)"

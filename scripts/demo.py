@@ -171,11 +171,14 @@ def shopping_lists(data: Path, n: int, rng: np.random.Generator) -> list[tuple[d
 
 
 def main(argv: list[str] | None = None) -> int:
+    global WORK
     ap = argparse.ArgumentParser(description="Smart Basket demo (see the module docstring).")
     ap.add_argument("--baskets", type=int, default=4, help="baskets to simulate (default 4)")
     ap.add_argument("--keep-running", action="store_true", help="keep simulating until Ctrl-C")
     ap.add_argument("--retrain", action="store_true", help="train again even if .demo/parameters exists")
+    ap.add_argument("--workdir", type=Path, default=WORK, help="where data, keys and models go (default .demo)")
     args = ap.parse_args(argv)
+    WORK = args.workdir.resolve()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     data, pub, params = prepare_models(args.retrain)
@@ -195,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     code = 1
     try:
         status = display.wait_status("online", process=agent)
-        print(f"   agent online: models {status['models']}  (log: {log_path.relative_to(ROOT)})")
+        print(f"   agent online: models {status['models']}  (log: {log_path})")
         step("5. shoppers fill their baskets (one MQTT cart event per product)")
         rng = np.random.default_rng(5)
         latencies: list[float] = []
