@@ -13,17 +13,18 @@ import os
 for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
-import argparse  # noqa: E402
-import logging  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any, Sequence  # noqa: E402
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
-from .bundle import load_public_key  # noqa: E402
-from .config import AgentConfig, load_config, parse_hostport  # noqa: E402
-from .errors import AgentError, BundleError, ConfigError  # noqa: E402
-from .metrics import Metrics  # noqa: E402
-from .registry import ModelRegistry, ModelSnapshot, load_snapshot  # noqa: E402
+from .bundle import load_public_key
+from .config import AgentConfig, load_config, parse_hostport
+from .errors import AgentError, BundleError, ConfigError
+from .metrics import Metrics
+from .registry import ModelRegistry, ModelSnapshot, load_snapshot
 
 _LOG = logging.getLogger("agent")
 

@@ -29,7 +29,7 @@ from typing import Any
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
 
-from .errors import MqttError, ConfigError
+from .errors import ConfigError, MqttError
 
 _LOG = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ class MqttClient:
         self._started = False
         try:
             self._client.disconnect()
-        except Exception:  # noqa: BLE001  # paho may raise on an already broken socket
+        except Exception:  # paho may raise on an already broken socket
             _LOG.debug("disconnect failed", exc_info=True)
         self._client.loop_stop()
         self._connected.clear()
@@ -209,7 +209,7 @@ class MqttClient:
         if self.on_connected is not None:
             try:
                 self.on_connected(first)
-            except Exception:  # noqa: BLE001 - logged; a hook must not break paho's loop
+            except Exception:
                 _LOG.exception("on_connected hook failed")
 
     def _on_connect_fail(self, client: paho.Client, userdata: Any) -> None:
@@ -224,7 +224,7 @@ class MqttClient:
         if self.on_disconnected is not None:
             try:
                 self.on_disconnected()
-            except Exception:  # noqa: BLE001 - logged; a hook must not break paho's loop
+            except Exception:
                 _LOG.exception("on_disconnected hook failed")
 
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:

@@ -218,7 +218,7 @@ class AgentService:
             if msg is not None and msg is not _WAKE:
                 try:
                     self.handle(msg)
-                except Exception:  # noqa: BLE001 - logged; one message must not kill the worker
+                except Exception:
                     _LOG.exception("unexpected failure handling a message on %s", msg.topic)
                     self.metrics.error("internal")
             now = time.monotonic()
@@ -280,7 +280,7 @@ class AgentService:
                                    user_id=user.user_id, gender=user.gender, age=user.age)
         try:
             rec = snap.recommend(request)
-        except Exception as exc:  # noqa: BLE001 - logged; a model bug must not stop the agent
+        except Exception as exc:
             _LOG.exception("basket %s: recommendation failed", basket_id)
             self._reject(basket_id, "internal", f"recommendation failed: {type(exc).__name__}",
                          event.event_id)

@@ -42,7 +42,7 @@ def validate_id(what: str, value: object) -> str:
 def validate_prefix(prefix: object) -> str:
     """Return the normalised prefix (outer ``/`` stripped); raises ValueError when unusable."""
     if not isinstance(prefix, str):
-        raise ValueError(f"topic prefix must be a string, got {prefix!r}")  # noqa: TRY004
+        raise ValueError(f"topic prefix must be a string, got {prefix!r}")
     norm = prefix.strip("/")
     if not norm or any(c in norm for c in ("+", "#", "\x00")) or "//" in norm:
         raise ValueError(f"topic prefix must be a topic path without wildcards or empty levels, "

@@ -34,12 +34,11 @@ from pathlib import Path
 
 import numpy as np
 import paho.mqtt.client as paho
+from common import ROOT, large_parameters, print_table, rss_mb, sample_carts, write_json
 from paho.mqtt.enums import CallbackAPIVersion
 
-from common import ROOT, large_parameters, print_table, rss_mb, sample_carts, write_json
-
 sys.path.insert(0, str(ROOT / "scripts"))
-from brokers import MosquittoBroker  # noqa: E402
+from brokers import MosquittoBroker
 
 N_BASKETS = 200
 N_CARTS = 2000
@@ -61,24 +60,24 @@ def cpu_seconds(pid: int) -> float:
 
 
 # -- MQTT clients --------------------------------------------------------------------------
-def _nodelay(client, userdata, sock) -> None:  # noqa: ANN001
+def _nodelay(client, userdata, sock) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def make_client(name: str, port: int, on_message=None, subscribe: str | None = None) -> paho.Client:  # noqa: ANN001
+def make_client(name: str, port: int, on_message=None, subscribe: str | None = None) -> paho.Client:
     c = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-{name}-{uuid.uuid4().hex[:8]}")
     c.on_socket_open = _nodelay
     c.max_inflight_messages_set(1000)
     c.max_queued_messages_set(0)
     connected = threading.Event()
 
-    def on_connect(client, userdata, flags, rc, props) -> None:  # noqa: ANN001
+    def on_connect(client, userdata, flags, rc, props) -> None:
         if subscribe:
             client.subscribe(subscribe, qos=1)
         else:
             connected.set()
 
-    def on_subscribe(client, userdata, mid, rcs, props) -> None:  # noqa: ANN001
+    def on_subscribe(client, userdata, mid, rcs, props) -> None:
         connected.set()
 
     c.on_connect = on_connect
@@ -108,7 +107,7 @@ class Display:
         self.window = window
         self.tag = tag.encode()
 
-    def on_message(self, client, userdata, msg) -> None:  # noqa: ANN001
+    def on_message(self, client, userdata, msg) -> None:
         t = time.perf_counter()
         p = msg.payload
         i = p.find(EID_KEY)
@@ -169,7 +168,7 @@ class CpuMeter:
         self.c0 = {k: cpu_seconds(p) for k, p in self.pids.items()}
         return self
 
-    def __exit__(self, *exc) -> None:  # noqa: ANN002
+    def __exit__(self, *exc) -> None:
         dt = time.perf_counter() - self.t0
         self.sec = {k: cpu_seconds(p) - self.c0[k] for k, p in self.pids.items()}
         self.pct = {k: round(100 * v / dt, 1) for k, v in self.sec.items()}
@@ -433,7 +432,8 @@ def main() -> None:
           + ", ".join(f"{r['scenario'].split()[0]} {r['events_per_s']}/s" for r in sat_rows))
     write_json("e2e", {"n_items": 50_000, "cart_size": 10, "baskets": N_BASKETS, "qos": 1,
                        "paced_seconds": args.seconds, "rate": args.rate, "window": args.window,
-                       "loadavg_1m_before": load_before, "rows": rows, "agent_memory": memory, "goal": goals, "goal_met": met,
+                       "loadavg_1m_before": load_before, "rows": rows, "agent_memory": memory,
+                       "goal": goals, "goal_met": met,
                        "note": "latency = display receive - sensor publish, same process, perf_counter; "
                                "2 broker hops; load generator, broker and agent share the machine's CPUs"})
 

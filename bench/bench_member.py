@@ -9,10 +9,6 @@ Run: ``.venv/bin/python bench/bench_member.py``.
 
 from __future__ import annotations
 
-# first: it pins BLAS to one thread before numpy loads, as the agent does
-from common import (ROOT, large_parameters, large_store_files, print_table, sample_carts, summary,
-                    time_calls, write_json)
-
 import argparse
 import json
 import subprocess
@@ -20,6 +16,9 @@ import sys
 import time
 
 import numpy as np
+
+# first: it pins BLAS to one thread before numpy loads, as the agent does
+from common import ROOT, large_parameters, large_store_files, print_table, sample_carts, summary, time_calls, write_json
 
 from agent.recommenders.base import RecommendRequest
 from agent.recommenders.features import CONTEXT_LENGTH, age_bucket, encode_context, gender_index

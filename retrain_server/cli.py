@@ -6,8 +6,9 @@ import argparse
 import logging
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 _LOG = logging.getLogger("retrain_server")
 

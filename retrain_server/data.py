@@ -11,10 +11,10 @@ from __future__ import annotations
 import csv
 import json
 import logging
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Iterable, Mapping
 
 import numpy as np
 

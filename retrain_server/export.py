@@ -11,9 +11,10 @@ import json
 import logging
 import shutil
 import tempfile
+from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import joblib
 import numpy as np

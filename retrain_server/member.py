@@ -32,26 +32,26 @@ import os
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import json  # noqa: E402
-import logging  # noqa: E402
-import shutil  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from dataclasses import asdict, dataclass, field, fields  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any, Sequence  # noqa: E402
+import json
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from agent.recommenders.features import (  # noqa: E402
-    AGE_EDGES, CONTEXT_LENGTH, N_AGE_BUCKETS, N_GENDERS, OOV, PAD)
-from retrain_server.data import PurchaseLog  # noqa: E402
+from agent.recommenders.features import AGE_EDGES, CONTEXT_LENGTH, N_AGE_BUCKETS, N_GENDERS, OOV, PAD
+from retrain_server.data import PurchaseLog
 
 if os.environ.get("TF_USE_LEGACY_KERAS") != "1":  # pragma: no cover - set above
     raise ImportError("retrain_server.member needs TF_USE_LEGACY_KERAS=1 before TensorFlow loads")
 
-import tensorflow as tf  # noqa: E402
-import tensorflow_recommenders as tfrs  # noqa: E402
+import tensorflow as tf
+import tensorflow_recommenders as tfrs
 
 _LOG = logging.getLogger(__name__)
 

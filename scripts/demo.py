@@ -33,7 +33,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from scripts.brokers import AmqttBroker, MosquittoBroker, free_port, mosquitto_available  # noqa: E402
+from scripts.brokers import AmqttBroker, MosquittoBroker, free_port, mosquitto_available
 
 WORK = ROOT / ".demo"
 

@@ -25,11 +25,11 @@ from typing import Any
 import paho.mqtt.client as paho
 import pytest
 from _agent_proc import NAMES, VERSION, tiny_snapshot
-from scripts.brokers import Broker, MosquittoBroker, free_port
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.registry import ModelRegistry
 from agent.service import AgentService, AgentSettings
+from scripts.brokers import Broker, MosquittoBroker, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 TS_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}([+-]\d\d:\d\d|Z)$")

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from agent.bundle import load_public_key, verify_parameters
-from agent.recommenders.base import RecommendRequest
 from agent.errors import BundleError, SignatureError
+from agent.recommenders.base import RecommendRequest
 from agent.registry import ModelRegistry, load_snapshot
 from retrain_server.export import write_manifest, write_parameters
 from retrain_server.guest import train_guest_model

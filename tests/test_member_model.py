@@ -15,9 +15,8 @@ import pytest
 member = pytest.importorskip("retrain_server.member")
 ort = pytest.importorskip("onnxruntime")
 
-from agent.recommenders.features import (  # noqa: E402
-    CONTEXT_LENGTH, OOV, PAD, age_bucket, build_index, encode_context, gender_index)
-from retrain_server.data import PurchaseLog  # noqa: E402
+from agent.recommenders.features import CONTEXT_LENGTH, OOV, PAD, age_bucket, build_index, encode_context, gender_index
+from retrain_server.data import PurchaseLog
 
 N_FAMILIES, PER_FAMILY, N_USERS = 10, 30, 60
 

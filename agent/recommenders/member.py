@@ -14,8 +14,8 @@ guest model (``co_weight``); both weights are chosen by measurement
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
