@@ -285,6 +285,9 @@ def test_round_trip_latency(mqtt_broker: Broker, make_agent: Any, topic_prefix: 
 
     svc, probe = make_agent(mqtt_broker, "5")
     p50, p99 = measure(probe)
+    deadline = time.monotonic() + 5  # the answer can reach the probe before the counter moves
+    while svc.metrics.answered < 330 and time.monotonic() < deadline:
+        time.sleep(0.01)
     st = svc.metrics.snapshot()
     assert svc.metrics.answered == 330
     svc.stop()
