@@ -117,3 +117,14 @@ def test_serving_weights_come_from_the_bundle_and_can_be_overridden(trained, sna
     top_own = {p for p, _ in sorted(((p, own.count(p)) for p in set(own)), key=lambda x: -x[1])[:10]}
     out = boosted.member.recommend(RecommendRequest(user_id=trained.member_id, top_k=5))
     assert set(out) <= set(own) and len(set(out) & top_own) >= 3
+
+
+def test_co_purchase_blend_follows_the_guest_evidence(trained):
+    key = load_public_key(trained.public_key)
+    snap = load_snapshot(trained.parameters, key, member_overrides={"co_weight": 1e6, "repeat_weight": 0.0})
+    cart = tuple(trained.family_items(6)[:3])
+    items, co = snap.guest.co_purchase_scores(snap.guest.indices(cart))
+    keep = ~np.isin(snap.guest.item_ids_[items], cart)
+    best = snap.guest.item_ids_[items[keep][np.argsort(-co[keep], kind="stable")[:5]]].tolist()
+    out = snap.member.recommend(RecommendRequest(cart=cart, user_id=trained.member_id, top_k=5))
+    assert set(out) == set(best)

@@ -26,7 +26,7 @@ from .base import RecommendRequest
 
 _LOG = logging.getLogger(__name__)
 
-__all__ = ["GuestParams", "GuestRecommender"]
+__all__ = ["GuestParams", "GuestRecommender", "sum_by_item"]
 
 
 @dataclass(frozen=True)
@@ -103,6 +103,16 @@ class GuestRecommender:
     def recommend(self, request: RecommendRequest) -> list[str]:
         return self.item_ids_[self.recommend_indices(request)].tolist()
 
+    def co_purchase_scores(self, cart: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Items co-purchased with the cart (indices) and their summed scores.
+
+        The member model blends this evidence in (``MemberParams.co_weight``).
+        """
+        k = self.params.co_top_k_per_item
+        items, scores = self.co_neighbors_[cart, :k].ravel(), self.co_scores_[cart, :k].ravel()
+        keep = items >= 0
+        return sum_by_item(items[keep], scores[keep])
+
     def recommend_indices(self, request: RecommendRequest) -> np.ndarray:
         """Like :meth:`recommend` but returns item indices."""
         top_k = request.top_k
@@ -157,6 +167,22 @@ class GuestRecommender:
         return np.concatenate([picked, pop]).astype(np.int64)
 
 
+def sum_by_item(items: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct items (sorted) and their summed scores; ``-1`` padding must be removed first.
+
+    Sorting a few hundred entries is cheaper than np.add.at or np.unique at this size.
+    """
+    if not items.size:
+        return items, scores
+    order = np.argsort(items, kind="stable")
+    items, scores = items[order], scores[order]
+    starts = np.empty(items.size, dtype=bool)
+    starts[0] = True
+    np.not_equal(items[1:], items[:-1], out=starts[1:])
+    first = np.flatnonzero(starts)
+    return items[first], np.add.reduceat(scores, first)
+
+
 class _Scratch:
     """Dense score accumulator over the catalogue, reset after each request.
 
@@ -179,15 +205,8 @@ class _Scratch:
         ok = ~self.excluded[items]
         items, scores = items[ok], scores[ok]
         if items.size:
-            # Sum duplicates by sorting (cheaper than np.add.at / np.unique at this size).
-            order = np.argsort(items, kind="stable")
-            items, scores = items[order], scores[order]
-            starts = np.empty(items.size, dtype=bool)
-            starts[0] = True
-            np.not_equal(items[1:], items[:-1], out=starts[1:])
-            first = np.flatnonzero(starts)
-            items = items[first]
-            self.score[items] += np.add.reduceat(scores, first)
+            items, sums = sum_by_item(items, scores)
+            self.score[items] += sums
             new = items[~self.seen[items]]
             if new.size:
                 self.seen[new] = True

@@ -128,21 +128,17 @@ class MemberRecommender:
         p = self.params
         if p.repeat_weight and self.history_ is not None and request.user_id in self.user_index_:
             items, counts = self.history_.row(self.user_index_[request.user_id])
-            s[items] += p.repeat_weight * np.log1p(counts)
+            s[items] += p.repeat_weight * np.log1p(counts)  # a few hundred items: cheap
         if p.co_weight and self.guest_ is not None and request.cart:
-            g = self.guest_
-            cart = g.indices(request.cart)
-            if cart.size:
-                k = g.params.co_top_k_per_item
-                nb = g.co_neighbors_[cart, :k].ravel()
-                sc = g.co_scores_[cart, :k].ravel()
-                keep = nb >= 0
-                rows = nb[keep] if self.guest_to_item_ is None else self.guest_to_item_[nb[keep]]
-                ok = rows >= 0
-                co = np.zeros_like(s)
-                np.add.at(co, rows[ok], sc[keep][ok])
-                if co.max() > 0:
-                    s += p.co_weight * co / co.max()
+            cart = self.guest_.indices(request.cart)
+            items, co = self.guest_.co_purchase_scores(cart) if cart.size else (cart, None)
+            if items.size:
+                if self.guest_to_item_ is not None:
+                    items = self.guest_to_item_[items]
+                    co = co[items >= 0]
+                    items = items[items >= 0]
+                if items.size and co.max() > 0:
+                    s[items] += p.co_weight * co / co.max()
         return s
 
     def recommend(self, request: RecommendRequest) -> list[str]:
