@@ -8,8 +8,14 @@ neighbour tables the edge serves from (see ``agent.recommenders.guest``):
    ``sim_top_k`` nearest items become ``sim_neighbors``/``sim_scores``.
 3. Purchases grouped by session; items bought in the same session are
    co-purchased. Raw counts favour items everyone buys (milk, bananas), so
-   the edge score damps them: ``count(i, j) / count(j) ** popularity_alpha``,
-   ignoring pairs seen fewer than ``min_co_count`` times.
+   the edge score damps them on both sides:
+   ``count(i, j) / (count(j) ** popularity_alpha * count(i) ** cart_alpha)``,
+   ignoring pairs seen fewer than ``min_co_count`` times. ``popularity_alpha``
+   stops popular *partners* from winning everywhere; ``cart_alpha`` stops a
+   popular *cart item* from drowning the evidence of the rest of the cart
+   (it rescales item i's row, so it changes sums across a cart, not the
+   order of one item's partners). Both were chosen on Complete Journey
+   validation data (README, "Evaluation").
 """
 
 from __future__ import annotations
@@ -39,8 +45,9 @@ class GuestTrainingConfig:
 
     co_neighbors: int = 50  # co-purchase partners kept per item
     sim_neighbors: int = 20  # TF-IDF neighbours kept per item
-    popularity_alpha: float = 0.5  # 0 = raw co-purchase counts
-    min_co_count: int = 1
+    popularity_alpha: float = 0.25  # partner damping; 0 = raw co-purchase counts
+    cart_alpha: float = 0.75  # cart-item damping; 0 = none
+    min_co_count: int = 2
     n_popular: int = 500
     co_dict_partners: int = 100  # partners per item kept in co_purchase_dict.pkl
 
@@ -114,12 +121,17 @@ def co_purchase_counts(log: PurchaseLog, catalog: Catalog) -> tuple[sp.csr_matri
 
 
 def co_purchase_tables(co: sp.csr_matrix, item_counts: np.ndarray, k: int, alpha: float,
-                       min_count: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k partners per item by ``count / partner_count ** alpha`` (-1 padded)."""
+                       min_count: int = 1, *, cart_alpha: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k partners per item by ``count / (partner_count ** alpha * own_count ** cart_alpha)``.
+
+    Rows are ``-1`` padded.
+    """
     n = co.shape[0]
     neighbors = np.full((n, k), -1, dtype=np.int32)
     scores = np.zeros((n, k), dtype=np.float32)
-    damp = np.power(np.maximum(item_counts, 1.0), alpha)
+    counts = np.maximum(item_counts, 1.0)
+    damp = np.power(counts, alpha)
+    own = np.power(counts, -cart_alpha)
     for i in range(n):
         lo, hi = co.indptr[i], co.indptr[i + 1]
         if lo == hi:
@@ -130,7 +142,7 @@ def co_purchase_tables(co: sp.csr_matrix, item_counts: np.ndarray, k: int, alpha
         s = vals / damp[cols]
         order = np.lexsort((cols, -s))[:k]
         neighbors[i, : order.size] = cols[order]
-        scores[i, : order.size] = s[order]
+        scores[i, : order.size] = s[order] * own[i]
     return neighbors, scores
 
 
@@ -169,8 +181,8 @@ def train_guest_model(catalog: Catalog, log: PurchaseLog,
     knn = NearestNeighbors(metric="cosine", algorithm="brute").fit(tag_matrix)
     sim_nb, sim_sc = _similarity_tables(knn, tag_matrix, config.sim_neighbors)
     co, item_counts = co_purchase_counts(log, catalog)
-    co_nb, co_sc = co_purchase_tables(co, item_counts, config.co_neighbors,
-                                      config.popularity_alpha, config.min_co_count)
+    co_nb, co_sc = co_purchase_tables(co, item_counts, config.co_neighbors, config.popularity_alpha,
+                                      config.min_co_count, cart_alpha=config.cart_alpha)
     popular = np.lexsort((np.arange(len(catalog)), -item_counts))[: config.n_popular]
     _LOG.info("guest model: %d items, %d co-purchase pairs, vocabulary %d",
               len(catalog), co.nnz // 2, len(vectorizer.vocabulary_))

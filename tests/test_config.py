@@ -26,7 +26,7 @@ def test_minimal_config_gets_documented_defaults(pub):
     cfg = parse_config(base(pub), env={})
     assert cfg.broker.port == 1883 and cfg.broker.protocol == "5"
     assert cfg.prefix == "smartbasket" and cfg.http_port == 0
-    assert cfg.limits.max_items == 200 and cfg.guest.co_top_k_per_item == 20
+    assert cfg.limits.max_items == 200 and cfg.guest.co_top_k_per_item == 50
 
 
 def test_all_problems_are_reported_together(tmp_path):

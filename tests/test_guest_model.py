@@ -48,6 +48,11 @@ def test_popularity_alpha_zero_ranks_by_raw_count():
     nb1, sc1 = co_purchase_tables(co, counts, k=2, alpha=1.0)
     assert nb1[0].tolist() == [2, 1]  # damped: 3/3 > 5/100
     assert sc1[0, 0] == pytest.approx(1.0)
+    # cart_alpha rescales a row by its own count: same order, smaller voice for popular items
+    nb2, sc2 = co_purchase_tables(co, counts, k=2, alpha=1.0, cart_alpha=1.0)
+    assert nb2.tolist() == nb1.tolist()
+    assert sc2[0].tolist() == pytest.approx((sc1[0] / 8.0).tolist())
+    assert sc2[1, 0] == pytest.approx(sc1[1, 0] / 100.0)
 
 
 def test_tfidf_neighbours_stay_in_the_family(model):

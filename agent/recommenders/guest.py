@@ -34,13 +34,15 @@ class GuestParams:
     """Serving knobs (``guest:`` in the agent config)."""
 
     #: co-purchase candidates taken per cart item (the seed's co_top_k_per_item)
-    co_top_k_per_item: int = 20
+    co_top_k_per_item: int = 50
     #: how many of the best candidates are expanded with their TF-IDF neighbours
     expand_top: int = 10
     #: TF-IDF neighbours taken per expanded item
     sim_top_k: int = 5
-    #: weight of a TF-IDF neighbour relative to the candidate it came from
-    sim_weight: float = 0.3
+    #: weight of a TF-IDF neighbour relative to the candidate it came from; 0 on
+    #: measurement (Complete Journey's category tags added noise), raise it for
+    #: catalogues whose tags say more than the co-purchases do
+    sim_weight: float = 0.0
     #: fewer co-purchase candidates than this -> add neighbours of the cart items
     fallback_min_candidates: int = 10
     #: weight of the fallback (similar-to-cart) scores
