@@ -41,7 +41,7 @@ def large_store_files(products: int = 50_000, rows: int = 1_000_000) -> tuple[Pa
 
 def large_parameters(member: bool, products: int = 50_000) -> Path:
     """A trained, unsigned parameters dir for the benchmark store (cached)."""
-    from retrain_server.cli import train_bundle
+    from retrain_server.train import train_bundle
 
     out = DATA / f"params-{products}-{'member' if member else 'guest'}"
     if not (out / "manifest.json").exists():

@@ -5,10 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 _LOG = logging.getLogger("retrain_server")
 
@@ -30,68 +28,6 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     return synth.main(argv)
 
 
-def train_bundle(products: Path, purchases: Path, out: Path, signing_key: Path | None, *,
-                 member: bool = True, epochs: int | None = None,
-                 guest_config: Any = None, member_config: Any = None) -> dict[str, Any]:
-    """Full training of both models from the seed's files into a signed parameters dir."""
-    from .data import load_products, load_purchases
-    from .export import write_parameters
-    from .guest import train_guest_model
-
-    catalog = load_products(products)
-    log = load_purchases(purchases)
-    t0 = time.perf_counter()
-    guest = train_guest_model(catalog, log, guest_config)
-    timings = {"guest_train_s": round(time.perf_counter() - t0, 2)}
-    member_writer = None
-    if member:
-        if not (log.user_ids != "").any():
-            _LOG.warning("no member purchases: shipping the guest model only")
-        else:
-            member_writer = _member_writer(catalog, log, epochs, member_config, timings)
-    doc = write_parameters(out, guest, member_writer=member_writer, metrics={"timings": timings},
-                           signing_key=signing_key)
-    return doc
-
-
-def _member_writer(catalog: Any, log: Any, epochs: int | None, config: Any,
-                   timings: dict[str, float]) -> Any:
-    import dataclasses
-    import json
-
-    from . import member as member_mod
-    from .export import write_member_history
-
-    cfg = config or member_mod.MemberTrainingConfig()
-    if epochs is not None:
-        cfg = dataclasses.replace(cfg, epochs=epochs)
-    t0 = time.perf_counter()
-    state = member_mod.train_member_model(log, catalog.ids.tolist(), cfg)
-    timings["member_train_s"] = round(time.perf_counter() - t0, 2)
-
-    def write(member_dir: Path) -> dict[str, Any]:
-        import numpy as np
-
-        member_mod.export_member_model(state, member_dir)
-        user_lookup = np.load(member_dir / "user_lookup.npy", allow_pickle=False)
-        item_lookup = np.load(member_dir / "item_lookup.npy", allow_pickle=False)
-        write_member_history(log, user_lookup, item_lookup, member_dir)
-        meta_path = member_dir / "member_meta.json"
-        meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.exists() else {}
-        meta.setdefault("serving", {"repeat_weight": SERVING_DEFAULTS["repeat_weight"],
-                                    "co_weight": SERVING_DEFAULTS["co_weight"]})
-        meta_path.write_text(json.dumps(meta, indent=2), encoding="utf-8")
-        return {"n_users": int(len(user_lookup)), "n_items": int(len(item_lookup)),
-                "epochs": cfg.epochs, "serving": meta["serving"]}
-
-    return write
-
-
-#: Blend weights for the member model, chosen on Complete Journey validation data
-#: (see README, "Evaluation"). Overridable per agent in agent.yaml ``member:``.
-SERVING_DEFAULTS = {"repeat_weight": 0.0, "co_weight": 0.0}
-
-
 def _cmd_train(args: argparse.Namespace) -> int:
     for flag in ("products", "purchases"):
         if not getattr(args, flag).is_file():
@@ -101,6 +37,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
                          "(or --allow-unsigned for development)")
     if args.signing_key is not None and not args.signing_key.is_file():
         raise SystemExit(f"retrain-server train: --signing-key: no such file {args.signing_key}")
+    from .train import train_bundle
+
     doc = train_bundle(args.products, args.purchases, args.out, args.signing_key,
                        member=not args.guest_only, epochs=args.epochs)
     print(f"trained parameters {doc['version']} -> {args.out} "

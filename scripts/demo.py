@@ -43,10 +43,10 @@ def step(msg: str) -> None:
 
 
 def prepare_models(retrain: bool) -> tuple[Path, Path, Path]:
-    from retrain_server.cli import train_bundle
     from retrain_server.data import write_products, write_purchases
     from retrain_server.sign import keygen
     from retrain_server.synth import make_store
+    from retrain_server.train import train_bundle
 
     data, keys, params = WORK / "data", WORK / "keys", WORK / "parameters"
     step("1. sample data: a synthetic store (Korean + English tags, guests and members)")

@@ -67,6 +67,11 @@ def test_train_writes_the_seed_layout_signed(trained):
                  "item_lookup.npy", "item_embeddings.npy"):
         assert f"member_model/{name}" in files
     assert set(doc["models"]) == {"guest", "member"}
+    # blend weights were calibrated on this model: units x its own score unit
+    serving = json.loads((trained.parameters / "member_model" / "member_meta.json").read_text())["serving"]
+    assert serving["score_unit"] > 0
+    assert serving["repeat_weight"] == pytest.approx(serving["repeat_units"] * serving["score_unit"], rel=1e-4)
+    assert serving["co_weight"] == pytest.approx(serving["co_units"] * serving["score_unit"], rel=1e-4)
 
 
 def test_train_refuses_missing_inputs_and_keys(tmp_path, trained):

@@ -1,0 +1,95 @@
+"""Full training: the seed's files in, a signed parameters directory out.
+
+``retrain-server train`` and the demo call :func:`train_bundle`; the steps
+themselves live in :mod:`.guest`, :mod:`.member`, :mod:`.blend` and
+:mod:`.export`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .data import Catalog, PurchaseLog, load_products, load_purchases
+from .export import write_member_history, write_parameters
+from .guest import GuestModel, GuestTrainingConfig, train_guest_model
+
+_LOG = logging.getLogger(__name__)
+
+__all__ = ["train_bundle", "member_writer"]
+
+
+def train_bundle(products: Path, purchases: Path, out: Path, signing_key: Path | None, *,
+                 member: bool = True, epochs: int | None = None,
+                 guest_config: GuestTrainingConfig | None = None,
+                 member_config: Any = None) -> dict[str, Any]:
+    """Train both models from ``products.csv`` + ``purchase_history.jsonl`` into ``out``."""
+    catalog = load_products(products)
+    log = load_purchases(purchases)
+    t0 = time.perf_counter()
+    guest = train_guest_model(catalog, log, guest_config)
+    timings = {"guest_train_s": round(time.perf_counter() - t0, 2)}
+    writer = None
+    if member:
+        if not (log.user_ids != "").any():
+            _LOG.warning("no member purchases: shipping the guest model only")
+        else:
+            writer = member_writer(catalog, log, guest, epochs=epochs, config=member_config, timings=timings)
+    return write_parameters(out, guest, member_writer=writer, metrics={"timings": timings},
+                            signing_key=signing_key)
+
+
+def member_writer(catalog: Catalog, log: PurchaseLog, guest: GuestModel, *, epochs: int | None = None,
+                  config: Any = None, timings: dict[str, float] | None = None
+                  ) -> Callable[[Path], dict[str, Any]]:
+    """Train the Two-Tower model now; return the function that writes ``member_model/``."""
+    from . import member as member_mod  # TensorFlow: only when a member model is trained
+
+    cfg = config or member_mod.MemberTrainingConfig()
+    if epochs is not None:
+        cfg = dataclasses.replace(cfg, epochs=epochs)
+    t0 = time.perf_counter()
+    state = member_mod.train_member_model(log, catalog.ids.tolist(), cfg)
+    if timings is not None:
+        timings["member_train_s"] = round(time.perf_counter() - t0, 2)
+
+    def write(member_dir: Path) -> dict[str, Any]:
+        member_mod.export_member_model(state, member_dir)
+        user_lookup = np.load(member_dir / "user_lookup.npy", allow_pickle=False)
+        item_lookup = np.load(member_dir / "item_lookup.npy", allow_pickle=False)
+        write_member_history(log, user_lookup, item_lookup, member_dir)
+        serving = _calibrate(member_dir, log, guest)
+        meta_path = member_dir / "member_meta.json"
+        meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.exists() else {}
+        meta["serving"] = serving
+        meta_path.write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        return {"n_users": int(len(user_lookup)), "n_items": int(len(item_lookup)),
+                "epochs": cfg.epochs, "serving": serving}
+
+    return write
+
+
+def _calibrate(member_dir: Path, log: PurchaseLog, guest: GuestModel) -> dict[str, float]:
+    """Blend weights for the exported (int8) model, exactly as the edge will load it."""
+    from agent.recommenders.guest import GuestRecommender
+    from agent.recommenders.member import MemberHistory, MemberRecommender
+
+    from .blend import serving_weights
+
+    a = guest.edge_arrays()
+    guest_rec = GuestRecommender(a["item_ids"], a["co_neighbors"], a["co_scores"], a["sim_neighbors"],
+                                 a["sim_scores"], a["popular"])
+    load = lambda name: np.load(member_dir / name, allow_pickle=False)  # noqa: E731
+    rec = MemberRecommender(
+        (member_dir / "two_tower_model_quantized.onnx").read_bytes(), load("user_lookup.npy").tolist(),
+        load("context_lookup.npy").tolist(), load("item_lookup.npy"), load("item_embeddings.npy"),
+        history=MemberHistory(load("history_indptr.npy"), load("history_items.npy"), load("history_counts.npy")),
+        guest=guest_rec)
+    return serving_weights(rec, log)
