@@ -295,20 +295,25 @@ class BasketStates:
         if (state is not None and event.seq is not None and state.last_seq is not None
                 and event.seq < state.last_seq):
             return Outcome("stale")
-        if event.action == "checkout":
-            self._baskets.pop(basket_id, None)
-            return Outcome("checkout")
         if state is None:
             state = self._new(basket_id)
-        self._apply_content(state, basket_id, event)
-        if event.seq is not None:
-            state.last_seq = event.seq
+        if event.action == "checkout":
+            # The trip is over: empty the basket and let a new trip start its seq
+            # again, but remember the event ids, so a QoS 1 redelivery of an old
+            # event cannot reopen the basket and republish a recommendation.
+            state.cart, state.wishlist, state.last_seq = [], (), None
+        else:
+            self._apply_content(state, basket_id, event)
+            if event.seq is not None:
+                state.last_seq = event.seq
         if event.event_id is not None:
             state.recent[event.event_id] = None
             while len(state.recent) > self.recent_ids:
                 state.recent.popitem(last=False)
         state.touched = now
         self._baskets.move_to_end(basket_id)
+        if event.action == "checkout":
+            return Outcome("checkout")
         return Outcome("answer", tuple(state.cart), state.wishlist)
 
     def _new(self, basket_id: str) -> BasketState:

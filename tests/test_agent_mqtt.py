@@ -211,12 +211,15 @@ def test_duplicate_and_stale(mqtt_broker: Broker, protocol: str, make_agent: Any
 def test_checkout_clears_retained(mqtt_broker: Broker, protocol: str, make_agent: Any) -> None:
     _, probe = make_agent(mqtt_broker, protocol)
     probe.send("keep", {"cart": ["A"]})
-    probe.send("gone", {"cart": ["A"]})
+    probe.send("gone", {"event_id": "g1", "seq": 1, "cart": ["A"]})
     probe.get("recommendations")
     probe.get("recommendations")
-    probe.send("gone", {"action": "checkout"})
+    probe.send("gone", {"event_id": "g2", "seq": 2, "action": "checkout"})
     cleared = probe.get("recommendations")
     assert cleared.topic.endswith("/gone/recommendations") and cleared.payload == b""
+    # a QoS 1 redelivery of an event from before the checkout must not reopen the basket
+    probe.send("gone", {"event_id": "g1", "seq": 1, "cart": ["A"]})
+    assert probe.drain("recommendations", 0.3) == []
     assert retained(mqtt_broker, f"{probe.prefix}/basket/gone/recommendations", protocol) == []
     assert len(retained(mqtt_broker, f"{probe.prefix}/basket/keep/recommendations", protocol)) == 1
     # state dropped: a new delta starts from an empty cart
