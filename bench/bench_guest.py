@@ -54,9 +54,7 @@ def main() -> None:
     args = ap.parse_args()
 
     params = large_parameters(member=False)
-    rss0 = rss_mb()
     snap = load_snapshot(params, None, allow_unsigned=True)
-    rss1 = rss_mb()
     guest = snap.guest
     carts = sample_carts(params, args.calls)
     requests = [RecommendRequest(cart=c, top_k=10) for c in carts]
@@ -70,9 +68,8 @@ def main() -> None:
                  ["seed (kneighbors per request)", theirs["calls"], theirs["p50_ms"], theirs["p99_ms"],
                   theirs["mean_ms"]],
                  ["speed-up (p50)", "", f"{ratio}x", "", ""]])
-    print(f"guest snapshot resident memory: +{rss1 - rss0:.1f} MB (process {rss1:.1f} MB)")
     write_json("guest", {"n_items": guest.n_items, "cart_size": 10, "edge": ours, "seed": theirs,
-                         "speedup_p50": ratio, "snapshot_rss_mb": round(rss1 - rss0, 1),
+                         "speedup_p50": ratio,
                          "goal": {"p50_ms": 0.1, "p99_ms": 0.5}})
 
 

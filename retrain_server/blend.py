@@ -28,8 +28,8 @@ __all__ = ["BlendUnits", "score_unit", "serving_weights"]
 class BlendUnits:
     """Blend weights in score units (chosen on Complete Journey validation data)."""
 
-    repeat_units: float = 3.0
-    co_units: float = 10.0
+    repeat_units: float = 10.0
+    co_units: float = 30.0
 
 
 def score_unit(member: MemberRecommender, log: PurchaseLog, k: int = 10, sample: int = 500,

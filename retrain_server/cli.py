@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--signing-key", type=Path, help="Ed25519 private key (retrain-server keygen)")
     p.add_argument("--allow-unsigned", action="store_true", help="development: write an unsigned manifest")
     p.add_argument("--guest-only", action="store_true", help="skip the member (Two-Tower) model")
-    p.add_argument("--epochs", type=int, help="member model epochs (default 1, the seed's)")
+    p.add_argument("--epochs", type=int, help="member model epochs (default 3; the seed used 1)")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("synth", help="write a synthetic store in the seed's formats")

@@ -45,9 +45,9 @@ class GuestTrainingConfig:
 
     co_neighbors: int = 50  # co-purchase partners kept per item
     sim_neighbors: int = 20  # TF-IDF neighbours kept per item
-    popularity_alpha: float = 0.25  # partner damping; 0 = raw co-purchase counts
+    popularity_alpha: float = 0.375  # partner damping; 0 = raw co-purchase counts
     cart_alpha: float = 0.75  # cart-item damping; 0 = none
-    min_co_count: int = 2
+    min_co_count: int = 3
     n_popular: int = 500
     co_dict_partners: int = 100  # partners per item kept in co_purchase_dict.pkl
 

@@ -86,7 +86,7 @@ class MemberTrainingConfig:
 
     embedding_dim: int = 32
     context_weight: float = 1.0
-    epochs: int = 1
+    epochs: int = 3  # the seed's 1, raised: blended HR@10 on Complete Journey validation
     batch_size: int = 4096
     learning_rate: float = 0.1
     seed: int = 42

@@ -9,12 +9,24 @@ import numpy as np
 import pytest
 
 from agent.recommenders.base import RecommendRequest
+from retrain_server.completejourney import age_from_band
 from retrain_server.data import Catalog, PurchaseLog
 from retrain_server.evaluate import (
-    DAY, Case, CoOccurrenceRecommender, EvaluationConfig, OwnFrequentRecommender,
-    PopularRecommender, evaluate, format_table, held_out_cases, hr_mrr, rank_of, run_evaluation,
-    split_by_time, unseen_targets)
-from retrain_server.completejourney import age_from_band
+    DAY,
+    Case,
+    CoOccurrenceRecommender,
+    EvaluationConfig,
+    OwnFrequentRecommender,
+    PopularRecommender,
+    evaluate,
+    format_table,
+    held_out_cases,
+    hr_mrr,
+    rank_of,
+    run_evaluation,
+    split_by_time,
+    unseen_targets,
+)
 
 
 def _log(rows: list[tuple[str, str, str, int]]) -> PurchaseLog:
@@ -186,7 +198,7 @@ _HAS_TF = all(importlib.util.find_spec(m) for m in ("tensorflow_recommenders", "
     not _HAS_TF, reason="TensorFlow / TFRS not installed")), False])
 def test_end_to_end_table_has_every_row(tmp_path, member: bool) -> None:
     data = _synthetic()
-    cfg = EvaluationConfig(max_test_baskets=150, max_val_baskets=150, member=member,
+    cfg = EvaluationConfig(max_test_baskets=150, max_val_baskets=150, member=member, epochs=1,
                            member_config={"embedding_dim": 8, "batch_size": 256})
     report = run_evaluation(cfg, data=data, work_dir=tmp_path)
     methods = [r["method"] for r in report["rows"]]
@@ -208,3 +220,16 @@ def test_end_to_end_table_has_every_row(tmp_path, member: bool) -> None:
         assert set(report["chosen"]["member_params"]) >= {"repeat_weight", "co_weight"}
     table = format_table(report)
     assert table.count("\n") == len(report["rows"]) + 1
+
+
+def test_cart_damped_matches_training_tables() -> None:
+    from retrain_server.evaluate import cart_damped
+    from retrain_server.guest import co_purchase_counts, co_purchase_tables
+
+    data = _synthetic(n_users=40)
+    co, counts = co_purchase_counts(data.log, data.catalog)
+    plain = co_purchase_tables(co, counts, 10, 0.25, 2, cart_alpha=0.0)
+    nb, sc = cart_damped(plain, counts, 0.75)
+    ref_nb, ref_sc = co_purchase_tables(co, counts, 10, 0.25, 2, cart_alpha=0.75)
+    np.testing.assert_array_equal(nb, ref_nb)
+    np.testing.assert_allclose(sc, ref_sc, rtol=1e-5)
