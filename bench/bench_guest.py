@@ -13,7 +13,7 @@ from collections import Counter
 import joblib
 
 # first: it pins BLAS to one thread before numpy loads, as the agent does
-from common import large_parameters, print_table, rss_mb, sample_carts, summary, time_calls, write_json
+from common import large_parameters, print_table, sample_carts, summary, time_calls, write_json
 
 from agent.recommenders.base import RecommendRequest
 from agent.registry import load_snapshot
