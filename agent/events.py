@@ -123,6 +123,15 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _encodable(text: str) -> bool:
+    """False for strings JSON escapes made un-encodable (lone surrogates such as "\\ud800")."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _type_name(value: object) -> str:
     return {bool: "boolean", int: "integer", float: "number", str: "string", list: "list",
             dict: "object", type(None): "null"}.get(type(value), type(value).__name__)
@@ -139,8 +148,8 @@ def _ids(name: str, value: object, limits: Limits, event_id: object) -> tuple[st
         if not isinstance(item, str):
             raise InvalidEvent(f"'{name}[{i}]' must be a product id string, got {_type_name(item)}",
                                event_id)
-        if not item or len(item) > _MAX_ID_LENGTH:
-            raise InvalidEvent(f"'{name}[{i}]' must be a non-empty string of at most "
+        if not item or len(item) > _MAX_ID_LENGTH or not _encodable(item):
+            raise InvalidEvent(f"'{name}[{i}]' must be a non-empty UTF-8 string of at most "
                                f"{_MAX_ID_LENGTH} characters", event_id)
     return tuple(dict.fromkeys(value))  # order kept, duplicates dropped
 
@@ -151,7 +160,8 @@ def _user(value: object, event_id: object) -> UserInfo:
     if not isinstance(value, dict):
         raise InvalidEvent(f"'user' must be an object or null, got {_type_name(value)}", event_id)
     user_id = value.get("user_id")
-    if not isinstance(user_id, str) or not user_id or len(user_id) > _MAX_ID_LENGTH:
+    if (not isinstance(user_id, str) or not user_id or len(user_id) > _MAX_ID_LENGTH
+            or not _encodable(user_id)):
         raise InvalidEvent("'user.user_id' must be a non-empty string when 'user' is given "
                            "(send no 'user' or null for a guest)", event_id)
     gender = value.get("gender")
@@ -191,13 +201,14 @@ def event_from_obj(data: object, limits: Limits | None = None) -> CartEvent:
 
     event_id = data.get("event_id")
     if event_id is not None and not (
-            (isinstance(event_id, str) and 0 < len(event_id) <= _MAX_ID_LENGTH) or _is_int(event_id)):
+            (isinstance(event_id, str) and 0 < len(event_id) <= _MAX_ID_LENGTH and _encodable(event_id))
+            or _is_int(event_id)):
         raise InvalidEvent("'event_id' must be a non-empty string or an integer")
     seq = data.get("seq")
     if seq is not None and not (_is_int(seq) and seq >= 0):
         raise InvalidEvent(f"'seq' must be a non-negative integer, got {seq!r}", event_id)
     ts = data.get("ts")
-    if ts is not None and not isinstance(ts, str):
+    if ts is not None and not (isinstance(ts, str) and _encodable(ts)):
         raise InvalidEvent(f"'ts' must be a string, got {_type_name(ts)}", event_id)
     top_k = data.get("top_k")
     if top_k is None:
@@ -223,7 +234,8 @@ def event_from_obj(data: object, limits: Limits | None = None) -> CartEvent:
                                event_id)
         product_id = data.get("product_id")
         if (action in ("add", "remove") or product_id is not None) and (
-                not isinstance(product_id, str) or not product_id or len(product_id) > _MAX_ID_LENGTH):
+                not isinstance(product_id, str) or not product_id or len(product_id) > _MAX_ID_LENGTH
+                or not _encodable(product_id)):
             raise InvalidEvent(f"'product_id' must be a non-empty string"
                                f"{' for action ' + repr(action) if action in ('add', 'remove') else ''}",
                                event_id)

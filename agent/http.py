@@ -44,10 +44,7 @@ def _as_event(body: Any) -> dict[str, Any]:
         raise EventError("'cart' (or 'cart_items') is required")
     user_id = body.pop("user_id", None)
     gender, age = body.pop("gender", None), body.pop("age", None)
-    allowed = {"cart", "wishlist", "top_k"}
-    unknown = sorted(set(body) - allowed)
-    if unknown:
-        raise EventError(f"unknown field(s): {', '.join(unknown)}")
+    # Unknown fields are ignored, as on MQTT, so clients may extend their requests.
     if user_id is not None and user_id != GUEST:
         body["user"] = {"user_id": user_id, "gender": gender, "age": age}
     elif gender is not None or age is not None:
@@ -71,9 +68,9 @@ def create_app(registry: ModelRegistry, metrics: Metrics | None = None,
         try:
             body = json.loads(raw)
             event = event_from_obj(_as_event(body), limits)
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
             metrics.error("json")
-            return _error(422, f"body is not valid JSON: {exc}")
+            return _error(422, f"body is not valid JSON: {type(exc).__name__}: {exc}"[:300])
         except EventError as exc:
             metrics.error("schema")
             return _error(422, str(exc))

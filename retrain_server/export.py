@@ -94,6 +94,18 @@ def write_manifest(root: Path, *, metrics: Mapping[str, Any] | None = None,
     return doc
 
 
+def _check_replaceable(out: Path) -> None:
+    """Refuse to replace a directory that is not a parameters bundle (``--out ~`` typo)."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ValueError(f"{out} exists and is not a directory")
+    contents = {p.name for p in out.iterdir()} - {"README.md"}
+    if contents and MANIFEST not in contents:
+        raise ValueError(f"{out} is not empty and holds no {MANIFEST}: refusing to replace it "
+                         f"(choose an empty or new directory)")
+
+
 def write_parameters(out_dir: str | Path, guest: GuestModel, *,
                      member_writer: Callable[[Path], Mapping[str, Any]] | None = None,
                      metrics: Mapping[str, Any] | None = None,
@@ -101,10 +113,12 @@ def write_parameters(out_dir: str | Path, guest: GuestModel, *,
     """Write a complete, signed parameters directory and swap it into ``out_dir``.
 
     ``member_writer(member_dir)`` writes the member model files and returns its
-    description for the manifest; None ships a guest-only bundle. Files under
-    ``out_dir`` that are not part of a bundle (nothing, normally) are replaced.
+    description for the manifest; None ships a guest-only bundle. ``out_dir``
+    must be missing, empty (but for a README.md) or a previous bundle: anything
+    else is refused rather than replaced.
     """
     out = Path(out_dir)
+    _check_replaceable(out)
     if signing_key is not None:
         load_private_key(signing_key)  # fail before the long writes, not after
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -173,3 +173,12 @@ def test_bad_signing_key_fails_before_writing(tmp_path, guest_model):
     with pytest.raises(ValueError, match="private key"):
         write_parameters(tmp_path / "p", guest_model, signing_key=bad)
     assert not (tmp_path / "p").exists()
+
+
+def test_refuses_to_replace_a_directory_that_is_not_a_bundle(tmp_path, keys, guest_model):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "thesis.txt").write_text("years of work")
+    with pytest.raises(ValueError, match="refusing to replace"):
+        write_parameters(home, guest_model, signing_key=keys[0])
+    assert (home / "thesis.txt").read_text() == "years of work"

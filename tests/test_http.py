@@ -69,13 +69,20 @@ def test_unknown_member_is_answered(client, trained):
     (b'{"user_id": "u1", "age": -4, "cart": ["1"]}', "age"),
     (b'{"user_id": "u1", "age": 1000, "cart": ["1"]}', "age"),
     (b'{"user_id": 12345, "cart": ["1"]}', "user_id"),
-    (b'{"user_id": "u1", "cart": ["1"], "wishlist": ["x"]' + b', "x": 1}', "unknown"),
+    (b'{"cart": ["\\ud800"]}', "UTF-8"),
+    (b'{"user_id": "\\udfff", "cart": ["1"]}', "user_id"),
+    (b"[" * 60_000, "not valid JSON"),
     (b'{"cart": ["a"], "cart_items": ["b"]}', "either"),
 ])
 def test_invalid_bodies_get_422_with_a_message(client, body, needle):
     r = client.post("/recommend", content=body, headers={"content-type": "application/json"})
     assert r.status_code == 422
     assert needle in r.json()["error"]
+
+
+def test_unknown_fields_are_ignored_as_on_mqtt(client):
+    r = client.post("/recommend", json={"cart": ["1"], "session_id": "s-1", "event_id": "e"})
+    assert r.status_code == 200
 
 
 def test_oversized_lists_and_bodies_are_refused(client):
