@@ -127,6 +127,8 @@ def verify_parameters(root: str | Path, public_key: Any | None, *,
     if not isinstance(files, dict):
         raise BundleError(f"{manifest_path}: 'files' must be an object")
     for rel, info in files.items():
+        if not isinstance(info, dict):
+            raise BundleError(f"{manifest_path}: entry for {rel!r} must be an object")
         path = (root / rel).resolve()
         if root.resolve() not in path.parents:
             raise BundleError(f"manifest lists a path outside the bundle: {rel}")

@@ -21,6 +21,7 @@ from typing import Any
 
 from .errors import ConfigError
 from .recommenders.guest import GuestParams
+from .topics import validate_id, validate_prefix
 
 _LOG = logging.getLogger(__name__)
 
@@ -170,8 +171,23 @@ class _Reader:
         return node
 
     def unknown_keys(self) -> list[str]:
-        known_prefixes = {k.split(".")[0] for k in self.used}
-        return [k for k in self.data if k not in known_prefixes]
+        """Every key path in the data that no ``get`` asked for (typos at any depth)."""
+        known = set(self.used)
+        parents = {".".join(k.split(".")[:i]) for k in known for i in range(1, k.count(".") + 1)}
+        out: list[str] = []
+
+        def walk(node: Mapping[str, Any], path: str) -> None:
+            for key, value in node.items():
+                full = f"{path}{key}"
+                if full in known:
+                    continue
+                if full in parents and isinstance(value, Mapping):
+                    walk(value, full + ".")
+                else:
+                    out.append(full)
+
+        walk(self.data, "")
+        return out
 
 
 def _kind_name(kind: type | tuple[type, ...]) -> str:
@@ -232,16 +248,24 @@ def parse_config(data: Mapping[str, Any], overrides: Mapping[str, Any] | None = 
         r.problems.append(f"public_key: no such file {public_key}")
     parameters = path("parameters", required=True)
     prefix = r.get("prefix", str, "smartbasket")
-    if prefix is not None and (not prefix.strip("/") or any(c in prefix for c in "#+")):
-        r.problems.append(f"prefix must be a topic path without wildcards, got {prefix!r}")
+    try:
+        prefix = validate_prefix(prefix)
+    except ValueError as exc:
+        r.problems.append(f"prefix: {exc}")
     agent_id = r.get("agent_id", str, None, required=True)
-    if agent_id is not None and (not agent_id or any(c in agent_id for c in "/#+")):
-        r.problems.append(f"agent_id must be non-empty without '/', '#', '+', got {agent_id!r}")
+    if agent_id is not None:
+        try:
+            validate_id("agent_id", agent_id)
+        except ValueError as exc:
+            r.problems.append(str(exc))
     limits = LimitsConfig(
         max_payload_bytes=r.get("limits.max_payload_bytes", int, 65536, minimum=64),
         max_items=r.get("limits.max_items", int, 200, minimum=1),
         max_top_k=r.get("limits.max_top_k", int, 100, minimum=1),
         default_top_k=r.get("limits.default_top_k", int, 10, minimum=1))
+    if limits.default_top_k > limits.max_top_k:
+        r.problems.append(f"limits.default_top_k ({limits.default_top_k}) must not exceed "
+                          f"limits.max_top_k ({limits.max_top_k})")
     guest_kwargs = {}
     for f in dataclasses.fields(GuestParams):
         kind = float if f.type in ("float", float) else int
@@ -253,6 +277,8 @@ def parse_config(data: Mapping[str, Any], overrides: Mapping[str, Any] | None = 
         co_weight=r.get("member.co_weight", float, None, minimum=0),
         threads=r.get("member.threads", int, 1, minimum=1))
     http_port = r.get("http.port", int, 0, minimum=0)
+    if http_port is not None and http_port > 65535:
+        r.problems.append(f"http.port must be <= 65535, got {http_port}")
     http_host = r.get("http.host", str, "127.0.0.1")
     idle_ttl_s = r.get("baskets.idle_ttl_s", float, 1800.0, minimum=1)
     max_baskets = r.get("baskets.max_baskets", int, 10000, minimum=1)
@@ -266,7 +292,7 @@ def parse_config(data: Mapping[str, Any], overrides: Mapping[str, Any] | None = 
         raise ConfigError(r.problems)
     return AgentConfig(
         broker=broker, agent_id=agent_id, parameters=parameters,  # type: ignore[arg-type]
-        public_key=public_key, allow_unsigned=allow_unsigned, prefix=prefix.strip("/"),
+        public_key=public_key, allow_unsigned=allow_unsigned, prefix=prefix,
         http_host=http_host, http_port=http_port, limits=limits, idle_ttl_s=idle_ttl_s,
         max_baskets=max_baskets, status_interval_s=status_interval_s,
         guest=GuestParams(**guest_kwargs), member=member, log_level=log_level)

@@ -18,7 +18,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
-from .errors import EventError
+from .errors import AgentError, EventError
 from .events import EventLimits, event_from_obj
 from .metrics import Metrics
 from .recommenders.base import RecommendRequest
@@ -130,6 +130,7 @@ class HttpBridge:
 
         config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                                 lifespan="off")
+        self.host, self.port = host, port
         self.server = uvicorn.Server(config)
         self.server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
         self._thread = threading.Thread(target=self.server.run, name="http-bridge", daemon=True)
@@ -139,7 +140,7 @@ class HttpBridge:
         deadline = time.monotonic() + timeout
         while not self.server.started:
             if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("HTTP bridge failed to start (port in use?)")
+                raise AgentError(f"HTTP bridge could not listen on {self.host}:{self.port} (port in use?)")
             time.sleep(0.02)
 
     def stop(self) -> None:

@@ -168,10 +168,13 @@ def _member_params_from_meta(manifest: Manifest) -> MemberParams:
     """Blend weights chosen at training time travel in ``member_meta.json``."""
     if not manifest.has("member_model/member_meta.json"):
         return MemberParams()
-    meta = json.loads(manifest.path("member_model/member_meta.json").read_text(encoding="utf-8"))
-    serving = meta.get("serving") or {}
-    return MemberParams(repeat_weight=float(serving.get("repeat_weight", 0.0)),
-                        co_weight=float(serving.get("co_weight", 0.0)))
+    try:
+        meta = json.loads(manifest.path("member_model/member_meta.json").read_text(encoding="utf-8"))
+        serving = meta.get("serving") or {}
+        return MemberParams(repeat_weight=float(serving.get("repeat_weight", 0.0)),
+                            co_weight=float(serving.get("co_weight", 0.0)))
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise BundleError(f"member_model/member_meta.json is malformed: {exc}") from exc
 
 
 class ModelRegistry:

@@ -35,6 +35,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.signing_key is None and not args.allow_unsigned:
         raise SystemExit("retrain-server train: --signing-key is required "
                          "(or --allow-unsigned for development)")
+    if args.epochs is not None and args.epochs < 1:
+        raise SystemExit("retrain-server train: --epochs must be at least 1")
     if args.signing_key is not None and not args.signing_key.is_file():
         raise SystemExit(f"retrain-server train: --signing-key: no such file {args.signing_key}")
     from .train import train_bundle
@@ -96,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ap.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         return int(args.func(args))
-    except (FileExistsError, ValueError) as exc:
+    except (OSError, ValueError) as exc:  # DataError is a ValueError; FileExistsError an OSError
         print(f"retrain-server {args.command}: {exc}", file=sys.stderr)
         return 2
 

@@ -163,3 +163,32 @@ def test_member_model_beats_chance_on_planted_tastes(trained):
     # 4 of 20 families is 20 % by chance.
     assert hits / total > 0.5, hits / total
     assert np.isfinite(snap.member.item_embeddings_).all()
+
+
+def test_bad_flags_are_one_line_errors(trained, tmp_path):
+    common = ["--broker", "127.0.0.1:1", "--agent-id", "a", "--parameters", str(trained.parameters),
+              "--public-key", str(trained.public_key)]
+    r = run("agent.cli", "run", *common, "--prefix", "a//b")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "prefix" in r.stderr
+    r = run("agent.cli", "run", *common, "--http-port", "99999")
+    assert r.returncode == 2 and "http.port" in r.stderr
+    r = run("retrain_server.cli", "keygen", "--out", "/proc/no-such-dir")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    r = run("retrain_server.cli", "train", "--products", str(trained.data / "products.csv"), "--purchases",
+            str(trained.data / "purchase_history.jsonl"), "--out", str(tmp_path / "p"), "--epochs", "0",
+            "--signing-key", str(trained.signing_key))
+    assert r.returncode != 0 and "--epochs" in r.stderr
+
+
+def test_http_port_in_use_is_a_clean_error(trained, mqtt_broker, topic_prefix):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = run("agent.cli", "run", "--broker", f"{mqtt_broker.host}:{mqtt_broker.port}", "--prefix", topic_prefix,
+                "--agent-id", "a", "--parameters", str(trained.parameters), "--public-key", str(trained.public_key),
+                "--http-port", str(port))
+    assert r.returncode == 1 and "could not listen" in r.stderr
+    assert "Traceback" not in r.stderr

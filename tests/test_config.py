@@ -42,6 +42,22 @@ def test_all_problems_are_reported_together(tmp_path):
     assert len(err.value.problems) >= 9
 
 
+def test_typos_at_any_depth_are_errors(pub):
+    with pytest.raises(ConfigError) as err:
+        parse_config(base(pub, broker={"host": "h", "prot": 3}, guest={"sim_weigth": 0.5},
+                          limits={"max_top_k": 5}, http={"port": 70000}), env={})
+    msg = str(err.value)
+    assert "unknown key 'broker.prot'" in msg and "unknown key 'guest.sim_weigth'" in msg
+    assert "default_top_k (10) must not exceed limits.max_top_k (5)" in msg
+    assert "http.port must be <= 65535" in msg
+
+
+@pytest.mark.parametrize("prefix", ["a//b", "", "x/+/y", "#"])
+def test_prefixes_the_agent_could_not_use_are_config_errors(pub, prefix):
+    with pytest.raises(ConfigError, match="prefix"):
+        parse_config(base(pub, prefix=prefix), env={})
+
+
 def test_public_key_may_be_skipped_only_explicitly(pub):
     d = base(pub)
     del d["public_key"]
