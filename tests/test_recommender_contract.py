@@ -128,3 +128,16 @@ def test_co_purchase_blend_follows_the_guest_evidence(trained):
     best = snap.guest.item_ids_[items[keep][np.argsort(-co[keep], kind="stable")[:5]]].tolist()
     out = snap.member.recommend(RecommendRequest(cart=cart, user_id=trained.member_id, top_k=5))
     assert set(out) == set(best)
+
+
+def test_member_context_is_cart_first_then_wishlist(snapshot, trained):
+    """A full cart is not pushed out by the wishlist (training never saw such a mix)."""
+    import dataclasses
+
+    m = snapshot.member
+    cart = tuple(trained.store.catalog.ids[:12].tolist())
+    wish = tuple(trained.store.catalog.ids[100:105].tolist())
+    base = RecommendRequest(cart=cart, user_id=trained.member_id)
+    assert np.allclose(m.user_vector(base), m.user_vector(dataclasses.replace(base, wishlist=wish)))
+    short = RecommendRequest(cart=cart[:3], user_id=trained.member_id)
+    assert not np.allclose(m.user_vector(short), m.user_vector(dataclasses.replace(short, wishlist=wish)))

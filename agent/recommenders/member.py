@@ -113,7 +113,12 @@ class MemberRecommender:
             index, offset = self.item_index_, 2
         else:
             index, offset = self.context_index_, 0
-        context = encode_context([p for p in request.cart + request.wishlist if p in index], index, offset)
+        # As in training: the basket's own items first (the last CONTEXT_LENGTH), then
+        # the wishlist fills free slots (training fills them with earlier purchases).
+        cart = [p for p in request.cart if p in index][-CONTEXT_LENGTH:]
+        room = CONTEXT_LENGTH - len(cart)
+        wish = [p for p in request.wishlist if p in index and p not in request.cart][:room] if room else []
+        context = encode_context(cart + wish, index, offset)
         feed = {
             "user_index": np.array([self.user_index_.get(request.user_id or "", 0)], dtype=np.int64),
             "gender_index": np.array([gender_index(request.gender)], dtype=np.int64),
