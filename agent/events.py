@@ -270,6 +270,17 @@ class BasketState:
     last_seq: int | None = None
     recent: OrderedDict[Any, None] = field(default_factory=OrderedDict)
     touched: float = 0.0
+    # After a checkout, for CHECKOUT_GRACE_S: the finished trip's event ids and seq,
+    # so a late QoS 1 redelivery cannot reopen the basket.
+    closed_ids: frozenset[Any] = frozenset()
+    closed_seq: int | None = None
+    closed_at: float | None = None
+
+
+#: How long a checked-out trip's event ids keep catching redeliveries. Long enough
+#: for QoS 1 redelivery after a reconnect; short enough that a new trip which
+#: numbers its events from "e-0001" again is not mistaken for one.
+CHECKOUT_GRACE_S = 60.0
 
 
 class BasketStates:
@@ -304,6 +315,14 @@ class BasketStates:
         if state is not None and event.event_id is not None and event.event_id in state.recent:
             state.recent.move_to_end(event.event_id)
             return Outcome("duplicate")
+        if state is not None and state.closed_at is not None:
+            if now - state.closed_at >= CHECKOUT_GRACE_S:
+                state.closed_ids, state.closed_seq, state.closed_at = frozenset(), None, None
+            elif event.event_id is not None and event.event_id in state.closed_ids:
+                return Outcome("duplicate")
+            elif (event.event_id is None and event.seq is not None and state.closed_seq is not None
+                  and event.seq <= state.closed_seq):
+                return Outcome("stale")
         if (state is not None and event.seq is not None and state.last_seq is not None
                 and event.seq < state.last_seq):
             return Outcome("stale")
@@ -311,9 +330,16 @@ class BasketStates:
             state = self._new(basket_id)
         if event.action == "checkout":
             # The trip is over: empty the basket and let a new trip start its seq
-            # again, but remember the event ids, so a QoS 1 redelivery of an old
-            # event cannot reopen the basket and republish a recommendation.
+            # again; for a grace period remember the trip's event ids and seq, so a
+            # QoS 1 redelivery of an old event cannot reopen the basket.
+            state.closed_ids = frozenset(state.recent) | ({event.event_id} - {None})
+            state.closed_seq = event.seq if event.seq is not None else state.last_seq
+            state.closed_at = now
             state.cart, state.wishlist, state.last_seq = [], (), None
+            state.recent.clear()
+            state.touched = now
+            self._baskets.move_to_end(basket_id)
+            return Outcome("checkout")
         else:
             self._apply_content(state, basket_id, event)
             if event.seq is not None:
@@ -324,8 +350,6 @@ class BasketStates:
                 state.recent.popitem(last=False)
         state.touched = now
         self._baskets.move_to_end(basket_id)
-        if event.action == "checkout":
-            return Outcome("checkout")
         return Outcome("answer", tuple(state.cart), state.wishlist)
 
     def _new(self, basket_id: str) -> BasketState:
@@ -344,10 +368,9 @@ class BasketStates:
             assert event.product_id is not None
             if event.product_id not in state.cart:
                 if len(state.cart) >= self.max_items:
-                    _LOG.warning("basket %s: cart already holds %d items, add of %s ignored",
-                                 basket_id, self.max_items, event.product_id)
-                else:
-                    state.cart.append(event.product_id)
+                    raise InvalidEvent(f"cart already holds {len(state.cart)} items, the limit: "
+                                       f"add of {event.product_id!r} refused", event.event_id)
+                state.cart.append(event.product_id)
         elif event.action == "remove":
             if event.product_id in state.cart:
                 state.cart.remove(event.product_id)

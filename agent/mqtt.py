@@ -95,6 +95,7 @@ class MqttClient:
         self.on_drop = on_drop
         self._connected = threading.Event()
         self._ever_connected = False
+        self._pending_subscribe: tuple[int, bool] | None = None  # (mid, first connect)
         self._started = False
         self._dropped_logged = 0.0
         kwargs: dict[str, Any] = {}
@@ -125,6 +126,7 @@ class MqttClient:
         c = self._client
         c.on_socket_open = self._on_socket_open
         c.on_connect = self._on_connect
+        c.on_subscribe = self._on_subscribe
         c.on_connect_fail = self._on_connect_fail
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
@@ -202,9 +204,27 @@ class MqttClient:
         self._ever_connected = True
         _LOG.info("%s to MQTT broker %s:%d", "connected" if first else "reconnected", self.host, self.port)
         if self.subscriptions:
-            rc, _ = client.subscribe(self.subscriptions)
+            # "connected" (and the agent's online status) waits for the SUBACK:
+            # an event published before it would find nobody subscribed.
+            rc, mid = client.subscribe(self.subscriptions)
             if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
                 _LOG.error("subscribe failed: %s", paho.error_string(rc))
+            self._pending_subscribe = (mid, first)
+            return
+        self._ready(first)
+
+    def _on_subscribe(self, client: paho.Client, userdata: Any, mid: int, reason_codes: Any,
+                      properties: Any) -> None:
+        pending = self._pending_subscribe
+        if pending is None or pending[0] != mid:
+            return
+        self._pending_subscribe = None
+        failed = [rc for rc in reason_codes if getattr(rc, "is_failure", False)]
+        if failed:
+            _LOG.error("broker refused subscriptions %s: %s", self.subscriptions, failed)
+        self._ready(pending[1])
+
+    def _ready(self, first: bool) -> None:
         self._connected.set()
         if self.on_connected is not None:
             try:

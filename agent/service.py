@@ -229,8 +229,10 @@ class AgentService:
                 next_status = now + s.status_interval_s
             if now >= next_expire:
                 expired = self.states.expire(now)
+                for basket_id in expired:  # a basket abandoned without checkout
+                    self._publish(self.topics.recommendations(basket_id), b"", retain=True)
                 if expired:
-                    _LOG.debug("forgot %d idle baskets", len(expired))
+                    _LOG.debug("forgot %d idle baskets (retained recommendations cleared)", len(expired))
                 next_expire = now + 1.0
             if now >= next_summary:
                 st = self.metrics.snapshot()
@@ -253,7 +255,11 @@ class AgentService:
         except InvalidEvent as exc:
             self._reject(basket_id, exc.kind, str(exc), exc.event_id)
             return
-        outcome = self.states.apply(basket_id, event, time.monotonic())
+        try:
+            outcome = self.states.apply(basket_id, event, time.monotonic())
+        except InvalidEvent as exc:  # e.g. an add past limits.max_items
+            self._reject(basket_id, exc.kind, str(exc), exc.event_id)
+            return
         if outcome.kind == "duplicate":
             self.metrics.duplicate()
             _LOG.debug("basket %s: duplicate event %r ignored", basket_id, event.event_id)

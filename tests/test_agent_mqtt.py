@@ -474,3 +474,13 @@ def test_tls_connection(tmp_path: Path, make_agent: Any) -> None:
             bare.stop()
     finally:
         broker.stop()
+
+
+def test_idle_basket_expiry_clears_its_retained_recommendation(mqtt_broker: Broker, make_agent: Any) -> None:
+    svc, probe = make_agent(mqtt_broker, "5", idle_ttl_s=1.0)
+    probe.send("idle", {"cart": ["A"]})
+    assert probe.get_json("recommendations")["basket_id"] == "idle"
+    cleared = probe.get("recommendations", timeout=5)  # expiry runs about once a second
+    assert cleared.topic.endswith("/idle/recommendations") and cleared.payload == b""
+    assert "idle" not in svc.states
+    assert retained(mqtt_broker, f"{probe.prefix}/basket/idle/recommendations", "5") == []

@@ -249,7 +249,9 @@ def test_stale_seq_ignored_equal_seq_applied() -> None:
     assert s.get("b").cart == [] and s.get("b").last_seq is None
     assert apply(s, seq=5, event_id="e5b", action="add", product_id="z").kind == "duplicate"  # redelivery
     assert apply(s, seq=6, event_id="out", action="checkout").kind == "duplicate"
-    assert apply(s, seq=1, cart=["fresh"]).cart == ("fresh",)  # a new trip may restart its seq
+    assert apply(s, seq=5, cart=["late"]).kind == "stale"  # id-less and older than the checkout
+    # after the grace period a new trip may restart its seq and its event ids
+    assert apply(s, now=61, seq=1, event_id="e5", cart=["fresh"]).cart == ("fresh",)
 
 
 def test_stale_checkout_ignored() -> None:
@@ -282,9 +284,12 @@ def test_bounded_baskets_evicts_least_recent() -> None:
 
 def test_delta_adds_bounded_by_max_items() -> None:
     s = BasketStates(max_items=2)
-    for p in "abc":
-        out = apply(s, action="add", product_id=p)
-    assert out.cart == ("a", "b")
+    apply(s, action="add", product_id="a")
+    assert apply(s, action="add", product_id="b").cart == ("a", "b")
+    with pytest.raises(InvalidEvent, match="limit"):
+        apply(s, action="add", product_id="c")
+    assert s.get("b").cart == ["a", "b"]
+    assert apply(s, action="add", product_id="a").cart == ("a", "b")  # already there: fine
 
 
 # -- metrics ---------------------------------------------------------------------------------
