@@ -8,10 +8,15 @@ cd "$(dirname "$0")/.."
 
 say() { printf '[bootstrap] %s\n' "$*"; }
 
+# --demo: Mosquitto is optional (the demo falls back to the embedded amqtt broker).
+for_demo=false
+[ "${1:-}" = "--demo" ] && for_demo=true
+
 need_pkgs=()
-command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need_pkgs+=(mosquitto)
+have_mosquitto() { command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ]; }
+have_mosquitto || need_pkgs+=(mosquitto)
 PY=${PYTHON:-python3}
-if ! command -v "$PY" >/dev/null 2>&1; then need_pkgs+=(python3 python3-venv python3-pip); fi
+if ! command -v "$PY" >/dev/null 2>&1; then need_pkgs+=(python3 python3-venv); fi
 if command -v "$PY" >/dev/null 2>&1 && ! "$PY" -c 'import venv, ensurepip' >/dev/null 2>&1; then
   need_pkgs+=(python3-venv)
 fi
@@ -21,6 +26,9 @@ if [ ${#need_pkgs[@]} -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null
+  elif $for_demo && [ "${need_pkgs[*]}" = "mosquitto" ]; then
+    say "mosquitto is not installed and we are not root: the demo will use the embedded amqtt broker"
+    say "(for the real broker:  sudo apt-get install mosquitto)"
   else
     say "missing system packages: ${need_pkgs[*]}"
     say "run as root, or install them first:  sudo apt-get install ${need_pkgs[*]}"
@@ -46,4 +54,4 @@ if [ ! -f "$stamp" ]; then
   touch "$stamp"
 fi
 mosq=$(command -v mosquitto || echo /usr/sbin/mosquitto)
-say "ready: $(.venv/bin/python --version), $( ("$mosq" -h 2>/dev/null || true) | head -1)"
+say "ready: $(.venv/bin/python --version), $( ("$mosq" -h 2>/dev/null || echo 'no mosquitto') | head -1)"

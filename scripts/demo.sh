@@ -3,6 +3,6 @@
 # agent, and show simulated baskets getting recommendations. See --help.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/bootstrap.sh
+bash scripts/bootstrap.sh --demo
 export TF_CPP_MIN_LOG_LEVEL=3
 exec .venv/bin/python -m scripts.demo "$@"

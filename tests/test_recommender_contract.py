@@ -141,3 +141,19 @@ def test_member_context_is_cart_first_then_wishlist(snapshot, trained):
     assert np.allclose(m.user_vector(base), m.user_vector(dataclasses.replace(base, wishlist=wish)))
     short = RecommendRequest(cart=cart[:3], user_id=trained.member_id)
     assert not np.allclose(m.user_vector(short), m.user_vector(dataclasses.replace(short, wishlist=wish)))
+
+
+def test_concurrent_callers_get_the_serial_answers(snapshot, trained):
+    """The MQTT worker and the HTTP threadpool share one snapshot."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    reqs = []
+    for i in range(200):
+        fam = i % 20
+        user = trained.member_id if i % 2 else None
+        reqs.append(RecommendRequest(cart=tuple(trained.family_items(fam)[: 1 + i % 5]), user_id=user,
+                                     wishlist=tuple(trained.family_items((fam + 7) % 20)[:1]), top_k=1 + i % 15))
+    serial = [snapshot.recommend(r).ids for r in reqs]
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(3):
+            assert list(pool.map(lambda r: snapshot.recommend(r).ids, reqs)) == serial
