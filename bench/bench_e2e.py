@@ -422,13 +422,15 @@ def main() -> None:
     paced_rows = [r for r in rows if r["scenario"].endswith("paced")]
     sat_rows = [r for r in rows if r["scenario"].endswith("saturation")]
     goals = {"p99_ms_at_500": 5.0, "rss_mb": 150.0}
-    met = {"p99": all(r["p99_ms"] <= goals["p99_ms_at_500"] and r["lost"] == 0 for r in paced_rows),
-           "rss": all(m["rss_peak_mb"] <= goals["rss_mb"] for m in memory.values())}
+    # The end-to-end goal is stated for the guest path; member rows are reported too.
+    met = {f"p99 {r['scenario'].split()[0]}": r["p99_ms"] <= goals["p99_ms_at_500"] and r["lost"] == 0
+           for r in paced_rows}
+    met["rss"] = all(m["rss_peak_mb"] <= goals["rss_mb"] for m in memory.values())
     print(f"\n1-min load average before the runs: {load_before} on {os.cpu_count()} CPUs "
           "(other work shares them; see cpu% columns)")
-    print(f"\ngoal p99 <= {goals['p99_ms_at_500']} ms at {args.rate:.0f}/s, no loss: "
-          f"{'met' if met['p99'] else 'NOT met'}; agent RSS <= {goals['rss_mb']} MB: "
-          f"{'met' if met['rss'] else 'NOT met'}; sustained: "
+    verdicts = ", ".join(f"{k.split()[1]} {'met' if v else 'NOT met'}" for k, v in met.items() if k != "rss")
+    print(f"\ngoal p99 <= {goals['p99_ms_at_500']} ms at {args.rate:.0f}/s, no loss: {verdicts}; "
+          f"agent RSS <= {goals['rss_mb']} MB: {'met' if met['rss'] else 'NOT met'}; sustained: "
           + ", ".join(f"{r['scenario'].split()[0]} {r['events_per_s']}/s" for r in sat_rows))
     write_json("e2e", {"n_items": 50_000, "cart_size": 10, "baskets": N_BASKETS, "qos": 1,
                        "paced_seconds": args.seconds, "rate": args.rate, "window": args.window,
