@@ -122,7 +122,8 @@ def main() -> None:
                  [f"Two-Tower training, {train_cfg.epochs} epochs on the 1M-row store (s)", round(train_s, 1)]])
     write_json("member", {"n_items": n_items, "int8": int8, "fp32": fp32, "keras": keras,
                           "user_tower_int8": tower_int8, "user_tower_fp32": tower_fp32,
-                          "sizes_mb": sizes, "memory_mb": mem, "train_s": round(train_s, 1), "train_epochs": train_cfg.epochs,
+                          "sizes_mb": sizes, "memory_mb": mem, "train_s": round(train_s, 1),
+                          "train_epochs": train_cfg.epochs,
                           "goal": {"p50_ms": 0.3, "p99_ms": 1.0, "rss_mb": 150}})
 
 
