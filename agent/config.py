@@ -20,12 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .events import EventLimits
 from .recommenders.guest import GuestParams
 from .topics import validate_id, validate_prefix
 
 _LOG = logging.getLogger(__name__)
 
-__all__ = ["BrokerConfig", "TLSConfig", "LimitsConfig", "AgentConfig", "load_config",
+__all__ = ["BrokerConfig", "TLSConfig", "AgentConfig", "load_config",
            "parse_config", "parse_hostport", "SCHEMA_DOC"]
 
 SCHEMA_DOC = """\
@@ -80,14 +81,6 @@ class BrokerConfig:
 
 
 @dataclass(frozen=True)
-class LimitsConfig:
-    max_payload_bytes: int = 65536
-    max_items: int = 200
-    max_top_k: int = 100
-    default_top_k: int = 10
-
-
-@dataclass(frozen=True)
 class MemberOverrides:
     repeat_weight: float | None = None
     co_weight: float | None = None
@@ -104,7 +97,7 @@ class AgentConfig:
     prefix: str = "smartbasket"
     http_host: str = "127.0.0.1"
     http_port: int = 0
-    limits: LimitsConfig = LimitsConfig()
+    limits: EventLimits = EventLimits()
     idle_ttl_s: float = 1800.0
     max_baskets: int = 10000
     status_interval_s: float = 30.0
@@ -258,14 +251,15 @@ def parse_config(data: Mapping[str, Any], overrides: Mapping[str, Any] | None = 
             validate_id("agent_id", agent_id)
         except ValueError as exc:
             r.problems.append(str(exc))
-    limits = LimitsConfig(
-        max_payload_bytes=r.get("limits.max_payload_bytes", int, 65536, minimum=64),
-        max_items=r.get("limits.max_items", int, 200, minimum=1),
-        max_top_k=r.get("limits.max_top_k", int, 100, minimum=1),
-        default_top_k=r.get("limits.default_top_k", int, 10, minimum=1))
-    if limits.default_top_k > limits.max_top_k:
-        r.problems.append(f"limits.default_top_k ({limits.default_top_k}) must not exceed "
-                          f"limits.max_top_k ({limits.max_top_k})")
+    limit_values = {
+        "max_payload_bytes": r.get("limits.max_payload_bytes", int, 65536, minimum=64),
+        "max_items": r.get("limits.max_items", int, 200, minimum=1),
+        "max_top_k": r.get("limits.max_top_k", int, 100, minimum=1),
+        "default_top_k": r.get("limits.default_top_k", int, 10, minimum=1)}
+    if limit_values["default_top_k"] > limit_values["max_top_k"]:
+        r.problems.append(f"limits.default_top_k ({limit_values['default_top_k']}) must not exceed "
+                          f"limits.max_top_k ({limit_values['max_top_k']})")
+        limit_values["default_top_k"] = limit_values["max_top_k"]
     guest_kwargs = {}
     for f in dataclasses.fields(GuestParams):
         kind = float if f.type in ("float", float) else int
@@ -293,7 +287,7 @@ def parse_config(data: Mapping[str, Any], overrides: Mapping[str, Any] | None = 
     return AgentConfig(
         broker=broker, agent_id=agent_id, parameters=parameters,  # type: ignore[arg-type]
         public_key=public_key, allow_unsigned=allow_unsigned, prefix=prefix,
-        http_host=http_host, http_port=http_port, limits=limits, idle_ttl_s=idle_ttl_s,
+        http_host=http_host, http_port=http_port, limits=EventLimits(**limit_values), idle_ttl_s=idle_ttl_s,
         max_baskets=max_baskets, status_interval_s=status_interval_s,
         guest=GuestParams(**guest_kwargs), member=member, log_level=log_level)
 

@@ -50,7 +50,7 @@ _MAX_AGE = 120
 
 
 class Limits(Protocol):
-    """Anything with these four limits (:class:`EventLimits`, ``agent.config.LimitsConfig``)."""
+    """Anything with these four limits (:class:`EventLimits`)."""
 
     @property
     def max_payload_bytes(self) -> int: ...
@@ -64,7 +64,7 @@ class Limits(Protocol):
 
 @dataclass(frozen=True)
 class EventLimits:
-    """Input limits; :class:`agent.config.LimitsConfig` has the same fields and works too."""
+    """Input limits (``limits:`` in the agent config)."""
 
     max_payload_bytes: int = 65536
     max_items: int = 200

@@ -61,7 +61,7 @@ class AgentSettings:
     reconnect_max_s: float = 30.0
     client_id: str | None = None  # default "smartbasket-agent-{agent_id}"
     prefix: str = "smartbasket"
-    limits: Limits = field(default_factory=EventLimits)  # or an agent.config.LimitsConfig
+    limits: Limits = field(default_factory=EventLimits)
     idle_ttl_s: float = 1800.0
     max_baskets: int = 10000
     recent_event_ids: int = 256  # per basket, for de-duplication

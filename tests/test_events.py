@@ -187,10 +187,9 @@ def test_event_id_echoed_in_errors() -> None:
 
 
 def test_accepts_config_limits() -> None:
-    from agent.config import LimitsConfig
 
     with pytest.raises(InvalidEvent, match="limit of 1"):
-        parse_cart_event(ev(cart=["a", "b"]), LimitsConfig(max_items=1))
+        parse_cart_event(ev(cart=["a", "b"]), EventLimits(max_items=1))
 
 
 # -- state machine ---------------------------------------------------------------------------
