@@ -1,0 +1,47 @@
+"""The edge stays light: no TensorFlow, no pandas, no pickle; public names are what __all__ says."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import agent
+
+ROOT = Path(__file__).resolve().parents[1]
+AGENT_MODULES = sorted(m.name for m in pkgutil.walk_packages(agent.__path__, "agent."))
+
+
+def test_serving_a_request_imports_no_training_library(trained):
+    code = f"""
+import sys
+from agent import cli, service, http, registry, events, mqtt
+from agent.bundle import load_public_key
+from agent.recommenders.base import RecommendRequest
+snap = registry.load_snapshot({str(trained.parameters)!r}, load_public_key({str(trained.public_key)!r}))
+snap.recommend(RecommendRequest(cart=("x",), user_id={trained.member_id!r}))
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in
+               ("tensorflow", "tf_keras", "keras", "pandas", "sklearn", "tf2onnx", "joblib", "scipy"))
+print(",".join(heavy))
+"""
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == ""
+
+
+def test_agent_source_never_unpickles():
+    for path in (ROOT / "agent").rglob("*.py"):
+        text = path.read_text(encoding="utf-8")
+        for needle in ("import pickle", "joblib", "allow_pickle=True", "pd.read_pickle"):
+            assert needle not in text, f"{path}: {needle}"
+
+
+@pytest.mark.parametrize("name", AGENT_MODULES)
+def test_dunder_all_names_exist(name):
+    module = importlib.import_module(name)
+    for public in getattr(module, "__all__", []):
+        assert hasattr(module, public), f"{name}.__all__ lists missing {public}"
