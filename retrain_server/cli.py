@@ -42,7 +42,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .train import train_bundle
 
     doc = train_bundle(args.products, args.purchases, args.out, args.signing_key,
-                       member=not args.guest_only, epochs=args.epochs)
+                       member=not args.guest_only, epochs=args.epochs, checkpoint_dir=args.checkpoint_dir)
     print(f"trained parameters {doc['version']} -> {args.out} "
           f"({len(doc['files'])} files, models: {', '.join(doc['models'])})")
     return 0
@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-unsigned", action="store_true", help="development: write an unsigned manifest")
     p.add_argument("--guest-only", action="store_true", help="skip the member (Two-Tower) model")
     p.add_argument("--epochs", type=int, help="member model epochs (default 3; the seed used 1)")
+    p.add_argument("--checkpoint-dir", type=Path,
+                   help="where the member model's TF checkpoint goes (default: OUT.checkpoint, beside the bundle)")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("synth", help="write a synthetic store in the seed's formats")

@@ -391,6 +391,8 @@ def save_checkpoint(state: MemberModelState, directory: str | Path) -> Path:
     half-written checkpoint.
     """
     directory = Path(directory)
+    if directory.exists() and any(directory.iterdir()) and not (directory / _STATE_FILE).exists():
+        raise ValueError(f"{directory} is not empty and holds no {_STATE_FILE}: refusing to replace it")
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
     try:

@@ -23,14 +23,23 @@ from .guest import GuestModel, GuestTrainingConfig, train_guest_model
 
 _LOG = logging.getLogger(__name__)
 
-__all__ = ["train_bundle", "member_writer"]
+__all__ = ["train_bundle", "member_writer", "default_checkpoint_dir"]
+
+
+def default_checkpoint_dir(out: Path) -> Path:
+    """Where the server keeps the member model's TF checkpoint: beside the bundle, not in it."""
+    return out.with_name(out.name + ".checkpoint")
 
 
 def train_bundle(products: Path, purchases: Path, out: Path, signing_key: Path | None, *,
                  member: bool = True, epochs: int | None = None,
                  guest_config: GuestTrainingConfig | None = None,
-                 member_config: Any = None) -> dict[str, Any]:
-    """Train both models from ``products.csv`` + ``purchase_history.jsonl`` into ``out``."""
+                 member_config: Any = None, checkpoint_dir: Path | None = None) -> dict[str, Any]:
+    """Train both models from ``products.csv`` + ``purchase_history.jsonl`` into ``out``.
+
+    The member model's TF checkpoint (for fine-tuning) goes to ``checkpoint_dir``
+    (default ``OUT.checkpoint``), outside the bundle the baskets download.
+    """
     catalog = load_products(products)
     log = load_purchases(purchases)
     t0 = time.perf_counter()
@@ -41,14 +50,15 @@ def train_bundle(products: Path, purchases: Path, out: Path, signing_key: Path |
         if not (log.user_ids != "").any():
             _LOG.warning("no member purchases: shipping the guest model only")
         else:
-            writer = member_writer(catalog, log, guest, epochs=epochs, config=member_config, timings=timings)
+            writer = member_writer(catalog, log, guest, epochs=epochs, config=member_config, timings=timings,
+                                   checkpoint_dir=checkpoint_dir or default_checkpoint_dir(Path(out)))
     return write_parameters(out, guest, member_writer=writer, metrics={"timings": timings},
                             signing_key=signing_key)
 
 
 def member_writer(catalog: Catalog, log: PurchaseLog, guest: GuestModel, *, epochs: int | None = None,
-                  config: Any = None, timings: dict[str, float] | None = None
-                  ) -> Callable[[Path], dict[str, Any]]:
+                  config: Any = None, timings: dict[str, float] | None = None,
+                  checkpoint_dir: Path | None = None) -> Callable[[Path], dict[str, Any]]:
     """Train the Two-Tower model now; return the function that writes ``member_model/``."""
     from . import member as member_mod  # TensorFlow: only when a member model is trained
 
@@ -59,6 +69,9 @@ def member_writer(catalog: Catalog, log: PurchaseLog, guest: GuestModel, *, epoc
     state = member_mod.train_member_model(log, catalog.ids.tolist(), cfg)
     if timings is not None:
         timings["member_train_s"] = round(time.perf_counter() - t0, 2)
+    if checkpoint_dir is not None:
+        member_mod.save_checkpoint(state, checkpoint_dir)
+        _LOG.info("member checkpoint (for fine-tuning) in %s", checkpoint_dir)
 
     def write(member_dir: Path) -> dict[str, Any]:
         member_mod.export_member_model(state, member_dir)

@@ -38,6 +38,14 @@ from scripts.brokers import AmqttBroker, MosquittoBroker, free_port, mosquitto_a
 WORK = ROOT / ".demo"
 
 
+def pad(text: str, width: int) -> str:
+    """Left-justify by display width: Hangul takes two terminal columns."""
+    import unicodedata
+
+    cols = sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+    return text + " " * max(0, width - cols)
+
+
 def step(msg: str) -> None:
     print(f"\n\033[1m== {msg}\033[0m", flush=True)
 
@@ -217,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
                     t1, msg = display.wait_for(basket, event["event_id"])
                     latencies.append((t1 - t0) * 1000)
                     recs = ", ".join(i["name"] for i in msg["items"])
-                    print(f"     + {names.get(pid, pid):<16} → [{msg['model']:<6} {latencies[-1]:5.1f} ms] {recs}")
+                    print(f"     + {pad(names.get(pid, pid), 20)} → [{msg['model']:<6} {latencies[-1]:5.1f} ms] {recs}")
                 display.send(basket, {"event_id": f"{basket}-out", "seq": 99, "action": "checkout"})
             if not args.keep_running:
                 break

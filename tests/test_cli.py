@@ -74,6 +74,22 @@ def test_train_writes_the_seed_layout_signed(trained):
     assert serving["co_weight"] == pytest.approx(serving["co_units"] * serving["score_unit"], rel=1e-4)
 
 
+def test_train_keeps_a_checkpoint_for_fine_tuning_outside_the_bundle(trained):
+    import numpy as np
+
+    from retrain_server.member import load_checkpoint
+
+    ckpt = trained.parameters.with_name(trained.parameters.name + ".checkpoint")
+    assert ckpt.is_dir()
+    doc = json.loads((trained.parameters / "manifest.json").read_text())
+    assert not any("checkpoint" in f for f in doc["files"])  # not shipped to baskets
+    state = load_checkpoint(ckpt)
+    shipped = np.load(trained.parameters / "member_model" / "user_lookup.npy")
+    assert state.user_lookup.tolist() == shipped.tolist()
+    emb = np.load(trained.parameters / "member_model" / "item_embeddings.npy")
+    assert np.allclose(state.item_embeddings(), emb, atol=1e-6)
+
+
 def test_train_refuses_missing_inputs_and_keys(tmp_path, trained):
     r = run("retrain_server.cli", "train", "--products", str(tmp_path / "nope.csv"), "--purchases",
             str(trained.data / "purchase_history.jsonl"), "--out", str(tmp_path / "p"),
