@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .base import RecommendRequest
+from .features import build_index
 
 _LOG = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ class GuestRecommender:
                           ("popular", self.popular_)):
             if arr.size and (arr.max() >= n or arr.min() < -1):
                 raise ValueError(f"{name} holds indices outside the catalogue")
-        self.index_ = {pid: i for i, pid in enumerate(self.item_ids_.tolist())}
+        self.index_ = build_index(self.item_ids_.tolist())
 
     @property
     def n_items(self) -> int:
