@@ -48,6 +48,10 @@ def load_models(cfg: AgentConfig) -> ModelSnapshot:
 def _cmd_run(args: argparse.Namespace) -> int:
     from .service import AgentService, AgentSettings
 
+    # paho's network thread and the worker share the GIL; with the default 5 ms
+    # switch interval a message can wait a whole interval for the other thread.
+    sys.setswitchinterval(0.0005)
+
     overrides: dict[str, Any] = {
         "prefix": args.prefix, "agent_id": args.agent_id,
         "parameters": str(args.parameters) if args.parameters else None,
