@@ -21,12 +21,13 @@ from typing import Any
 
 from .errors import ConfigError
 from .events import EventLimits
+from .mqtt import TLSSettings
 from .recommenders.guest import GuestParams
 from .topics import validate_id, validate_prefix
 
 _LOG = logging.getLogger(__name__)
 
-__all__ = ["BrokerConfig", "TLSConfig", "AgentConfig", "load_config",
+__all__ = ["BrokerConfig", "AgentConfig", "load_config",
            "parse_config", "parse_hostport", "SCHEMA_DOC"]
 
 SCHEMA_DOC = """\
@@ -59,15 +60,6 @@ log_level              DEBUG | INFO (default) | WARNING | ERROR
 
 
 @dataclass(frozen=True)
-class TLSConfig:
-    enabled: bool = False
-    ca_file: str | None = None
-    cert_file: str | None = None
-    key_file: str | None = None
-    insecure: bool = False
-
-
-@dataclass(frozen=True)
 class BrokerConfig:
     host: str
     port: int = 1883
@@ -77,7 +69,7 @@ class BrokerConfig:
     password: str | None = field(default=None, repr=False)
     reconnect_min_s: float = 0.5
     reconnect_max_s: float = 30.0
-    tls: TLSConfig = TLSConfig()
+    tls: TLSSettings | None = None  # None: plain TCP
 
 
 @dataclass(frozen=True)
@@ -209,8 +201,8 @@ def parse_config(data: Mapping[str, Any], overrides: Mapping[str, Any] | None = 
         value = r.get(key, str, required=required)
         return None if value is None else (base / value if not Path(value).is_absolute() else Path(value))
 
-    tls = TLSConfig(
-        enabled=r.get("broker.tls.enabled", bool, False),
+    tls_enabled = r.get("broker.tls.enabled", bool, False)
+    tls = TLSSettings(
         ca_file=r.get("broker.tls.ca_file", str), cert_file=r.get("broker.tls.cert_file", str),
         key_file=r.get("broker.tls.key_file", str), insecure=r.get("broker.tls.insecure", bool, False))
     protocol = str(r.get("broker.protocol", (str, int, float), "5"))
@@ -220,7 +212,7 @@ def parse_config(data: Mapping[str, Any], overrides: Mapping[str, Any] | None = 
         r.problems.append(f"broker.protocol must be \"5\" or \"3.1.1\", got {protocol!r}")
     else:
         protocol = "3.1.1"
-    port = r.get("broker.port", int, 8883 if tls.enabled else 1883, minimum=1)
+    port = r.get("broker.port", int, 8883 if tls_enabled else 1883, minimum=1)
     if port is not None and port > 65535:
         r.problems.append(f"broker.port must be <= 65535, got {port}")
     broker = BrokerConfig(
@@ -228,10 +220,11 @@ def parse_config(data: Mapping[str, Any], overrides: Mapping[str, Any] | None = 
         keepalive=r.get("broker.keepalive", int, 30, minimum=5),
         username=r.get("broker.username", str), password=r.get("broker.password", str),
         reconnect_min_s=r.get("broker.reconnect_min_s", float, 0.5, minimum=0.01),
-        reconnect_max_s=r.get("broker.reconnect_max_s", float, 30.0, minimum=0.1), tls=tls)
+        reconnect_max_s=r.get("broker.reconnect_max_s", float, 30.0, minimum=0.1),
+        tls=tls if tls_enabled else None)
     for key in ("ca_file", "cert_file", "key_file"):
         value = getattr(tls, key)
-        if tls.enabled and value and not Path(value).is_file():
+        if tls_enabled and value and not Path(value).is_file():
             r.problems.append(f"broker.tls.{key}: no such file {value}")
     allow_unsigned = r.get("allow_unsigned", bool, False)
     public_key = path("public_key", required=False)

@@ -79,11 +79,8 @@ class AgentSettings:
     def from_config(cls, config: Any) -> AgentSettings:
         """From an :class:`agent.config.AgentConfig`."""
         b = config.broker
-        tls = None
-        if b.tls.enabled:
-            tls = TLSSettings(b.tls.ca_file, b.tls.cert_file, b.tls.key_file, b.tls.insecure)
         return cls(host=b.host, port=b.port, protocol=b.protocol, keepalive=b.keepalive,
-                   username=b.username, password=b.password, tls=tls,
+                   username=b.username, password=b.password, tls=b.tls,
                    reconnect_min_s=b.reconnect_min_s, reconnect_max_s=b.reconnect_max_s,
                    agent_id=config.agent_id, prefix=config.prefix, limits=config.limits,
                    idle_ttl_s=config.idle_ttl_s, max_baskets=config.max_baskets,
