@@ -51,6 +51,13 @@ class Manifest:
             raise BundleError(f"{relpath} is not listed in {self.root / MANIFEST}")
         return self.root / relpath
 
+    def array(self, relpath: str) -> np.ndarray:
+        """A verified ``.npy`` file, loaded without pickle (an :class:`agent.layout.Source`)."""
+        return load_array(self, relpath)
+
+    def read_bytes(self, relpath: str) -> bytes:
+        return self.path(relpath).read_bytes()
+
 
 def file_sha256(path: Path) -> str:
     h = hashlib.sha256()

@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from .bundle import Manifest, load_array, verify_parameters
+from . import layout
+from .bundle import verify_parameters
 from .errors import BundleError
 from .recommenders.base import RecommendRequest
 from .recommenders.guest import GuestParams, GuestRecommender
@@ -27,14 +28,8 @@ from .recommenders.member import MemberHistory, MemberParams, MemberRecommender
 
 _LOG = logging.getLogger(__name__)
 
-__all__ = ["Recommendation", "ModelSnapshot", "ModelRegistry", "ProductNames", "load_snapshot"]
-
-GUEST_FILES = ("item_ids.npy", "item_names.npy", "co_neighbors.npy", "co_scores.npy",
-               "sim_neighbors.npy", "sim_scores.npy", "popular.npy")
-MEMBER_FILES = ("two_tower_model_quantized.onnx", "user_lookup.npy", "context_lookup.npy",
-                "item_lookup.npy", "item_embeddings.npy")
-HISTORY_FILES = ("history_indptr.npy", "history_items.npy", "history_counts.npy")
-
+__all__ = ["Recommendation", "ModelSnapshot", "ModelRegistry", "ProductNames", "load_snapshot",
+           "snapshot_from_source", "guest_from_source", "member_from_source"]
 
 class ProductNames(Mapping[str, str]):
     """id -> display name over the guest model's index and a names array (no second dict)."""
@@ -113,23 +108,32 @@ def load_snapshot(root: str | Path, public_key: Any | None, *, allow_unsigned: b
     ``member_overrides`` (MemberParams field -> value, None = keep) replace some.
     """
     manifest = verify_parameters(root, public_key, allow_unsigned=allow_unsigned)
-    guest = _load_guest(manifest, guest_params)
-    member = _load_member(manifest, guest, member_overrides or {})
-    names = ProductNames(guest.index_, load_array(manifest, "guest_model/item_names.npy"))
-    snap = ModelSnapshot(version=manifest.version, guest=guest, member=member, names=names,
-                         metrics=dict(manifest.metrics))
-    snap.smoke_test()
+    snap = snapshot_from_source(manifest, manifest.version, guest_params=guest_params,
+                                member_overrides=member_overrides, metrics=manifest.metrics)
     _LOG.info("loaded models %s from %s (guest: %d items, member: %s, signed: %s)",
-              manifest.version, root, guest.n_items,
-              f"{len(member.item_ids_)} items" if member else "absent", manifest.signed)
+              manifest.version, root, snap.guest.n_items,
+              f"{len(snap.member.item_ids_)} items" if snap.member else "absent", manifest.signed)
     return snap
 
 
-def _load_guest(manifest: Manifest, params: GuestParams | None) -> GuestRecommender:
-    missing = [f for f in GUEST_FILES if not manifest.has(f"guest_model/{f}")]
+def snapshot_from_source(source: layout.Source, version: str, *, guest_params: GuestParams | None = None,
+                         member_overrides: Mapping[str, Any] | None = None,
+                         metrics: Mapping[str, Any] | None = None) -> ModelSnapshot:
+    """Build and smoke-test a snapshot from a source's files (see :mod:`agent.layout`)."""
+    guest = guest_from_source(source, guest_params)
+    member = member_from_source(source, guest, member_overrides or {})
+    names = ProductNames(guest.index_, source.array(layout.GUEST_ARRAYS["item_names"]))
+    snap = ModelSnapshot(version=version, guest=guest, member=member, names=names, metrics=dict(metrics or {}))
+    snap.smoke_test()
+    return snap
+
+
+def guest_from_source(source: layout.Source, params: GuestParams | None = None) -> GuestRecommender:
+    """The guest recommender from ``guest_model/`` (raises BundleError when incomplete or invalid)."""
+    missing = [p for p in layout.GUEST_ARRAYS.values() if not source.has(p)]
     if missing:
         raise BundleError(f"guest model incomplete, missing: {', '.join(missing)}")
-    a = {f[:-4]: load_array(manifest, f"guest_model/{f}") for f in GUEST_FILES}
+    a = {name: source.array(path) for name, path in layout.GUEST_ARRAYS.items() if name != "item_names"}
     try:
         return GuestRecommender(a["item_ids"], a["co_neighbors"], a["co_scores"],
                                 a["sim_neighbors"], a["sim_scores"], a["popular"], params)
@@ -137,44 +141,48 @@ def _load_guest(manifest: Manifest, params: GuestParams | None) -> GuestRecommen
         raise BundleError(f"guest model invalid: {exc}") from exc
 
 
-def _load_member(manifest: Manifest, guest: GuestRecommender,
-                 overrides: Mapping[str, Any]) -> MemberRecommender | None:
-    missing = [f for f in MEMBER_FILES if not manifest.has(f"member_model/{f}")]
+def member_from_source(source: layout.Source, guest: GuestRecommender | None,
+                       overrides: Mapping[str, Any] | None = None) -> MemberRecommender | None:
+    """The member recommender from ``member_model/``, or None when the bundle has none.
+
+    Blend weights come from ``member_meta.json``; ``overrides`` (MemberParams
+    field -> value, None = keep) replace some.
+    """
+    required = [*layout.MEMBER_ARRAYS.values(), layout.MEMBER_ONNX]
+    missing = [p for p in required if not source.has(p)]
     if missing:
         _LOG.warning("member model absent (%s): members are served by the guest model",
                      ", ".join(missing))
         return None
-    params = _member_params_from_meta(manifest)
-    set_ = {k: v for k, v in overrides.items() if v is not None}
+    params = _member_params_from_meta(source)
+    set_ = {k: v for k, v in (overrides or {}).items() if v is not None}
     if set_:
         params = dataclasses.replace(params, **set_)
     history = None
-    if all(manifest.has(f"member_model/{f}") for f in HISTORY_FILES):
-        h = [load_array(manifest, f"member_model/{f}") for f in HISTORY_FILES]
-        history = MemberHistory(h[0].astype(np.int64), h[1].astype(np.int32), h[2].astype(np.float32))
+    if all(source.has(p) for p in layout.MEMBER_HISTORY.values()):
+        h = {name: source.array(path) for name, path in layout.MEMBER_HISTORY.items()}
+        history = MemberHistory(h["indptr"].astype(np.int64), h["items"].astype(np.int32),
+                                h["counts"].astype(np.float32))
+    a = {name: source.array(path) for name, path in layout.MEMBER_ARRAYS.items()}
     try:
-        return MemberRecommender(
-            manifest.path("member_model/two_tower_model_quantized.onnx").read_bytes(),
-            load_array(manifest, "member_model/user_lookup.npy").tolist(),
-            load_array(manifest, "member_model/context_lookup.npy").tolist(),
-            load_array(manifest, "member_model/item_lookup.npy"),
-            load_array(manifest, "member_model/item_embeddings.npy"),
-            history=history, guest=guest, params=params)
+        return MemberRecommender(source.read_bytes(layout.MEMBER_ONNX), a["user_lookup"].tolist(),
+                                 a["context_lookup"].tolist(), a["item_lookup"], a["item_embeddings"],
+                                 history=history, guest=guest, params=params)
     except Exception as exc:  # onnxruntime raises its own types
         raise BundleError(f"member model invalid: {exc}") from exc
 
 
-def _member_params_from_meta(manifest: Manifest) -> MemberParams:
+def _member_params_from_meta(source: layout.Source) -> MemberParams:
     """Blend weights chosen at training time travel in ``member_meta.json``."""
-    if not manifest.has("member_model/member_meta.json"):
+    if not source.has(layout.MEMBER_META):
         return MemberParams()
     try:
-        meta = json.loads(manifest.path("member_model/member_meta.json").read_text(encoding="utf-8"))
+        meta = json.loads(source.read_bytes(layout.MEMBER_META).decode("utf-8"))
         serving = meta.get("serving") or {}
         return MemberParams(repeat_weight=float(serving.get("repeat_weight", 0.0)),
                             co_weight=float(serving.get("co_weight", 0.0)))
     except (ValueError, TypeError, AttributeError) as exc:
-        raise BundleError(f"member_model/member_meta.json is malformed: {exc}") from exc
+        raise BundleError(f"{layout.MEMBER_META} is malformed: {exc}") from exc
 
 
 class ModelRegistry:

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import DataError
+
 _LOG = logging.getLogger(__name__)
 
 __all__ = ["Catalog", "PurchaseLog", "DataError", "load_products", "load_purchases",
@@ -25,10 +27,6 @@ __all__ = ["Catalog", "PurchaseLog", "DataError", "load_products", "load_purchas
 
 #: gender / age value for "unknown" in the integer columns of PurchaseLog.
 UNKNOWN = -1
-
-
-class DataError(ValueError):
-    """Raised when a training input file is missing columns or has bad rows."""
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from typing import Any
 import joblib
 import numpy as np
 
+from agent import layout
 from agent.bundle import MANIFEST, SIGNATURE, file_sha256
 
 from .data import PurchaseLog
@@ -27,7 +28,8 @@ from .sign import load_private_key, sign_bytes
 
 _LOG = logging.getLogger(__name__)
 
-__all__ = ["write_parameters", "write_guest_model", "write_member_history", "write_manifest"]
+__all__ = ["write_parameters", "write_guest_model", "write_member_history", "write_history_arrays",
+           "write_manifest", "install_directory", "recover_directory"]
 
 
 def write_guest_model(model: GuestModel, out: Path) -> None:
@@ -37,38 +39,55 @@ def write_guest_model(model: GuestModel, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     cat = model.catalog
     df_items = pd.DataFrame({"id": cat.ids, "name": cat.names, "tag": cat.tags})
-    joblib.dump(model.vectorizer, out / "tfidf_vectorizer.pkl")
-    joblib.dump(model.knn, out / "knn_model.pkl")
-    joblib.dump(df_items, out / "df_items.pkl")
-    joblib.dump(model.tag_matrix, out / "tag_matrix.pkl")
-    joblib.dump(model.co_purchase_dict(), out / "co_purchase_dict.pkl")
-    for stem, arr in model.edge_arrays().items():
-        np.save(out / f"{stem}.npy", arr, allow_pickle=False)
-    (out / "guest_meta.json").write_text(json.dumps(model.meta(), indent=2), encoding="utf-8")
+    seed_objects = (model.vectorizer, model.knn, df_items, model.tag_matrix, model.co_purchase_dict())
+    for relpath, obj in zip(layout.SEED_GUEST_FILES, seed_objects):
+        joblib.dump(obj, out / Path(relpath).name)
+    for name, arr in model.edge_arrays().items():
+        np.save(out / Path(layout.GUEST_ARRAYS[name]).name, arr, allow_pickle=False)
+    (out / Path(layout.GUEST_META).name).write_text(json.dumps(model.meta(), indent=2), encoding="utf-8")
 
 
 def write_member_history(log: PurchaseLog, user_lookup: np.ndarray, item_lookup: np.ndarray,
                          out: Path) -> None:
     """Per-member purchase counts (CSR by user_lookup row) for repeat-purchase blending."""
-    users = {u: i for i, u in enumerate(user_lookup.tolist())}
-    items = {p: i for i, p in enumerate(item_lookup.tolist())}
-    u = np.fromiter((users.get(x, -1) for x in log.user_ids.tolist()), np.int64, len(log))
-    it = np.fromiter((items.get(x, -1) for x in log.product_ids.tolist()), np.int64, len(log))
-    ok = (u > 0) & (it >= 0) & (log.user_ids != "")
+    members = log.user_ids != ""
+    write_history_arrays(log.user_ids[members], log.product_ids[members],
+                         np.ones(int(members.sum()), np.float32), user_lookup, item_lookup, out)
+
+
+def write_history_arrays(user_ids: np.ndarray, product_ids: np.ndarray, counts: np.ndarray,
+                         user_lookup: np.ndarray, item_lookup: np.ndarray, out: Path) -> None:
+    """``history_*.npy`` from (member, product, count) triples; duplicates are summed.
+
+    Rows follow ``user_lookup`` (row 0, the unknown user, stays empty), columns
+    ``item_lookup``; members or products the lookups lack are left out.
+    """
     import scipy.sparse as sp
 
-    m = sp.csr_matrix((np.ones(int(ok.sum()), np.float32), (u[ok], it[ok])),
+    users = {u: i for i, u in enumerate(user_lookup.tolist())}
+    items = {p: i for i, p in enumerate(item_lookup.tolist())}
+    u = np.fromiter((users.get(x, -1) for x in user_ids.tolist()), np.int64, len(user_ids))
+    it = np.fromiter((items.get(x, -1) for x in product_ids.tolist()), np.int64, len(product_ids))
+    ok = (u > 0) & (it >= 0)
+    m = sp.csr_matrix((np.asarray(counts, np.float32)[ok], (u[ok], it[ok])),
                       shape=(len(user_lookup), len(item_lookup)))
     m.sum_duplicates()
-    np.save(out / "history_indptr.npy", m.indptr.astype(np.int64), allow_pickle=False)
-    np.save(out / "history_items.npy", m.indices.astype(np.int32), allow_pickle=False)
-    np.save(out / "history_counts.npy", m.data.astype(np.float32), allow_pickle=False)
+    parts = {"indptr": m.indptr.astype(np.int64), "items": m.indices.astype(np.int32),
+             "counts": m.data.astype(np.float32)}
+    for name, arr in parts.items():
+        np.save(out / Path(layout.MEMBER_HISTORY[name]).name, arr, allow_pickle=False)
 
 
 def write_manifest(root: Path, *, metrics: Mapping[str, Any] | None = None,
                    models: Mapping[str, Any] | None = None, signing_key: str | Path | None,
-                   created_at: datetime | None = None) -> dict[str, Any]:
-    """List every file under ``root`` with sha256 + size, then sign the manifest."""
+                   created_at: datetime | None = None, version: str | None = None,
+                   extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """List every file under ``root`` with sha256 + size, then sign the manifest.
+
+    The version is ``created_at`` (UTC) plus a digest of the file list unless
+    ``version`` is given (a bundle keeps the version of the parameters it was
+    packed from). ``extra`` adds top-level fields (e.g. ``"kind": "bundle"``).
+    """
     created = created_at or datetime.now(timezone.utc)
     files = {}
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
@@ -77,13 +96,15 @@ def write_manifest(root: Path, *, metrics: Mapping[str, Any] | None = None,
             continue
         files[rel] = {"sha256": file_sha256(path), "size": path.stat().st_size}
     digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:6]
+    utc = created.astimezone(timezone.utc) if created.tzinfo else created
     doc = {
         "format": 1,
-        "version": f"{created.strftime('%Y%m%dT%H%M%SZ')}-{digest}",
+        "version": version or f"{utc.strftime('%Y%m%dT%H%M%SZ')}-{digest}",
         "created_at": created.isoformat(timespec="seconds"),
         "files": files,
         "metrics": dict(metrics or {}),
         "models": dict(models or {}),
+        **dict(extra or {}),
     }
     raw = json.dumps(doc, indent=2, ensure_ascii=False).encode("utf-8")
     (root / MANIFEST).write_bytes(raw)
@@ -106,6 +127,38 @@ def _check_replaceable(out: Path) -> None:
                          f"(choose an empty or new directory)")
 
 
+def install_directory(new: Path, out: Path) -> None:
+    """Put the finished directory ``new`` at ``out``, replacing what was there.
+
+    Two renames: ``out`` -> ``.out.old``, ``new`` -> ``out``. A crash between
+    them leaves no ``out`` but an intact ``.out.old``, which the next install
+    (and :func:`recover_directory`) puts back; readers never see a mix.
+    """
+    _check_replaceable(out)
+    keep = out / "README.md"
+    if keep.exists() and not (new / "README.md").exists():
+        shutil.copy2(keep, new / "README.md")  # documentation, not part of the manifest
+    new.chmod(0o755)
+    old = out.with_name(f".{out.name}.old")
+    if old.exists():
+        if out.exists():
+            shutil.rmtree(old)
+        else:
+            old.rename(out)  # a crash between the two renames last time
+    if out.exists():
+        out.rename(old)
+    new.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_directory(out: Path) -> None:
+    """Undo a crash between :func:`install_directory`'s two renames."""
+    old = out.with_name(f".{out.name}.old")
+    if old.exists() and not out.exists():
+        old.rename(out)
+        _LOG.warning("restored %s after an interrupted install", out)
+
+
 def write_parameters(out_dir: str | Path, guest: GuestModel, *,
                      member_writer: Callable[[Path], Mapping[str, Any]] | None = None,
                      metrics: Mapping[str, Any] | None = None,
@@ -124,23 +177,13 @@ def write_parameters(out_dir: str | Path, guest: GuestModel, *,
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        write_guest_model(guest, tmp / "guest_model")
+        write_guest_model(guest, tmp / layout.GUEST_DIR)
         models: dict[str, Any] = {"guest": guest.meta()}
         if member_writer is not None:
-            (tmp / "member_model").mkdir()
-            models["member"] = dict(member_writer(tmp / "member_model"))
+            (tmp / layout.MEMBER_DIR).mkdir()
+            models["member"] = dict(member_writer(tmp / layout.MEMBER_DIR))
         doc = write_manifest(tmp, metrics=metrics, models=models, signing_key=signing_key)
-        keep = out / "README.md"
-        if keep.exists():
-            shutil.copy2(keep, tmp / "README.md")  # documentation, not part of the manifest
-        tmp.chmod(0o755)
-        old = out.with_name(f".{out.name}.old")
-        if old.exists():
-            shutil.rmtree(old)
-        if out.exists():
-            out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
+        install_directory(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

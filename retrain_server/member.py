@@ -44,6 +44,7 @@ from typing import Any
 
 import numpy as np
 
+from agent import layout
 from agent.recommenders.features import AGE_EDGES, CONTEXT_LENGTH, N_AGE_BUCKETS, N_GENDERS, OOV, PAD
 from retrain_server.data import PurchaseLog
 
@@ -506,8 +507,8 @@ def export_member_model(state: MemberModelState, out_dir: str | Path) -> list[Pa
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    fp32 = out_dir / "two_tower_model.onnx"
-    int8 = out_dir / "two_tower_model_quantized.onnx"
+    fp32 = out_dir / Path(layout.MEMBER_ONNX_FP32).name
+    int8 = out_dir / Path(layout.MEMBER_ONNX).name
     spec = [tf.TensorSpec([None, CONTEXT_LENGTH] if n == "context_index" else [None],
                           tf.int64, name=n) for n in INPUT_NAMES]
     tf2onnx.convert.from_keras(state.user_model, input_signature=spec, opset=13,
@@ -516,13 +517,13 @@ def export_member_model(state: MemberModelState, out_dir: str | Path) -> list[Pa
     quantize_dynamic(str(fp32), str(int8), weight_type=QuantType.QInt8)
     written = [fp32, int8]
     for name in ("user_lookup", "context_lookup", "item_lookup"):
-        path = out_dir / f"{name}.npy"
+        path = out_dir / Path(layout.MEMBER_ARRAYS[name]).name
         np.save(path, np.asarray(getattr(state, name), dtype=str))
         written.append(path)
-    emb = out_dir / "item_embeddings.npy"
+    emb = out_dir / Path(layout.MEMBER_ARRAYS["item_embeddings"]).name
     np.save(emb, state.item_embeddings())
     written.append(emb)
-    meta = out_dir / "member_meta.json"
+    meta = out_dir / Path(layout.MEMBER_META).name
     meta.write_text(json.dumps({
         "embedding_dim": state.config.embedding_dim,
         "context_length": CONTEXT_LENGTH,

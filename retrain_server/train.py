@@ -15,7 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from agent import layout
+from agent.layout import DirectorySource
 
 from .data import Catalog, PurchaseLog, load_products, load_purchases
 from .export import write_member_history, write_parameters
@@ -75,11 +76,12 @@ def member_writer(catalog: Catalog, log: PurchaseLog, guest: GuestModel, *, epoc
 
     def write(member_dir: Path) -> dict[str, Any]:
         member_mod.export_member_model(state, member_dir)
-        user_lookup = np.load(member_dir / "user_lookup.npy", allow_pickle=False)
-        item_lookup = np.load(member_dir / "item_lookup.npy", allow_pickle=False)
+        source = DirectorySource(member_dir.parent)
+        user_lookup = source.array(layout.MEMBER_ARRAYS["user_lookup"])
+        item_lookup = source.array(layout.MEMBER_ARRAYS["item_lookup"])
         write_member_history(log, user_lookup, item_lookup, member_dir)
         serving = _calibrate(member_dir, log, guest)
-        meta_path = member_dir / "member_meta.json"
+        meta_path = member_dir / Path(layout.MEMBER_META).name
         meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.exists() else {}
         meta["serving"] = serving
         meta_path.write_text(json.dumps(meta, indent=2), encoding="utf-8")
@@ -90,19 +92,17 @@ def member_writer(catalog: Catalog, log: PurchaseLog, guest: GuestModel, *, epoc
 
 
 def _calibrate(member_dir: Path, log: PurchaseLog, guest: GuestModel) -> dict[str, float]:
-    """Blend weights for the exported (int8) model, exactly as the edge will load it."""
-    from agent.recommenders.guest import GuestRecommender
-    from agent.recommenders.member import MemberHistory, MemberRecommender
+    """Blend weights for the exported (int8) model, exactly as the edge will load it.
+
+    ``member_dir`` sits in the parameters directory being written, beside the
+    already written ``guest_model/``; the recommenders are built the edge's way.
+    """
+    from agent.registry import guest_from_source, member_from_source
 
     from .blend import serving_weights
 
-    a = guest.edge_arrays()
-    guest_rec = GuestRecommender(a["item_ids"], a["co_neighbors"], a["co_scores"], a["sim_neighbors"],
-                                 a["sim_scores"], a["popular"])
-    load = lambda name: np.load(member_dir / name, allow_pickle=False)  # noqa: E731
-    rec = MemberRecommender(
-        (member_dir / "two_tower_model_quantized.onnx").read_bytes(), load("user_lookup.npy").tolist(),
-        load("context_lookup.npy").tolist(), load("item_lookup.npy"), load("item_embeddings.npy"),
-        history=MemberHistory(load("history_indptr.npy"), load("history_items.npy"), load("history_counts.npy")),
-        guest=guest_rec)
+    source = DirectorySource(member_dir.parent)
+    rec = member_from_source(source, guest_from_source(source), {"repeat_weight": 0.0, "co_weight": 0.0})
+    if rec is None:
+        raise RuntimeError(f"member model files missing in {member_dir}")
     return serving_weights(rec, log)

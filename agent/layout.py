@@ -1,0 +1,87 @@
+"""The parameters layout (contract §2): one home for every file name.
+
+A server's parameters directory keeps the seed's full layout; the bundle a
+basket downloads carries only :data:`EDGE_FILES` (plus its own signed
+manifest). Everything that reads or writes model files — the agent's
+registry, the server's export, training, evaluation and the bundle packer —
+takes the names from here, and builds recommenders through a :class:`Source`
+(a verified :class:`~agent.bundle.Manifest` on the edge, a
+:class:`DirectorySource` over its own fresh output on the server).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+__all__ = ["GUEST_DIR", "MEMBER_DIR", "GUEST_ARRAYS", "GUEST_META", "MEMBER_ARRAYS", "MEMBER_ONNX",
+           "MEMBER_ONNX_FP32", "MEMBER_HISTORY", "MEMBER_META", "SEED_GUEST_FILES", "EDGE_FILES",
+           "SERVER_ONLY_FILES", "is_edge_file", "Source", "DirectorySource"]
+
+GUEST_DIR = "guest_model"
+MEMBER_DIR = "member_model"
+
+#: Guest model arrays the edge loads: array name -> path in the bundle.
+GUEST_ARRAYS = {name: f"{GUEST_DIR}/{name}.npy" for name in (
+    "item_ids", "item_names", "co_neighbors", "co_scores", "sim_neighbors", "sim_scores", "popular")}
+GUEST_META = f"{GUEST_DIR}/guest_meta.json"
+#: The seed's joblib files (server side: the edge never unpickles).
+SEED_GUEST_FILES = tuple(f"{GUEST_DIR}/{name}" for name in (
+    "tfidf_vectorizer.pkl", "knn_model.pkl", "df_items.pkl", "tag_matrix.pkl", "co_purchase_dict.pkl"))
+
+#: Member model lookups and embeddings: array name -> path.
+MEMBER_ARRAYS = {name: f"{MEMBER_DIR}/{name}.npy" for name in (
+    "user_lookup", "context_lookup", "item_lookup", "item_embeddings")}
+MEMBER_ONNX = f"{MEMBER_DIR}/two_tower_model_quantized.onnx"
+#: The fp32 user tower: parity checks and benchmarks on the server, never shipped.
+MEMBER_ONNX_FP32 = f"{MEMBER_DIR}/two_tower_model.onnx"
+#: Per-member purchase counts (CSR): part name -> path. Optional.
+MEMBER_HISTORY = {name: f"{MEMBER_DIR}/history_{name}.npy" for name in ("indptr", "items", "counts")}
+MEMBER_META = f"{MEMBER_DIR}/member_meta.json"
+
+#: What a basket downloads and loads.
+EDGE_FILES = frozenset([*GUEST_ARRAYS.values(), GUEST_META, *MEMBER_ARRAYS.values(), MEMBER_ONNX,
+                        *MEMBER_HISTORY.values(), MEMBER_META])
+#: What stays on the server (bundles never carry these).
+SERVER_ONLY_FILES = frozenset([*SEED_GUEST_FILES, MEMBER_ONNX_FP32])
+
+
+def is_edge_file(relpath: str) -> bool:
+    """True for files a basket loads; everything else stays on the server."""
+    return relpath in EDGE_FILES
+
+
+class Source(Protocol):
+    """Where model files come from; paths are relative to the parameters root."""
+
+    def has(self, relpath: str) -> bool: ...
+
+    def array(self, relpath: str) -> np.ndarray: ...
+
+    def read_bytes(self, relpath: str) -> bytes: ...
+
+
+class DirectorySource:
+    """Files of a directory the caller wrote itself (server side: training, evaluation).
+
+    No signature check — the edge reads through a verified manifest instead — but
+    arrays are still loaded without pickle.
+    """
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def has(self, relpath: str) -> bool:
+        return (self.root / relpath).is_file()
+
+    def array(self, relpath: str) -> np.ndarray:
+        return np.load(self.root / relpath, allow_pickle=False)
+
+    def read_bytes(self, relpath: str) -> bytes:
+        return (self.root / relpath).read_bytes()
+
+    def json(self, relpath: str) -> Any:
+        return json.loads(self.read_bytes(relpath).decode("utf-8"))
