@@ -1,12 +1,22 @@
-"""``retrain-server``: keys, training, evaluation. Only here is logging configured."""
+"""``retrain-server``: keys, training, the database, the nightly job, serving, evaluation.
+
+Only here is logging configured. Every :class:`~retrain_server.errors.RetrainError`
+ends in one line on stderr and its ``exit_code`` (2 config/data, 4 database,
+5 gate refused, 6 publishing); anything else is a bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
+from datetime import date
 from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError, GateRefused, RetrainError
 
 _LOG = logging.getLogger("retrain_server")
 
@@ -48,6 +58,156 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    from agent.config import parse_hostport
+
+    overrides: dict[str, Any] = {
+        "database.dsn": getattr(args, "dsn", None), "prefix": getattr(args, "prefix", None),
+        "parameters": _str(getattr(args, "parameters", None)), "state_dir": _str(getattr(args, "state_dir", None)),
+        "bundle_dir": _str(getattr(args, "bundle_dir", None)),
+        "signing_key": _str(getattr(args, "signing_key", None)), "http.port": getattr(args, "http_port", None),
+        "public_url": getattr(args, "public_url", None), "log_level": getattr(args, "log_level_cfg", None)}
+    if getattr(args, "broker", None):
+        try:
+            host, port = parse_hostport(args.broker)
+        except ValueError as exc:
+            raise ConfigError(f"--broker: {exc}") from None
+        overrides.update({"broker.host": host, "broker.port": port})
+    return overrides
+
+
+def _str(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _load(args: argparse.Namespace) -> Any:
+    from .config import load_config
+
+    cfg = load_config(args.config, _config_overrides(args))
+    logging.getLogger().setLevel(cfg.log_level if args.log_level == "INFO" else args.log_level)
+    _LOG.debug("configuration: %s", cfg.redacted())
+    return cfg
+
+
+def _dsn(args: argparse.Namespace) -> str:
+    """The DSN for ``db`` commands: --dsn, else the config file's, else RETRAIN_DB_DSN."""
+    if args.dsn:
+        return args.dsn
+    if args.config is not None:
+        import yaml
+
+        try:
+            data = yaml.safe_load(args.config.read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot read config {args.config}: {exc}") from None
+        dsn = (data.get("database") or {}).get("dsn") if isinstance(data, dict) else None
+        if dsn:
+            return str(dsn)
+    if os.environ.get("RETRAIN_DB_DSN"):
+        return os.environ["RETRAIN_DB_DSN"]
+    raise ConfigError("no database: give --dsn, --config with database.dsn, or RETRAIN_DB_DSN")
+
+
+def _cmd_db(args: argparse.Namespace) -> int:
+    from .sources import postgres
+
+    conn = postgres.connect(_dsn(args))
+    try:
+        applied = postgres.migrate(conn)
+        if args.db_command == "init":
+            print(f"schema ready (versions {postgres.schema_versions(conn)}; applied now: {applied or 'none'})")
+            return 0
+        for flag in ("products", "purchases"):
+            if not getattr(args, flag).is_file():
+                raise ConfigError(f"--{flag}: no such file {getattr(args, flag)}")
+        counts = postgres.load_files(conn, args.products, args.purchases)
+        print("loaded " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+        return 0
+    finally:
+        conn.close()
+
+
+def _parse_day(value: str) -> date:
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a date (YYYY-MM-DD): {value!r}") from None
+
+
+def _cmd_nightly(args: argparse.Namespace) -> int:
+    from .nightly import NightlyJob
+
+    cfg = _load(args)
+    result = NightlyJob(cfg).run(args.date)
+    print(result.summary())
+    if result.version is not None and not result.published:
+        return GateRefused.exit_code
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from .nightly import NightlyJob
+    from .serve import BundleServer, Scheduler, create_app
+    from .sources import postgres
+    from .state import model_history, published_version
+
+    cfg = _load(args)
+    job = NightlyJob(cfg)
+    cfg.bundle_dir.mkdir(parents=True, exist_ok=True)
+    scheduler = Scheduler(lambda: job.run(), cfg.schedule_at, cfg.schedule_timezone)
+
+    def health() -> dict[str, Any]:
+        doc: dict[str, Any] = {"status": "ok", "published": None, "last_run": None, "last_refusal": None,
+                               "next_run_at": scheduler.next_run_at.isoformat() if cfg.schedule_enabled
+                               and scheduler.next_run_at else None,
+                               "last_error": scheduler.last_error}
+        try:
+            conn = postgres.connect(cfg.dsn, connect_timeout=3)
+        except RetrainError as exc:
+            return {**doc, "status": "degraded", "database": str(exc)}
+        try:
+            history = model_history(conn, 30)
+            doc["published"] = published_version(conn)
+        finally:
+            conn.close()
+        doc["last_run"] = history[0] if history else None
+        doc["last_refusal"] = next((h for h in history if h["reason"]), None)
+        if doc["last_run"] and doc["last_run"]["reason"]:
+            doc["status"] = "degraded"  # the newest candidate was refused: someone should look
+        if scheduler.last_error:
+            doc["status"] = "degraded"
+        return doc
+
+    server = BundleServer(create_app(cfg.bundle_dir, health), cfg.http_host, cfg.http_port)
+    server.start()
+    conn = postgres.connect(cfg.dsn)
+    try:
+        postgres.migrate(conn)
+        job.announce_pending(conn)
+    except RetrainError as exc:
+        _LOG.error("could not finish an interrupted publication: %s", exc)
+    finally:
+        conn.close()
+    if cfg.schedule_enabled:
+        scheduler.start()
+    else:
+        _LOG.info("schedule disabled: run 'retrain-server nightly' from a timer")
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda s, _f: done.set())
+    _LOG.info("retrain server: bundles at %s/bundles/, health at %s/health", server.url, server.url)
+    try:
+        while not done.wait(1.0):
+            pass
+    finally:
+        scheduler.stop()
+        server.stop()
+    return 0
+
+
 def _cmd_evaluate(args: argparse.Namespace, rest: Sequence[str]) -> int:
     from . import evaluate
 
@@ -76,6 +236,35 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the member model's TF checkpoint goes (default: OUT.checkpoint, beside the bundle)")
     p.set_defaults(func=_cmd_train)
 
+    p = sub.add_parser("db", help="the PostgreSQL schema and bulk loads")
+    dbsub = p.add_subparsers(dest="db_command", required=True)
+    for name, text in (("init", "create or upgrade the schema (idempotent)"),
+                       ("load", "bulk-load products.csv + purchase_history.jsonl (COPY)")):
+        q = dbsub.add_parser(name, help=text)
+        q.add_argument("--dsn", help="PostgreSQL DSN (default: --config's database.dsn, env RETRAIN_DB_DSN)")
+        q.add_argument("--config", type=Path, help="retrain.yaml (for database.dsn)")
+        if name == "load":
+            q.add_argument("--products", type=Path, required=True, help="products.csv")
+            q.add_argument("--purchases", type=Path, required=True, help="purchase_history.jsonl")
+        q.set_defaults(func=_cmd_db)
+
+    for name, text in (("nightly", "one nightly retrain for a day (default: yesterday), gate, sign, publish"),
+                       ("serve", "long-running: bundle HTTP server, nightly schedule, publisher")):
+        p = sub.add_parser(name, help=text, description=text + ". Flags override the config file.")
+        p.add_argument("--config", type=Path, help="retrain.yaml (see config/retrain.yaml)")
+        if name == "nightly":
+            p.add_argument("--date", type=_parse_day, help="the day to count, YYYY-MM-DD (store time zone)")
+        p.add_argument("--dsn", help="PostgreSQL DSN (prefer env RETRAIN_DB_DSN: it may hold a password)")
+        p.add_argument("--broker", metavar="HOST:PORT", help="MQTT broker for the update message")
+        p.add_argument("--prefix", help="topic prefix")
+        p.add_argument("--parameters", type=Path, help="published parameters directory")
+        p.add_argument("--state-dir", type=Path, help="server state: counts, checkpoint, candidates")
+        p.add_argument("--signing-key", type=Path, help="Ed25519 private key")
+        p.add_argument("--bundle-dir", type=Path, help="where bundles are written and served from")
+        p.add_argument("--http-port", type=int, help="bundle server port")
+        p.add_argument("--public-url", help="base URL of the bundle server as baskets reach it")
+        p.set_defaults(func=_cmd_nightly if name == "nightly" else _cmd_serve)
+
     p = sub.add_parser("synth", help="write a synthetic store in the seed's formats")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--large", action="store_true", help="50,000 products, 1,000,000 rows")
@@ -100,7 +289,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         ap.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         return int(args.func(args))
-    except (OSError, ValueError) as exc:  # DataError is a ValueError; FileExistsError an OSError
+    except RetrainError as exc:
+        print(f"retrain-server {args.command}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except (OSError, ValueError) as exc:  # FileExistsError is an OSError
         print(f"retrain-server {args.command}: {exc}", file=sys.stderr)
         return 2
 

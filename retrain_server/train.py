@@ -19,12 +19,12 @@ from agent import layout
 from agent.layout import DirectorySource
 
 from .data import Catalog, PurchaseLog, load_products, load_purchases
-from .export import write_member_history, write_parameters
+from .export import write_history_arrays, write_member_history, write_parameters
 from .guest import GuestModel, GuestTrainingConfig, train_guest_model
 
 _LOG = logging.getLogger(__name__)
 
-__all__ = ["train_bundle", "member_writer", "default_checkpoint_dir"]
+__all__ = ["train_bundle", "member_writer", "state_writer", "default_checkpoint_dir"]
 
 
 def default_checkpoint_dir(out: Path) -> Path:
@@ -74,19 +74,40 @@ def member_writer(catalog: Catalog, log: PurchaseLog, guest: GuestModel, *, epoc
         member_mod.save_checkpoint(state, checkpoint_dir)
         _LOG.info("member checkpoint (for fine-tuning) in %s", checkpoint_dir)
 
+    return state_writer(state, guest, calibration_log=log)
+
+
+def state_writer(state: Any, guest: GuestModel, *, calibration_log: PurchaseLog,
+                 history: tuple[Any, Any, Any] | None = None,
+                 fallback_serving: dict[str, Any] | None = None) -> Callable[[Path], dict[str, Any]]:
+    """The function that exports a trained member ``state`` into ``member_model/``.
+
+    ``history`` is (member ids, product ids, counts) for the repeat-purchase
+    tables; None takes them from ``calibration_log``. Blend weights are
+    calibrated on ``calibration_log``'s members; when it has none,
+    ``fallback_serving`` (the previous version's weights) is kept.
+    """
+    from . import member as member_mod
+
     def write(member_dir: Path) -> dict[str, Any]:
         member_mod.export_member_model(state, member_dir)
         source = DirectorySource(member_dir.parent)
         user_lookup = source.array(layout.MEMBER_ARRAYS["user_lookup"])
         item_lookup = source.array(layout.MEMBER_ARRAYS["item_lookup"])
-        write_member_history(log, user_lookup, item_lookup, member_dir)
-        serving = _calibrate(member_dir, log, guest)
+        if history is None:
+            write_member_history(calibration_log, user_lookup, item_lookup, member_dir)
+        else:
+            write_history_arrays(*history, user_lookup, item_lookup, member_dir)
+        if fallback_serving and not (calibration_log.user_ids != "").any():
+            serving = dict(fallback_serving)
+        else:
+            serving = _calibrate(member_dir, calibration_log, guest)
         meta_path = member_dir / Path(layout.MEMBER_META).name
         meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.exists() else {}
         meta["serving"] = serving
         meta_path.write_text(json.dumps(meta, indent=2), encoding="utf-8")
         return {"n_users": int(len(user_lookup)), "n_items": int(len(item_lookup)),
-                "epochs": cfg.epochs, "serving": serving}
+                "epochs": state.config.epochs, "serving": serving}
 
     return write
 

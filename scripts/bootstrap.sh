@@ -1,20 +1,31 @@
 #!/usr/bin/env bash
 # Set up everything the demo and the tests need, idempotently:
-#   - system packages (Mosquitto, python3-venv) when missing and we are root;
+#   - system packages (Mosquitto, PostgreSQL server binaries, systemd for
+#     `systemd-analyze verify`, python3-venv) when missing and we are root;
 #   - a virtualenv in .venv with the project installed (agent + server + test extras).
-# Re-running is cheap: pip runs again only when pyproject.toml changed.
+# Re-running is cheap: apt-get runs only when something is missing, pip only when pyproject.toml changed.
+# Tests and the demo start private Mosquitto/PostgreSQL instances; nothing here starts a system service.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 say() { printf '[bootstrap] %s\n' "$*"; }
 
-# --demo: Mosquitto is optional (the demo falls back to the embedded amqtt broker).
+# --demo: Mosquitto, PostgreSQL and systemd are optional (the demo falls back to the embedded
+# amqtt broker and skips the nightly retrain from PostgreSQL).
 for_demo=false
 [ "${1:-}" = "--demo" ] && for_demo=true
 
 need_pkgs=()
 have_mosquitto() { command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ]; }
+pg_ctl_path() {  # PATH first, else the newest Debian install (/usr/lib/postgresql/VERSION/bin)
+  command -v pg_ctl 2>/dev/null && return 0
+  ls -d /usr/lib/postgresql/*/bin/pg_ctl 2>/dev/null | sort -V | tail -1 | grep .
+}
+have_postgres() { [ -n "$(pg_ctl_path)" ]; }
 have_mosquitto || need_pkgs+=(mosquitto)
+# TEST_DATABASE_DSN points the tests at an existing server: then no local binaries are needed.
+[ -n "${TEST_DATABASE_DSN:-}" ] || have_postgres || need_pkgs+=(postgresql)
+command -v systemd-analyze >/dev/null 2>&1 || need_pkgs+=(systemd)
 PY=${PYTHON:-python3}
 if ! command -v "$PY" >/dev/null 2>&1; then need_pkgs+=(python3 python3-venv); fi
 if command -v "$PY" >/dev/null 2>&1 && ! "$PY" -c 'import venv, ensurepip' >/dev/null 2>&1; then
@@ -24,11 +35,30 @@ if [ ${#need_pkgs[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     say "installing system packages: ${need_pkgs[*]}"
     export DEBIAN_FRONTEND=noninteractive
+    # Keep package scripts from starting services (mosquitto on 1883, PostgreSQL's main cluster on
+    # 5432): the usual Docker policy-rc.d, only for this install and only when there is none already.
+    made_policy=false
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+      printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+      chmod 755 /usr/sbin/policy-rc.d
+      made_policy=true
+      trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+    fi
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null
-  elif $for_demo && [ "${need_pkgs[*]}" = "mosquitto" ]; then
-    say "mosquitto is not installed and we are not root: the demo will use the embedded amqtt broker"
-    say "(for the real broker:  sudo apt-get install mosquitto)"
+    if $made_policy; then rm -f /usr/sbin/policy-rc.d; trap - EXIT; fi
+  elif $for_demo && [ -z "$(printf '%s\n' "${need_pkgs[@]}" | grep -vxE 'mosquitto|postgresql|systemd')" ]; then
+    demo_pkgs=()  # systemd is only for the tests' `systemd-analyze verify`
+    for pkg in "${need_pkgs[@]}"; do
+      case $pkg in
+        mosquitto) say "mosquitto is not installed and we are not root: the demo will use the embedded amqtt broker"
+                   demo_pkgs+=(mosquitto) ;;
+        postgresql) say "PostgreSQL is not installed and we are not root:" \
+                        "the demo will skip the nightly retrain from PostgreSQL"
+                    demo_pkgs+=(postgresql) ;;
+      esac
+    done
+    if [ ${#demo_pkgs[@]} -gt 0 ]; then say "(for the full demo:  sudo apt-get install ${demo_pkgs[*]})"; fi
   else
     say "missing system packages: ${need_pkgs[*]}"
     say "run as root, or install them first:  sudo apt-get install ${need_pkgs[*]}"
@@ -54,4 +84,6 @@ if [ ! -f "$stamp" ]; then
   touch "$stamp"
 fi
 mosq=$(command -v mosquitto || echo /usr/sbin/mosquitto)
-say "ready: $(.venv/bin/python --version), $( ("$mosq" -h 2>/dev/null || echo 'no mosquitto') | head -1)"
+pg_ctl=$(pg_ctl_path || true)
+say "ready: $(.venv/bin/python --version), $( ("$mosq" -h 2>/dev/null || echo 'no mosquitto') | head -1)," \
+    "$( ("${pg_ctl:-pg_ctl}" --version 2>/dev/null || echo 'no PostgreSQL server') | head -1)"

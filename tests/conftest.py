@@ -50,6 +50,44 @@ def topic_prefix() -> str:
     return f"test-{uuid.uuid4().hex[:12]}/store"
 
 
+# --- PostgreSQL (scripts/postgres.py) -------------------------------------------------------
+@pytest.fixture(scope="session")
+def postgres_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A server for the whole session: TEST_DATABASE_DSN if set, else a private throwaway cluster."""
+    from scripts.postgres import PostgresServer, external_postgres
+
+    ext = external_postgres()
+    if ext is not None:
+        yield ext
+        return
+    try:
+        server = PostgresServer(tmp_path_factory.mktemp("postgres"))
+        server.start()
+    except RuntimeError as exc:  # not installed or cannot start: fail loudly, never skip silently
+        pytest.fail(str(exc), pytrace=False)
+    try:
+        yield server.dsn
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def pg_db(postgres_dsn: str) -> Iterator[str]:
+    """A fresh, empty database of this test's own on the session's server; yields its DSN."""
+    import psycopg
+    from psycopg import sql
+    from psycopg.conninfo import make_conninfo
+
+    name = f"test_{uuid.uuid4().hex[:16]}"
+    with psycopg.connect(postgres_dsn, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        yield make_conninfo(postgres_dsn, dbname=name)
+    finally:
+        with psycopg.connect(postgres_dsn, autocommit=True) as admin:
+            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
 # --- trained models (real training: TF-IDF/co-purchase + TFRS two-tower -> int8 ONNX) ----------
 class Trained:
     """A signed parameters dir trained by ``retrain-server train`` on a synthetic store."""

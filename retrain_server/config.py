@@ -1,0 +1,209 @@
+"""The retrain server's configuration (``config/retrain.yaml``), validated like the agent's.
+
+Every key is described in :data:`SCHEMA_DOC` (also in the README). Things that
+matter have no silent default: the database DSN, the directories, the signing
+key, the broker and the public URL must be given (file, flags or environment).
+All problems are collected into one :class:`~retrain_server.errors.ConfigError`.
+Secrets come from the environment (``RETRAIN_DB_DSN``, ``RETRAIN_MQTT_USERNAME``,
+``RETRAIN_MQTT_PASSWORD``) and :meth:`RetrainConfig.redacted` masks them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from agent.config import BrokerConfig, _deep_copy, _Reader, _set_dotted
+from agent.mqtt import TLSSettings
+from agent.topics import validate_prefix
+
+from .errors import ConfigError
+from .guest import GuestTrainingConfig
+
+_LOG = logging.getLogger(__name__)
+
+__all__ = ["RetrainConfig", "GateConfig", "load_config", "parse_config", "SCHEMA_DOC"]
+
+SCHEMA_DOC = """\
+database.dsn           PostgreSQL DSN (required; env RETRAIN_DB_DSN; its password is never logged)
+broker.host            MQTT broker for the update message (required; env RETRAIN_MQTT_HOST)
+broker.port / protocol / keepalive / username / password / tls.*   as in agent.yaml
+                       (env RETRAIN_MQTT_USERNAME, RETRAIN_MQTT_PASSWORD)
+prefix                 topic prefix, default "smartbasket"
+parameters             the published models, the seed's full layout (required)
+state_dir              cumulative counts, member checkpoint, candidates (required)
+bundle_dir             signed <version>.tar.gz bundles served to baskets (required)
+signing_key            Ed25519 private key (required)
+public_url             base URL baskets download bundles from, e.g. http://retrain-host:8700 (required)
+http.host / http.port  bundle server + /health, default 127.0.0.1:8700
+timezone               the store's day boundary, default Asia/Seoul
+schedule.enabled       serve runs the nightly job itself, default true (false: use the systemd timer)
+schedule.at            local time of the nightly run in schedule.timezone, default "03:00"
+schedule.timezone      default Asia/Seoul
+gate.tolerance         refuse a candidate whose HR@10 (guest or member) is lower by more than this, default 0.02
+gate.holdout_percent   share of the newest day's sessions held out for the gate (learned next night), default 10
+gate.min_cases         fewer held-out questions than this: publish without comparing, default 30
+bundles.keep           bundles kept on disk (never the published one), default 5
+training.member        train the member (Two-Tower) model, default true
+training.epochs        epochs of a full member training (first run), default 3
+training.fine_tune_epochs   epochs of the nightly fine-tuning, default 1
+guest_training.*       co_neighbors, sim_neighbors, popularity_alpha, cart_alpha, min_co_count, n_popular
+log_level              DEBUG | INFO (default) | WARNING | ERROR
+"""
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    tolerance: float = 0.02
+    holdout_percent: float = 10.0
+    min_cases: int = 30
+
+
+@dataclass(frozen=True)
+class RetrainConfig:
+    dsn: str = field(repr=False)
+    broker: BrokerConfig
+    parameters: Path
+    state_dir: Path
+    bundle_dir: Path
+    signing_key: Path
+    public_url: str
+    prefix: str = "smartbasket"
+    http_host: str = "127.0.0.1"
+    http_port: int = 8700
+    timezone: str = "Asia/Seoul"
+    schedule_enabled: bool = True
+    schedule_at: str = "03:00"
+    schedule_timezone: str = "Asia/Seoul"
+    gate: GateConfig = GateConfig()
+    keep_bundles: int = 5
+    train_member: bool = True
+    epochs: int = 3
+    fine_tune_epochs: int = 1
+    guest_training: GuestTrainingConfig = GuestTrainingConfig()
+    log_level: str = "INFO"
+
+    def redacted(self) -> dict[str, Any]:
+        """The config as a dict with secrets masked, for logging."""
+        from .sources.postgres import redact_dsn
+
+        d = dataclasses.asdict(self)
+        d["dsn"] = redact_dsn(self.dsn)
+        if d["broker"].get("password"):
+            d["broker"]["password"] = "***"
+        return d
+
+
+def parse_config(data: Mapping[str, Any], overrides: Mapping[str, Any] | None = None,
+                 env: Mapping[str, str] | None = None, base_dir: Path | None = None) -> RetrainConfig:
+    """Validate ``data`` (parsed YAML) with CLI ``overrides`` (dotted keys) and the environment."""
+    env = os.environ if env is None else env
+    merged: dict[str, Any] = _deep_copy(data)
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            _set_dotted(merged, key, value)
+    for key, var in (("database.dsn", "RETRAIN_DB_DSN"), ("broker.host", "RETRAIN_MQTT_HOST"),
+                     ("broker.username", "RETRAIN_MQTT_USERNAME"), ("broker.password", "RETRAIN_MQTT_PASSWORD")):
+        if env.get(var) and not (overrides or {}).get(key):
+            _set_dotted(merged, key, env[var])
+    r = _Reader(merged)
+    base = base_dir or Path.cwd()
+
+    def path(key: str) -> Path:
+        value = r.get(key, str, required=True)
+        return Path() if value is None else (Path(value) if Path(value).is_absolute() else base / value)
+
+    dsn = r.get("database.dsn", str, "", required=True)
+    tls_enabled = r.get("broker.tls.enabled", bool, False)
+    tls = TLSSettings(ca_file=r.get("broker.tls.ca_file", str), cert_file=r.get("broker.tls.cert_file", str),
+                      key_file=r.get("broker.tls.key_file", str), insecure=r.get("broker.tls.insecure", bool, False))
+    protocol = str(r.get("broker.protocol", (str, int, float), "5"))
+    protocol = {"5": "5", "5.0": "5", "3.1.1": "3.1.1", "311": "3.1.1"}.get(protocol, protocol)
+    if protocol not in ("5", "3.1.1"):
+        r.problems.append(f"broker.protocol must be \"5\" or \"3.1.1\", got {protocol!r}")
+    port = r.get("broker.port", int, 8883 if tls_enabled else 1883, minimum=1)
+    broker = BrokerConfig(host=r.get("broker.host", str, "", required=True), port=port, protocol=protocol,
+                          keepalive=r.get("broker.keepalive", int, 30, minimum=5),
+                          username=r.get("broker.username", str), password=r.get("broker.password", str),
+                          tls=tls if tls_enabled else None)
+    prefix = r.get("prefix", str, "smartbasket")
+    try:
+        prefix = validate_prefix(prefix)
+    except ValueError as exc:
+        r.problems.append(f"prefix: {exc}")
+    parameters, state_dir, bundle_dir = path("parameters"), path("state_dir"), path("bundle_dir")
+    signing_key = path("signing_key")
+    if r.get("signing_key", str) and not signing_key.is_file():
+        r.problems.append(f"signing_key: no such file {signing_key}")
+    public_url = r.get("public_url", str, "", required=True)
+    if public_url and not re.match(r"^https?://[^/\s]+", public_url):
+        r.problems.append(f"public_url must be an http(s) URL, got {public_url!r}")
+    http_port = r.get("http.port", int, 8700, minimum=0)
+    if http_port is not None and http_port > 65535:
+        r.problems.append(f"http.port must be <= 65535, got {http_port}")
+    tz = r.get("timezone", str, "Asia/Seoul")
+    sched_tz = r.get("schedule.timezone", str, "Asia/Seoul")
+    for key, value in (("timezone", tz), ("schedule.timezone", sched_tz)):
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            r.problems.append(f"{key}: unknown time zone {value!r}")
+    at = r.get("schedule.at", str, "03:00")
+    if not re.match(r"^([01]\d|2[0-3]):[0-5]\d$", at or ""):
+        r.problems.append(f"schedule.at must be HH:MM, got {at!r}")
+    gate = GateConfig(tolerance=r.get("gate.tolerance", float, 0.02, minimum=0),
+                      holdout_percent=r.get("gate.holdout_percent", float, 10.0, minimum=0),
+                      min_cases=r.get("gate.min_cases", int, 30, minimum=1))
+    if gate.holdout_percent >= 100:
+        r.problems.append("gate.holdout_percent must be below 100")
+    guest_kwargs = {}
+    for f in dataclasses.fields(GuestTrainingConfig):
+        kind = float if f.type in ("float", float) else int
+        value = r.get(f"guest_training.{f.name}", kind, None, minimum=0)
+        if value is not None:
+            guest_kwargs[f.name] = value
+    log_level = str(r.get("log_level", str, "INFO")).upper()
+    if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        r.problems.append(f"log_level must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
+    cfg_kwargs = dict(
+        dsn=dsn, broker=broker, parameters=parameters, state_dir=state_dir, bundle_dir=bundle_dir,
+        signing_key=signing_key, public_url=(public_url or "").rstrip("/"), prefix=prefix,
+        http_host=r.get("http.host", str, "127.0.0.1"), http_port=http_port, timezone=tz,
+        schedule_enabled=r.get("schedule.enabled", bool, True), schedule_at=at, schedule_timezone=sched_tz,
+        gate=gate, keep_bundles=r.get("bundles.keep", int, 5, minimum=1),
+        train_member=r.get("training.member", bool, True), epochs=r.get("training.epochs", int, 3, minimum=1),
+        fine_tune_epochs=r.get("training.fine_tune_epochs", int, 1, minimum=1),
+        guest_training=GuestTrainingConfig(**guest_kwargs), log_level=log_level)
+    for key in r.unknown_keys():
+        r.problems.append(f"unknown key {key!r}")
+    if r.problems:
+        raise ConfigError(r.problems)
+    return RetrainConfig(**cfg_kwargs)
+
+
+def load_config(path: str | Path | None, overrides: Mapping[str, Any] | None = None,
+                env: Mapping[str, str] | None = None) -> RetrainConfig:
+    """Read a YAML file (or none) and validate it with overrides; raises ConfigError."""
+    import yaml
+
+    data: Any = {}
+    base = Path.cwd()
+    if path is not None:
+        p = Path(path)
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {p}: {exc.strerror or exc}") from None
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            raise ConfigError(f"{p}{f' line {mark.line + 1}' if mark else ''}: not valid YAML") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: top level must be a mapping")
+    return parse_config(data, overrides, env, base)

@@ -1,0 +1,373 @@
+"""The nightly job (the seed's daily retraining), from PostgreSQL to a published bundle.
+
+For day D (default: yesterday in the store's time zone), one run:
+
+1. reads the purchases of the days not yet counted (the watermark is in
+   PostgreSQL: a day is never counted twice; days missed while the server was
+   down are caught up oldest first, in the same run);
+2. adds their sessions to the cumulative counts (server state, not shipped);
+3. refits TF-IDF + tag neighbours from the ``products`` table (new products
+   become recommendable) and rebuilds the co-purchase tables from the counts;
+4. fine-tunes the Two-Tower model from the last checkpoint, keeping its
+   lookups (new members and products appended), exports ONNX, quantizes, and
+   rebuilds the member history tables;
+5. gates the candidate against the published models on the newest day's
+   held-out sessions (:mod:`.gate`; those sessions are counted the next night);
+6. commits the new state and watermark in one transaction, then — when the
+   gate passed — packs the signed bundle, installs the new parameters,
+   checks the bundle is reachable at its URL and announces it on
+   ``PREFIX/models/updated`` (retained).
+
+Everything new is written beside the old (new generation directory, new
+candidate directory, temporary bundle name) and switched at the end, so a
+crash anywhere leaves the published version and the counts as they were. A
+version that passed but could not be announced (broker down) is announced
+by the next run or by ``serve`` at start-up.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from datetime import date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import numpy as np
+
+from agent.bundle import MANIFEST
+from agent.layout import DirectorySource
+from agent.registry import load_snapshot, snapshot_from_source
+
+from . import state as db_state
+from .bundles import BundleInfo, pack_bundle
+from .config import RetrainConfig
+from .counts import Counts
+from .data import PurchaseLog
+from .errors import RetrainError
+from .export import install_directory, recover_directory, write_manifest, write_parameters
+from .gate import GateResult, gate_cases, holdout_mask, judge, score_snapshot
+
+_LOG = logging.getLogger(__name__)
+
+__all__ = ["NightlyJob", "NightlyResult", "yesterday", "load_public_key_from_private"]
+
+_LOCK_KEY = 0x5B_A5_E7  # pg advisory lock: one nightly run at a time per database
+
+
+@dataclass
+class NightlyResult:
+    """What a run did; ``version`` None when there was nothing to do."""
+
+    through_day: date | None
+    days: list[date] = field(default_factory=list)
+    version: str | None = None
+    published: bool = False
+    reason: str | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    bundle: BundleInfo | None = None
+
+    def summary(self) -> str:
+        if self.version is None:
+            return f"nothing to do: {self.reason}"
+        days = f"{self.days[0]}..{self.days[-1]}" if len(self.days) > 1 else str(self.days[0])
+        verdict = "published" if self.published else f"NOT published ({self.reason})"
+        hr = ", ".join(f"{k} {v}" for k, v in self.metrics.items() if k.endswith("hr@10"))
+        return f"version {self.version} for {days}: {verdict}; {hr}; {self.timings.get('total_s')} s"
+
+
+def yesterday(tz: str, now: datetime | None = None) -> date:
+    """The last complete day in ``tz``."""
+    local = (now or datetime.now(ZoneInfo(tz))).astimezone(ZoneInfo(tz))
+    return local.date() - timedelta(days=1)
+
+
+def _concat(logs: list[PurchaseLog]) -> PurchaseLog:
+    logs = [lg for lg in logs if len(lg)]
+    if not logs:
+        return PurchaseLog.from_columns(session_ids=[], user_ids=[], product_ids=[], genders=[], ages=[],
+                                        timestamps=[])
+    return PurchaseLog.from_columns(**{f: np.concatenate([getattr(lg, f) for lg in logs]) for f in (
+        "session_ids", "user_ids", "product_ids", "genders", "ages", "timestamps")})
+
+
+class NightlyJob:
+    """One configured nightly pipeline; :meth:`run` is one night (or a catch-up of several).
+
+    ``announce`` (default :func:`retrain_server.publish` based) is how a packed
+    bundle reaches the baskets; tests and the demo use the real one.
+    ``after_step(name)`` is called after each step (crash tests kill the job there).
+    """
+
+    def __init__(self, cfg: RetrainConfig, *, after_step: Callable[[str], None] | None = None) -> None:
+        self.cfg = cfg
+        self.after_step = after_step or (lambda _name: None)
+        self.generations = cfg.state_dir / "generations"
+        self.candidates = cfg.state_dir / "candidates"
+
+    # -- the run ---------------------------------------------------------------------------
+    def run(self, day: date | None = None) -> NightlyResult:
+        from .sources import postgres
+
+        cfg = self.cfg
+        t_start = time.perf_counter()
+        conn = postgres.connect(cfg.dsn)
+        try:
+            conn.autocommit = True
+            postgres.migrate(conn)
+            if not conn.execute("SELECT pg_try_advisory_lock(%s)", (_LOCK_KEY,)).fetchone()[0]:
+                raise RetrainError("another nightly run holds the lock; try again when it has finished")
+            recover_directory(cfg.parameters)
+            self.announce_pending(conn)
+            result = self._run(conn, day or yesterday(cfg.timezone))
+            self._prune(conn)
+        finally:
+            conn.close()
+        result.timings["total_s"] = round(time.perf_counter() - t_start, 2)
+        _LOG.info("nightly: %s", result.summary())
+        return result
+
+    def _run(self, conn: Any, day: date) -> NightlyResult:
+        from .sources import postgres
+
+        cfg, timings = self.cfg, {}
+        current = db_state.read_state(conn)
+        if current is not None and day <= current.through_day:
+            return NightlyResult(current.through_day, reason=f"already counted through {current.through_day}")
+        # 1. read: the previous night's held-out sessions, the days in between, day D minus its hold-out.
+        t0 = time.perf_counter()
+        parts: list[PurchaseLog] = []
+        days: list[tuple[date, int, int]] = []
+        if current is None:
+            older = postgres.read_purchases(conn, None, day, cfg.timezone)
+            parts.append(older)
+            first = day
+        else:
+            prev = postgres.read_purchases(conn, current.through_day, current.through_day + timedelta(days=1),
+                                           cfg.timezone)
+            # Held out with the share in force that night (the config may have changed since).
+            held_before = self._generation_info(current.generation).get("holdout_percent", cfg.gate.holdout_percent)
+            parts.append(prev.select(holdout_mask(prev.session_ids, held_before)))
+            first = current.through_day + timedelta(days=1)
+        d = first
+        while d < day:
+            log_d = postgres.read_purchases(conn, d, d + timedelta(days=1), cfg.timezone)
+            parts.append(log_d)
+            days.append((d, len(np.unique(log_d.session_ids)), len(log_d)))
+            d += timedelta(days=1)
+        today = postgres.read_purchases(conn, day, day + timedelta(days=1), cfg.timezone)
+        held = holdout_mask(today.session_ids, cfg.gate.holdout_percent)
+        parts.append(today.select(~held))
+        days.append((day, len(np.unique(today.session_ids)), len(today)))
+        learn, gate_log = _concat(parts), today.select(held)
+        catalog = postgres.read_products(conn)
+        timings["read_s"] = round(time.perf_counter() - t0, 2)
+        if len(catalog) == 0:
+            raise RetrainError("the products table is empty: nothing to train")
+        _LOG.info("nightly %s: %d rows to learn (%d days), %d held out for the gate, %d products",
+                  day, len(learn), len(days), len(gate_log), len(catalog))
+        self.after_step("read")
+        # 2. counts
+        t0 = time.perf_counter()
+        old_gen = self.generations / current.generation if current is not None else None
+        counts = (Counts.load(old_gen / "counts") if old_gen is not None else Counts.empty()).add(learn)
+        co, item_counts = counts.for_catalog(catalog)
+        timings["count_s"] = round(time.perf_counter() - t0, 2)
+        self.after_step("count")
+        # 3. guest refit
+        from .guest import build_guest_model
+
+        t0 = time.perf_counter()
+        guest = build_guest_model(catalog, co, item_counts, cfg.guest_training)
+        timings["guest_refit_s"] = round(time.perf_counter() - t0, 2)
+        self.after_step("guest")
+        # 4. member fine-tune
+        t0 = time.perf_counter()
+        member_state = self._member_state(old_gen, learn, catalog)
+        timings["member_train_s"] = round(time.perf_counter() - t0, 2)
+        self.after_step("member")
+        # 5. export the candidate (full seed layout) and the new generation, beside the old ones
+        t0 = time.perf_counter()
+        generation = f"g-{day.isoformat()}-{uuid.uuid4().hex[:8]}"
+        gen_dir = self.generations / generation
+        counts.save(gen_dir / "counts")
+        (gen_dir / "generation.json").write_text(json.dumps({
+            "through_day": day.isoformat(), "holdout_percent": cfg.gate.holdout_percent,
+            "days": [d.isoformat() for d, _, _ in days]}))
+        writer = None
+        if member_state is not None:
+            from . import member as member_mod
+            from .train import state_writer
+
+            member_mod.save_checkpoint(member_state, gen_dir / "checkpoint")
+            writer = state_writer(member_state, guest, calibration_log=learn, history=counts.history_triples(),
+                                  fallback_serving=self._published_serving())
+        candidate = self.candidates / f"run-{generation}"
+        doc = write_parameters(candidate, guest, member_writer=writer, metrics={}, signing_key=cfg.signing_key)
+        version, created_at = doc["version"], datetime.fromisoformat(doc["created_at"])
+        timings["export_s"] = round(time.perf_counter() - t0, 2)
+        self.after_step("export")
+        # 6. gate
+        t0 = time.perf_counter()
+        verdict = self._gate(candidate, version, gate_log)
+        timings["gate_s"] = round(time.perf_counter() - t0, 2)
+        metrics = {**verdict.metrics, "through_day": day.isoformat(), "rows_learned": len(learn),
+                   "sessions_total": counts.sessions}
+        write_manifest(candidate, metrics={**metrics, "timings": timings}, models=doc["models"],
+                       signing_key=cfg.signing_key, created_at=created_at, version=version)
+        final = self.candidates / version
+        candidate.rename(final)
+        self.after_step("gate")
+        # 7. commit state + watermark + version record together
+        db_state.commit_run(conn, generation=generation, through_day=day, days=days, version={
+            "version": version, "created_at": datetime.now(created_at.tzinfo), "reason": verdict.reason, "metrics": metrics,
+            "timings": timings})
+        self.after_step("commit")
+        result = NightlyResult(day, [dd for dd, _, _ in days], version, False, verdict.reason, metrics, timings)
+        if not verdict.passed:
+            _LOG.warning("nightly %s: candidate %s NOT published: %s", day, version, verdict.reason)
+            shutil.rmtree(final, ignore_errors=True)
+            return result
+        # 8. publish
+        result.bundle = self.publish(conn, version, timings)
+        result.published = True
+        return result
+
+    # -- steps -----------------------------------------------------------------------------
+    def _member_state(self, old_gen: Path | None, learn: PurchaseLog, catalog: Any) -> Any:
+        cfg = self.cfg
+        if not cfg.train_member:
+            return None
+        has_members = bool((learn.user_ids != "").any())
+        checkpoint = old_gen / "checkpoint" if old_gen is not None else None
+        from . import member as member_mod
+
+        if checkpoint is not None and checkpoint.exists():
+            if not has_members:
+                _LOG.info("no member purchases to learn: member model kept as it was")
+                return member_mod.load_checkpoint(checkpoint)
+            saved = json.loads((checkpoint / "member_state.json").read_text())
+            tune_cfg = replace(member_mod.MemberTrainingConfig.from_dict(saved["config"]),
+                               epochs=cfg.fine_tune_epochs)
+            return member_mod.fine_tune_member_model(checkpoint, learn, catalog.ids.tolist(), tune_cfg)
+        if not has_members:
+            _LOG.warning("no member purchases yet: shipping the guest model only")
+            return None
+        return member_mod.train_member_model(learn, catalog.ids.tolist(),
+                                             member_mod.MemberTrainingConfig(epochs=cfg.epochs))
+
+    def _generation_info(self, generation: str) -> dict[str, Any]:
+        try:
+            return json.loads((self.generations / generation / "generation.json").read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def _published_serving(self) -> dict[str, Any] | None:
+        meta = self.cfg.parameters / "member_model" / "member_meta.json"
+        try:
+            return json.loads(meta.read_text(encoding="utf-8")).get("serving")
+        except (OSError, ValueError):
+            return None
+
+    def _gate(self, candidate: Path, version: str, gate_log: PurchaseLog) -> GateResult:
+        cases = gate_cases(gate_log)
+        new = score_snapshot(snapshot_from_source(DirectorySource(candidate), version), cases)
+        published = None
+        if (self.cfg.parameters / MANIFEST).exists():
+            try:
+                key = load_public_key_from_private(self.cfg.signing_key)
+                published = score_snapshot(load_snapshot(self.cfg.parameters, key), cases)
+            except Exception as exc:  # an unreadable published version must not block a good one
+                _LOG.warning("published models could not be loaded for the gate (%s): not compared", exc)
+        verdict = judge(new, published, self.cfg.gate)
+        _LOG.info("gate: %s (%s)", "passed" if verdict.passed else "REFUSED",
+                  ", ".join(f"{k}={v}" for k, v in verdict.metrics.items()))
+        return verdict
+
+    def publish(self, conn: Any, version: str, timings: dict[str, float] | None = None) -> BundleInfo:
+        """Pack, install as the server's parameters, check the URL, announce; mark published."""
+        cfg = self.cfg
+        timings = timings if timings is not None else {}
+        candidate = self.candidates / version
+        t0 = time.perf_counter()
+        info = pack_bundle(candidate, cfg.bundle_dir, cfg.signing_key)
+        timings["pack_s"] = round(time.perf_counter() - t0, 2)
+        self.after_step("pack")
+        install_directory(candidate, cfg.parameters)
+        self.after_step("install")
+        t0 = time.perf_counter()
+        doc = json.loads((cfg.parameters / MANIFEST).read_text(encoding="utf-8"))
+        url = self._announce(info, doc.get("metrics") or {})
+        timings["publish_s"] = round(time.perf_counter() - t0, 2)
+        db_state.mark_published(conn, version, url=url, sha256=info.sha256, size=info.bytes,
+                                timings={k: timings[k] for k in ("pack_s", "publish_s") if k in timings})
+        _LOG.info("published %s (%.1f MB) at %s", version, info.bytes / 1e6, url)
+        return info
+
+    def announce_pending(self, conn: Any) -> None:
+        """Finish a publication a crash or a broker outage interrupted (newest pending version only)."""
+        for version in db_state.pending_versions(conn)[:1]:
+            cfg = self.cfg
+            if (self.candidates / version).exists():
+                _LOG.info("version %s passed the gate but was never published: publishing it now", version)
+                self.publish(conn, version)
+                return
+            installed = json.loads((cfg.parameters / MANIFEST).read_text()) if (
+                cfg.parameters / MANIFEST).exists() else {}
+            if installed.get("version") == version:
+                info = pack_bundle(cfg.parameters, cfg.bundle_dir, cfg.signing_key)
+                url = self._announce(info, installed.get("metrics") or {})
+                db_state.mark_published(conn, version, url=url, sha256=info.sha256, size=info.bytes)
+                _LOG.info("announced %s, which an earlier run had installed but not announced", version)
+
+    def _announce(self, info: BundleInfo, metrics: dict[str, Any]) -> str:
+        """Check the bundle answers at its public URL, then publish the retained update message."""
+        from .publish import Announcer, UpdateMessage, bundle_url
+
+        cfg, b = self.cfg, self.cfg.broker
+        shipped = {k: v for k, v in metrics.items() if k.endswith("hr@10") or k == "through_day"}
+        message = UpdateMessage(version=info.version, url=bundle_url(cfg.public_url, info.version),
+                                sha256=info.sha256, created_at=info.created_at, metrics=shipped, size=info.bytes)
+        Announcer(b.host, b.port, prefix=cfg.prefix, protocol=b.protocol, username=b.username, password=b.password,
+                  tls=b.tls, keepalive=b.keepalive).announce(message)
+        return message.url
+
+    def _prune(self, conn: Any) -> None:
+        """Keep the generation in force and the one before; candidates only while pending."""
+        current = db_state.read_state(conn)
+        if current is not None and self.generations.exists():
+            gens = sorted((p for p in self.generations.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
+            keep = {current.generation}
+            older = [p for p in gens if p.name != current.generation]
+            if older:
+                keep.add(older[-1].name)
+            for p in gens:
+                if p.name not in keep:
+                    shutil.rmtree(p, ignore_errors=True)
+        if self.candidates.exists():
+            pending = set(db_state.pending_versions(conn))
+            for p in self.candidates.iterdir():
+                if p.name not in pending:
+                    shutil.rmtree(p, ignore_errors=True)
+        try:
+            from .serve import prune_bundles
+
+            published = db_state.published_version(conn)
+            prune_bundles(self.cfg.bundle_dir, self.cfg.keep_bundles, {published} if published else set())
+        except OSError as exc:
+            _LOG.warning("could not prune bundles: %s", exc)
+
+
+def load_public_key_from_private(path: Path) -> Any:
+    """The server checks its published parameters with the public half of its own key."""
+    from .sign import load_private_key
+
+    return load_private_key(path).public_key()
+

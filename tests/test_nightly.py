@@ -1,0 +1,316 @@
+"""The nightly loop against real PostgreSQL, Mosquitto, the bundle server and real training.
+
+Most runs here train the guest model only (``training.member: false``) to stay
+quick; the member fine-tuning path has its own test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import threading
+from datetime import date, datetime, timedelta, timezone
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import numpy as np
+import paho.mqtt.client as paho
+import psycopg
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from agent import layout
+from agent.bundle import load_public_key
+from agent.recommenders.base import RecommendRequest
+from agent.registry import load_snapshot
+from retrain_server import state as db_state
+from retrain_server.config import parse_config
+from retrain_server.counts import Counts
+from retrain_server.data import write_products, write_purchases
+from retrain_server.gate import holdout_mask
+from retrain_server.nightly import NightlyJob
+from retrain_server.serve import BundleServer, create_app
+from retrain_server.sign import keygen
+from retrain_server.sources import postgres
+from retrain_server.synth import make_store
+
+KST = ZoneInfo("Asia/Seoul")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class World:
+    """A store in PostgreSQL, keys, a bundle server and a config for the nightly job."""
+
+    def __init__(self, tmp: Path, dsn: str, broker, prefix: str) -> None:
+        self.tmp, self.dsn, self.prefix, self.broker = tmp, dsn, prefix, broker
+        self.store = make_store(n_products=300, n_rows=6000, n_users=50, n_families=20, seed=21)
+        data = tmp / "data"
+        data.mkdir()
+        write_products(data / "products.csv", self.store.catalog)
+        write_purchases(data / "purchase_history.jsonl", self.store.purchases)
+        self.key, self.pub = keygen(tmp / "keys")
+        with postgres.connect(dsn) as conn:
+            postgres.migrate(conn)
+            postgres.load_files(conn, data / "products.csv", data / "purchase_history.jsonl")
+            self.first_day, self.last_day = postgres.purchase_days(conn, "Asia/Seoul")
+        self.bundle_dir = tmp / "bundles"
+        self.bundle_dir.mkdir()
+        self.server = BundleServer(create_app(self.bundle_dir, lambda: {"status": "ok"}), "127.0.0.1", 0)
+        self.server.start()
+
+    def config(self, **over):
+        data = {"database": {"dsn": self.dsn}, "broker": {"host": self.broker.host, "port": self.broker.port},
+                "prefix": self.prefix, "parameters": str(self.tmp / "parameters"),
+                "state_dir": str(self.tmp / "state"), "bundle_dir": str(self.bundle_dir),
+                "signing_key": str(self.key), "public_url": self.server.url,
+                "training": {"member": False}, "gate": {"min_cases": 5}}
+        for key, value in over.items():
+            node = data
+            parts = key.split(".")
+            for part in parts[:-1]:
+                node = node.setdefault(part, {})
+            node[parts[-1]] = value
+        return parse_config(data, env={})
+
+    def job(self, **over) -> NightlyJob:
+        return NightlyJob(self.config(**over))
+
+    def insert(self, sessions: list[tuple[str, str | None, list[str], datetime]]) -> None:
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            for sid, uid, items, at in sessions:
+                conn.execute("INSERT INTO purchases (session_id, user_id, product_list, purchased_at) "
+                             "VALUES (%s, %s, %s::jsonb, %s)", (sid, uid, json.dumps(items), at))
+
+    def add_product(self, pid: str, name: str, tag: str) -> None:
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            conn.execute("INSERT INTO products (id, name, tag) VALUES (%s, %s, %s)", (pid, name, tag))
+
+    def state(self):
+        with postgres.connect(self.dsn) as conn:
+            return db_state.read_state(conn), db_state.model_history(conn)
+
+    def counts(self) -> Counts:
+        current, _ = self.state()
+        return Counts.load(self.tmp / "state" / "generations" / current.generation / "counts")
+
+    def snapshot(self):
+        return load_snapshot(self.tmp / "parameters", load_public_key(self.pub))
+
+    def close(self) -> None:
+        self.server.stop()
+
+
+@pytest.fixture
+def world(tmp_path, pg_db, mqtt_broker, topic_prefix):
+    w = World(tmp_path, pg_db, mqtt_broker, topic_prefix)
+    yield w
+    w.close()
+
+
+def _retained_update(broker, prefix: str, timeout: float = 5.0) -> dict:
+    got: dict = {}
+    ev = threading.Event()
+    c = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+    c.on_connect = lambda cl, *_: cl.subscribe(f"{prefix}/models/updated", 1)
+
+    def on_message(_c, _u, msg):
+        got.update(json.loads(msg.payload), _retain=bool(msg.retain))
+        ev.set()
+
+    c.on_message = on_message
+    c.connect(broker.host, broker.port)
+    c.loop_start()
+    try:
+        assert ev.wait(timeout), "no retained update message"
+    finally:
+        c.loop_stop()
+        c.disconnect()
+    return got
+
+
+def _pair_never_bought_together(w: World) -> tuple[str, str]:
+    counts = w.counts()
+    co, _ = counts.for_catalog(w.store.catalog)
+    ids = w.store.catalog.ids.tolist()
+    for i in range(len(ids)):
+        for j in range(len(ids) - 1, i, -1):
+            if co[i, j] == 0 and co[i].nnz > 0:
+                return ids[i], ids[j]
+    raise AssertionError("every pair co-occurs")
+
+
+def test_first_night_publishes_a_signed_edge_only_bundle_and_a_rerun_counts_nothing(world):
+    day = world.last_day
+    result = world.job().run(day)
+    assert result.published and result.version
+    current, history = world.state()
+    assert current.through_day == day and history[0]["published"] and history[0]["version"] == result.version
+    msg = _retained_update(world.broker, world.prefix)
+    bundle = world.bundle_dir / f"{result.version}.tar.gz"
+    assert msg["_retain"] and msg["version"] == result.version and msg["url"].endswith(bundle.name)
+    import hashlib
+
+    assert msg["sha256"] == hashlib.sha256(bundle.read_bytes()).hexdigest()
+    assert "guest_hr@10" in msg["metrics"]
+    with tarfile.open(bundle) as tar:
+        names = tar.getnames()
+    assert "manifest.json" in names and "manifest.sig" in names
+    assert not [n for n in names if n.endswith(".pkl") or n == layout.MEMBER_ONNX_FP32]
+    assert all(n in layout.EDGE_FILES or n in ("manifest.json", "manifest.sig") for n in names)
+    # Everything up to the day is counted, except the gate's held-out share of the last day.
+    with postgres.connect(world.dsn) as conn:
+        log = postgres.read_purchases(conn, None, day + timedelta(days=1), "Asia/Seoul")
+    last = np.array([datetime.fromtimestamp(t, KST).date() == day for t in log.timestamps.tolist()])
+    held = last & holdout_mask(log.session_ids, 10)
+    before = world.counts()
+    assert before.rows == int((~held).sum())
+    assert world.snapshot().version == result.version
+    # Re-running the same day changes no count and publishes nothing new.
+    again = world.job().run(day)
+    assert again.version is None and "already counted" in again.reason
+    assert world.counts().equals(before)
+    assert world.state()[0] == current
+
+
+def test_a_new_pair_and_a_new_product_are_recommended_the_next_morning(world):
+    d0 = world.last_day
+    world.job().run(d0)
+    x, y = _pair_never_bought_together(world)
+    assert y not in world.snapshot().recommend(RecommendRequest(cart=(x,), top_k=10)).ids
+    d1 = d0 + timedelta(days=1)
+    noon = datetime.combine(d1, datetime.min.time(), KST) + timedelta(hours=12)
+    world.insert([(f"pair-{i}", None, [x, y], noon + timedelta(minutes=i)) for i in range(12)])
+    world.add_product("new-1", "새 상품 하나", "zzfresh zzlocal 신선")
+    world.add_product("new-2", "새 상품 둘", "zzfresh zzlocal 신선")
+    result = world.job().run(d1)
+    assert result.published and result.days == [d1]
+    snap = world.snapshot()
+    assert snap.version == result.version
+    assert y in snap.recommend(RecommendRequest(cart=(x,), top_k=10)).ids
+    # Nobody bought the new products yet: they are found by their tags.
+    assert "new-1" in snap.recommend(RecommendRequest(cart=("new-2",), top_k=10)).ids
+    assert snap.name("new-1") == "새 상품 하나"
+
+
+def test_a_day_is_split_at_midnight_seoul_time(world):
+    d0 = world.last_day
+    world.job().run(d0)
+    d1, d2 = d0 + timedelta(days=1), d0 + timedelta(days=2)
+    late = datetime.combine(d1, datetime.min.time(), KST) + timedelta(hours=23, minutes=59, seconds=59)
+    early = datetime.combine(d2, datetime.min.time(), KST)
+    for pid in ("late-a", "late-b", "early-a", "early-b"):
+        world.add_product(pid, pid, "edge case")
+    world.insert([("late", None, ["late-a", "late-b"], late), ("early", None, ["early-a", "early-b"], early)])
+    before = world.counts()
+    world.job(**{"gate.holdout_percent": 0}).run(d1)
+    after = world.counts()
+    assert after.sessions == before.sessions + 1 + _held_sessions_of(world, d0)
+    counted = set(after.product_ids.tolist())
+    assert {"late-a", "late-b"} <= counted and not {"early-a", "early-b"} & counted
+    world.job(**{"gate.holdout_percent": 0}).run(d2)
+    assert {"early-a", "early-b"} <= set(world.counts().product_ids.tolist())
+    assert early.astimezone(timezone.utc).hour == 15  # 00:00 KST is 15:00 UTC the day before
+
+
+def _held_sessions_of(world: World, day: date) -> int:
+    with postgres.connect(world.dsn) as conn:
+        log = postgres.read_purchases(conn, day, day + timedelta(days=1), "Asia/Seoul")
+    sessions = np.unique(log.session_ids)
+    return int(holdout_mask(sessions, 10).sum())
+
+
+def test_missed_days_are_caught_up_oldest_first_and_count_exactly_once(world):
+    d0 = world.last_day
+    world.job().run(d0)
+    ids = world.store.catalog.ids.tolist()
+    base = datetime.combine(d0, datetime.min.time(), KST)
+    sessions = [(f"later-{k}-{i}", None, [ids[i], ids[i + 1], ids[i + 2]],
+                 base + timedelta(days=k, hours=10, minutes=i)) for k in (1, 2, 3) for i in range(20)]
+    world.insert(sessions)
+    d3 = d0 + timedelta(days=3)
+    result = world.job().run(d3)
+    assert result.days == [d0 + timedelta(days=1), d0 + timedelta(days=2), d3]
+    with postgres.connect(world.dsn) as conn:
+        log = postgres.read_purchases(conn, None, d3 + timedelta(days=1), "Asia/Seoul")
+        days = [r[0] for r in conn.execute("SELECT day FROM retrain_days ORDER BY day").fetchall()]
+    assert days == [d0, d0 + timedelta(days=1), d0 + timedelta(days=2), d3]
+    last = np.array([datetime.fromtimestamp(t, KST).date() == d3 for t in log.timestamps.tolist()])
+    expected = Counts.empty().add(log.select(~(last & holdout_mask(log.session_ids, 10))))
+    co_expected, items_expected = expected.for_catalog(world.store.catalog)
+    co_got, items_got = world.counts().for_catalog(world.store.catalog)
+    assert abs(co_got - co_expected).max() == 0 and np.array_equal(items_got, items_expected)
+
+
+def test_a_worse_candidate_is_not_published_and_the_reason_is_kept(world):
+    d0 = world.last_day - timedelta(days=1)
+    first = world.job(**{"gate.holdout_percent": 40}).run(d0)
+    assert first.published
+    # Sabotaged training: no co-purchase pair is ever kept, so the guest model loses its main signal.
+    worse = world.job(**{"gate.holdout_percent": 40, "guest_training.min_co_count": 10**6}).run(world.last_day)
+    assert not worse.published and worse.version
+    assert "guest_hr@10" in worse.reason and worse.metrics["guest_cases"] >= 5
+    assert worse.metrics["guest_hr@10"] < worse.metrics["published_guest_hr@10"]
+    assert world.snapshot().version == first.version
+    assert _retained_update(world.broker, world.prefix)["version"] == first.version
+    _, history = world.state()
+    assert history[0]["version"] == worse.version and not history[0]["published"]
+    assert history[0]["reason"] == worse.reason
+    assert not (world.bundle_dir / f"{worse.version}.tar.gz").exists()
+
+
+_KILLER = """
+import os, signal, sys
+from datetime import date
+sys.path.insert(0, {root!r})
+from retrain_server.config import parse_config
+from retrain_server.nightly import NightlyJob
+import json
+cfg = parse_config(json.loads({cfg!r}), env={{}})
+def after(step):
+    if step == {step!r}:
+        os.kill(os.getpid(), signal.SIGKILL)
+NightlyJob(cfg, after_step=after).run(date.fromisoformat({day!r}))
+"""
+
+
+@pytest.mark.parametrize("step", ["count", "export", "gate", "pack"])
+def test_killing_the_job_midway_leaves_published_version_and_counts_intact(world, step):
+    d0 = world.last_day - timedelta(days=1)
+    first = world.job().run(d0)
+    state_before, _ = world.state()
+    counts_before = world.counts()
+    params_manifest = (world.tmp / "parameters" / "manifest.json").read_bytes()
+    cfg = {"database": {"dsn": world.dsn}, "broker": {"host": world.broker.host, "port": world.broker.port},
+           "prefix": world.prefix, "parameters": str(world.tmp / "parameters"),
+           "state_dir": str(world.tmp / "state"), "bundle_dir": str(world.bundle_dir),
+           "signing_key": str(world.key), "public_url": world.server.url,
+           "training": {"member": False}, "gate": {"min_cases": 5}}
+    script = _KILLER.format(root=str(ROOT), cfg=json.dumps(cfg), step=step, day=world.last_day.isoformat())
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=300,
+                          env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+    assert proc.returncode == -9, proc.stderr.decode()[-2000:]
+    if step == "pack":
+        # Killed after the commit: the counts moved (the day is done), the publication is pending.
+        state_mid, history = world.state()
+        assert state_mid.through_day == world.last_day and not history[0]["published"]
+    else:
+        assert world.state()[0] == state_before
+        assert world.counts().equals(counts_before)
+    assert (world.tmp / "parameters" / "manifest.json").read_bytes() == params_manifest
+    assert world.snapshot().version == first.version
+    assert _retained_update(world.broker, world.prefix)["version"] == first.version
+    # The next run finishes the job exactly once.
+    again = world.job().run(world.last_day)
+    state_after, history = world.state()
+    assert state_after.through_day == world.last_day
+    assert history[0]["published"]
+    assert world.snapshot().version == history[0]["version"] != first.version
+    assert _retained_update(world.broker, world.prefix)["version"] == history[0]["version"]
+    if step != "pack":
+        assert again.published
+    with postgres.connect(world.dsn) as conn:
+        log = postgres.read_purchases(conn, None, world.last_day + timedelta(days=1), "Asia/Seoul")
+    assert world.counts().rows < len(log) and world.counts().sessions > counts_before.sessions
