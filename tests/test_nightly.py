@@ -314,3 +314,30 @@ def test_killing_the_job_midway_leaves_published_version_and_counts_intact(world
     with postgres.connect(world.dsn) as conn:
         log = postgres.read_purchases(conn, None, world.last_day + timedelta(days=1), "Asia/Seoul")
     assert world.counts().rows < len(log) and world.counts().sessions > counts_before.sessions
+
+
+def test_member_model_is_fine_tuned_nightly_keeping_its_lookups(world):
+    d0 = world.last_day
+    first = world.job(**{"training.member": True, "training.epochs": 1}).run(d0)
+    assert first.published
+    old_users = world.snapshot().member.user_index_
+    # A new member buys on day D+1; the model keeps every old index and appends the new member.
+    with psycopg.connect(world.dsn, autocommit=True) as conn:
+        conn.execute("INSERT INTO members (user_id, gender, age) VALUES ('newbie', 1, 29)")
+    ids = world.store.catalog.ids.tolist()
+    noon = datetime.combine(d0 + timedelta(days=1), datetime.min.time(), KST) + timedelta(hours=12)
+    world.insert([(f"nb-{i}", "newbie", ids[i:i + 4], noon + timedelta(minutes=i)) for i in range(10)])
+    second = world.job(**{"training.member": True, "training.epochs": 1}).run(d0 + timedelta(days=1))
+    assert second.published
+    snap = world.snapshot()
+    users = snap.member.user_index_
+    assert all(users[u] == i for u, i in old_users.items()) and users["newbie"] == len(old_users)
+    rec = snap.recommend(RecommendRequest(cart=tuple(ids[:2]), user_id="newbie", gender=1, age=29))
+    assert rec.model == "member" and len(rec.ids) == 10 and not set(rec.ids) & set(ids[:2])
+    assert "member_hr@10" in second.metrics or second.metrics["member_cases"] == 0
+    bundle = world.bundle_dir / f"{second.version}.tar.gz"
+    with tarfile.open(bundle) as tar:
+        names = set(tar.getnames())
+    assert layout.MEMBER_ONNX in names and layout.MEMBER_ONNX_FP32 not in names
+    current, _ = world.state()
+    assert (world.tmp / "state" / "generations" / current.generation / "checkpoint").is_dir()
