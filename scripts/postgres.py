@@ -162,6 +162,7 @@ class PostgresServer:
             self._initdb()
         if self.running():
             return
+        self._clear_stale_pidfile()
         for attempt in range(3):
             try:
                 self._pg_ctl_start(timeout)
@@ -184,20 +185,19 @@ class PostgresServer:
             self.kill()
 
     def kill(self) -> None:
-        """SIGKILL the postmaster (a crash, for tests of a database that disappears)."""
+        """SIGKILL the postmaster and its children (a crash, for tests of a database that disappears)."""
         pid = self._postmaster_pid()
-        if pid is None:
+        if pid is None or not _pid_alive(pid):
             return
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            return
+        for victim in [pid, *_children(pid)]:
+            try:
+                os.kill(victim, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and _pid_alive(pid):
+        while time.monotonic() < deadline and (_pid_alive(pid) or _accepts(self.host, self.port)):
             time.sleep(0.05)
-        # Children notice the postmaster is gone and exit; wait until the port is free for a restart.
-        while time.monotonic() < deadline and _accepts(self.host, self.port):
-            time.sleep(0.05)
+        self._clear_stale_pidfile()
 
     def running(self) -> bool:
         pid = self._postmaster_pid()
@@ -266,6 +266,22 @@ class PostgresServer:
         if res.returncode != 0 and "already exists" not in res.stdout:
             raise RuntimeError(f"createdb {self.dbname} failed: {res.stdout.strip()}")
 
+    def _clear_stale_pidfile(self) -> None:
+        """Remove the lock file of a dead postmaster that is still a zombie.
+
+        pg_ctl daemonizes the postmaster, so after a crash it waits for PID 1 to reap
+        it; until then PostgreSQL's own check (kill(pid, 0)) thinks it still runs.
+        """
+        pid = self._postmaster_pid()
+        if pid is None or _pid_alive(pid):
+            return
+        deadline = time.monotonic() + 2  # give PID 1 a moment to reap it the normal way
+        while time.monotonic() < deadline and _pid_exists(pid):
+            time.sleep(0.05)
+        if _pid_exists(pid):
+            _LOG.info("postmaster %d is dead but not reaped; removing its postmaster.pid", pid)
+            (self.datadir / "postmaster.pid").unlink(missing_ok=True)
+
     def _postmaster_pid(self) -> int | None:
         try:
             first = (self.datadir / "postmaster.pid").read_text().split("\n", 1)[0]
@@ -274,13 +290,33 @@ class PostgresServer:
             return None
 
 
-def _pid_alive(pid: int) -> bool:
+def _pid_exists(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
+    return True
+
+
+def _children(pid: int) -> list[int]:
+    """Direct children of ``pid`` (from /proc; empty where there is none)."""
+    kids = []
+    for entry in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            fields = Path(entry).read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if len(fields) > 1 and fields[1] == str(pid):
+            kids.append(int(entry.split("/")[2]))
+    return kids
+
+
+def _pid_alive(pid: int) -> bool:
+    """Running (not a zombie waiting to be reaped)."""
+    if not _pid_exists(pid):
+        return False
     # pg_ctl daemonizes the postmaster, so a dead one waits for PID 1 to reap it and still answers kill(0).
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]

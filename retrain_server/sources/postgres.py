@@ -417,8 +417,8 @@ def read_purchases(conn: psycopg.Connection, start_day: date | None, end_day_exc
     end = day_start(end_day_exclusive, zone)
     where, params = "p.purchased_at < %s", [end]
     if start_day is not None:
-        if start_day >= end_day_exclusive:
-            raise DataError(f"empty day range [{start_day}, {end_day_exclusive})")
+        if start_day > end_day_exclusive:
+            raise DataError(f"day range [{start_day}, {end_day_exclusive}) ends before it starts")
         where, params = "p.purchased_at >= %s AND p.purchased_at < %s", [day_start(start_day, zone), end]
     sql = f"""
         SELECT p.session_id, coalesce(p.user_id, ''), p.product_list,
