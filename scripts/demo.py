@@ -9,7 +9,13 @@
 4. starts ``basket-agent run`` as a separate process with the HTTP bridge on;
 5. simulates baskets (guests and members) adding products, one MQTT event at a
    time, and prints each basket's cart and its recommendations with names;
-6. checks out every basket, stops the agent (its status turns ``offline``)
+6. asks the HTTP bridge the same question;
+7. the nightly loop (when PostgreSQL is installed): loads the store into a
+   throwaway PostgreSQL, writes a new day of purchases, runs the nightly job
+   (count, refit, gate, sign, pack, publish) while baskets keep shopping, and
+   shows the running agent switch to the new version with every cart event
+   answered;
+8. checks out every basket, stops the agent (its status turns ``offline``)
    and exits 0. ``--keep-running`` keeps shopping until Ctrl-C.
 """
 
@@ -178,6 +184,114 @@ def shopping_lists(data: Path, n: int, rng: np.random.Generator) -> list[tuple[d
     return picks
 
 
+def nightly_update(display: "Display", data: Path, keys: Path, port: int, protocol: str, prefix: str) -> None:
+    """Step 7: a day of purchases in PostgreSQL -> nightly job -> the running agent swaps, baskets served."""
+    import threading
+    from datetime import datetime, timedelta
+    from zoneinfo import ZoneInfo
+
+    from retrain_server.config import parse_config
+    from retrain_server.nightly import NightlyJob
+    from retrain_server.serve import BundleServer, create_app
+    from retrain_server.sources import postgres
+    from scripts.postgres import PostgresServer, postgres_available
+
+    step("7. the nightly loop: a day of purchases in PostgreSQL -> retrain -> publish -> hot swap")
+    if not postgres_available():
+        print("   PostgreSQL is not installed: skipped (as root, bash scripts/demo.sh installs it)")
+        return
+    server_dir = WORK / "server"
+    for sub in ("parameters", "state", "bundles"):
+        if (server_dir / sub).exists():
+            import shutil
+
+            shutil.rmtree(server_dir / sub)
+    pg = PostgresServer(WORK / "postgres")
+    pg.start()
+    bundles = BundleServer(create_app(server_dir / "bundles", lambda: {"status": "ok"}), "127.0.0.1", 0)
+    (server_dir / "bundles").mkdir(parents=True, exist_ok=True)
+    bundles.start()
+    stop_shopping = threading.Event()
+    try:
+        with postgres.connect(pg.dsn) as conn:
+            postgres.migrate(conn)
+            postgres.load_files(conn, data / "products.csv", data / "purchase_history.jsonl")
+            _, last = postgres.purchase_days(conn, "Asia/Seoul")
+            day = last + timedelta(days=1)
+            history = postgres.read_purchases(conn, None, day, "Asia/Seoul")
+            # A new day: yesterday's baskets bought again by the same shoppers.
+            sessions: dict[str, tuple[str, list[str]]] = {}
+            for sid, uid, pid in zip(history.session_ids.tolist(), history.user_ids.tolist(),
+                                     history.product_ids.tolist()):
+                sessions.setdefault(sid, (uid, []))[1].append(pid)
+            noon = datetime.combine(day, datetime.min.time(), ZoneInfo("Asia/Seoul")) + timedelta(hours=9)
+            picked = list(sessions.items())[-300:]
+            with conn.transaction():
+                for n, (sid, (uid, items)) in enumerate(picked):
+                    conn.execute("INSERT INTO purchases (session_id, user_id, product_list, purchased_at) "
+                                 "VALUES (%s, %s, %s::jsonb, %s)",
+                                 (f"{day}-{sid}", uid or None, json.dumps(items), noon + timedelta(minutes=2 * n)))
+        print(f"   PostgreSQL {pg.dsn.rsplit('@', 1)[-1]}: store loaded, {len(picked)} baskets written for {day}")
+        cfg = parse_config({"database": {"dsn": pg.dsn}, "broker": {"host": "127.0.0.1", "port": port,
+                                                                  "protocol": protocol},
+                            "prefix": prefix, "parameters": str(server_dir / "parameters"),
+                            "state_dir": str(server_dir / "state"), "bundle_dir": str(server_dir / "bundles"),
+                            "signing_key": str(keys / "signing.key"), "public_url": bundles.url,
+                            "training": {"epochs": 1}}, env={})
+        sent, answered, versions = [0], [0], {}
+        lock = threading.Lock()
+
+        def shop() -> None:  # a basket adding products all through the update
+            ids = list(sessions.values())[0][1] + list(sessions.values())[1][1]
+            n = 0
+            while not stop_shopping.is_set():
+                n += 1
+                basket = f"swap-{n // 20}"
+                eid = f"{basket}-{n}"
+                display.send(basket, {"event_id": eid, "seq": n, "action": "add", "product_id": ids[n % len(ids)]})
+                with lock:
+                    sent[0] += 1
+                try:
+                    _, msg = display.wait_for(basket, eid, timeout=5)
+                except (TimeoutError, RuntimeError):
+                    continue
+                with lock:
+                    answered[0] += 1
+                    versions[msg["model_version"]] = versions.get(msg["model_version"], 0) + 1
+                time.sleep(0.02)
+
+        shopper = threading.Thread(target=shop, daemon=True)
+        shopper.start()
+        t0 = time.perf_counter()
+        result = NightlyJob(cfg).run(day)
+        print(f"   nightly {day}: {result.summary()}")
+        t = result.timings
+        print("   steps (s): " + ", ".join(f"{k[:-2]} {v}" for k, v in t.items() if k != "total_s"))
+        if result.bundle is not None:
+            print(f"   bundle {result.bundle.path.name}: {result.bundle.bytes / 1e6:.1f} MB, edge files only, signed")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                status = display.status.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            update = (status or {}).get("last_update") or {}
+            if update.get("version") == result.version:
+                print(f"   agent: {update['result']} {update['version']} {time.perf_counter() - t0:.1f} s after the "
+                      f"job started" + (f" ({update['reason']})" if update.get("reason") else ""))
+                break
+        time.sleep(1.0)
+        stop_shopping.set()
+        shopper.join(10)
+        with lock:
+            print(f"   during the update a basket sent {sent[0]} cart events, {answered[0]} answered; by version: "
+                  + ", ".join(f"{v} x{c}" for v, c in versions.items()))
+    finally:
+        stop_shopping.set()
+        bundles.stop()
+        pg.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     global WORK
     ap = argparse.ArgumentParser(description="Smart Basket demo (see the module docstring).")
@@ -198,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     step("4. the agent (basket-agent run), with the HTTP bridge")
     cmd = [sys.executable, "-m", "agent.cli", "run", "--broker", f"127.0.0.1:{port}", "--protocol", protocol,
            "--prefix", prefix, "--agent-id", "demo-jetson", "--parameters", str(params),
-           "--public-key", str(pub), "--http-port", str(http_port)]
+           "--public-key", str(pub), "--http-port", str(http_port), "--update-jitter-s", "0"]
     print("   " + " ".join(Path(c).name if c == sys.executable else c for c in cmd))
     log_path = WORK / "agent.log"
     agent = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(log_path, "wb"))
@@ -236,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
                                      headers={"content-type": "application/json"})
         with urllib.request.urlopen(req, timeout=5) as resp:
             print(f"   POST /recommend -> {resp.status} {resp.read().decode()}")
+        nightly_update(display, data, pub.parent, port, protocol, prefix)
         lat = np.array(latencies)
         print(f"\n   {lat.size} events answered; sensor->display round trip p50 {np.percentile(lat, 50):.2f} ms, "
               f"p99 {np.percentile(lat, 99):.2f} ms")
