@@ -1,7 +1,13 @@
 """``basket-agent``: the MQTT agent (``run``) and the standalone HTTP bridge (``bridge``).
 
 Only here is logging configured. Errors a user can fix (bad config, bad
-parameters) end in one line on stderr and a non-zero exit.
+parameters) end in one line on stderr and a non-zero exit (2 config, 3 models).
+
+Both commands load the newest verified version of the parameters directory
+(:class:`agent.store.VersionStore`: the top-level bundle and ``versions/*``),
+falling back to an older one when the newest is corrupt, and follow model
+updates on ``PREFIX/models/updated`` (:class:`agent.updater.Updater`); the
+bridge only when given ``--broker``.
 """
 
 from __future__ import annotations
@@ -12,11 +18,15 @@ import os
 # the network loop and the HTTP bridge. Must be set before numpy is imported.
 for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")  # onnxruntime sends usage telemetry otherwise
 
 import argparse
 import logging
+import queue
 import sys
-from collections.abc import Sequence
+import threading
+import uuid
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +35,13 @@ from .config import AgentConfig, load_config, parse_hostport
 from .errors import AgentError, BundleError, ConfigError
 from .metrics import Metrics
 from .registry import ModelRegistry, ModelSnapshot, load_snapshot
+from .store import StartupResult, VersionStore
+from .updater import ReportFn, Updater
 
 _LOG = logging.getLogger("agent")
+
+__all__ = ["main", "build_parser", "make_loader", "make_store", "load_models", "make_updater",
+           "startup_rejection", "EXIT_CONFIG", "EXIT_MODELS"]
 
 EXIT_CONFIG = 2
 EXIT_MODELS = 3
@@ -37,12 +52,49 @@ def _configure_logging(level: str) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def load_models(cfg: AgentConfig) -> ModelSnapshot:
+def make_loader(cfg: AgentConfig) -> Callable[[Path], ModelSnapshot]:
+    """Verify + load + smoke-test one version directory, the same way at start-up and on update."""
     key = load_public_key(cfg.public_key) if cfg.public_key is not None else None
     overrides = {"repeat_weight": cfg.member.repeat_weight, "co_weight": cfg.member.co_weight,
                  "threads": cfg.member.threads}
-    return load_snapshot(cfg.parameters, key, allow_unsigned=cfg.allow_unsigned,
-                         guest_params=cfg.guest, member_overrides=overrides)
+
+    def load(root: Path) -> ModelSnapshot:
+        return load_snapshot(root, key, allow_unsigned=cfg.allow_unsigned,
+                             guest_params=cfg.guest, member_overrides=overrides)
+
+    return load
+
+
+def make_store(cfg: AgentConfig) -> VersionStore:
+    b = cfg.updates.max_bundle_bytes
+    return VersionStore(cfg.parameters, keep_versions=cfg.updates.keep_versions,
+                        max_file_bytes=2 * b, max_total_bytes=4 * b)
+
+
+def load_models(cfg: AgentConfig, store: VersionStore | None = None,
+                loader: Callable[[Path], ModelSnapshot] | None = None) -> StartupResult:
+    """The newest version that verifies; raises BundleError when none does."""
+    store = store or make_store(cfg)
+    try:
+        store.cleanup()
+    except OSError as exc:  # a read-only parameters dir still serves; it just cannot update
+        _LOG.warning("cannot clean %s: %s", store.versions, exc)
+    return store.load_newest(loader or make_loader(cfg))
+
+
+def startup_rejection(result: StartupResult) -> tuple[str, str] | None:
+    """(version, reason) of the newest version skipped at start-up, for the status' last_update."""
+    if not result.rejected:
+        return None
+    cand, reason = result.rejected[0]
+    return cand.version, f"at start-up: {reason} (serving {result.candidate.version})"
+
+
+def make_updater(cfg: AgentConfig, store: VersionStore, registry: ModelRegistry,
+                 loader: Callable[[Path], ModelSnapshot], report: ReportFn | None) -> Updater:
+    u = cfg.updates
+    return Updater(store, registry, loader, report, jitter_s=u.jitter_s, max_bundle_bytes=u.max_bundle_bytes,
+                   timeout_s=u.download_timeout_s)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -58,19 +110,29 @@ def _cmd_run(args: argparse.Namespace) -> int:
         "public_key": str(args.public_key) if args.public_key else None,
         "http.port": args.http_port, "broker.protocol": args.protocol, "log_level": args.log_level,
         "allow_unsigned": True if args.allow_unsigned else None,
+        "updates.jitter_s": args.update_jitter_s,
     }
-    if args.broker:
-        try:
-            host, port = parse_hostport(args.broker)
-        except ValueError as exc:
-            raise ConfigError(f"--broker: {exc}") from None
-        overrides.update({"broker.host": host, "broker.port": port})
+    overrides.update(_broker_overrides(args.broker))
     cfg = load_config(args.config, overrides)
     _configure_logging(cfg.log_level)
+    import faulthandler
+
+    faulthandler.enable()  # the watchdog's SIGABRT dumps every thread's traceback to the journal
     _LOG.debug("configuration: %s", cfg.redacted())
-    registry = ModelRegistry(load_models(cfg))
+    store, loader = make_store(cfg), make_loader(cfg)
+    started = load_models(cfg, store, loader)
+    registry = ModelRegistry(started.snapshot)
     metrics = Metrics()
     service = AgentService(registry, AgentSettings.from_config(cfg), metrics=metrics)
+    skipped = startup_rejection(started)
+    if skipped is not None:
+        service.report_update(skipped[0], "rejected", skipped[1])
+    if cfg.updates.enabled:
+        service.attach_updater(make_updater(cfg, store, registry, loader, service.report_update))
+        _LOG.info("following model updates on %s (jitter up to %g s)", service.topics.models_updated,
+                  cfg.updates.jitter_s)
+    else:
+        _LOG.info("model updates disabled (updates.enabled: false)")
     bridge = None
     if cfg.http_port:
         from .http import HttpBridge, create_app  # FastAPI costs ~30 MB: only when enabled
@@ -88,19 +150,86 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _broker_overrides(value: str | None) -> dict[str, Any]:
+    if not value:
+        return {}
+    try:
+        host, port = parse_hostport(value)
+    except ValueError as exc:
+        raise ConfigError(f"--broker: {exc}") from None
+    return {"broker.host": host, "broker.port": port}
+
+
+class _BridgeUpdates:
+    """The standalone bridge's MQTT side: subscribed to models/updated only, feeding an Updater."""
+
+    def __init__(self, cfg: AgentConfig, updater: Updater) -> None:
+        from .mqtt import MqttClient
+        from .topics import Topics
+
+        b = cfg.broker
+        self.updater = updater
+        self.topic = Topics(cfg.prefix).models_updated
+        self.mqtt = MqttClient(b.host, b.port, client_id=f"smartbasket-bridge-{uuid.uuid4().hex[:8]}",
+                               protocol=b.protocol, keepalive=b.keepalive, username=b.username,
+                               password=b.password, tls=b.tls, reconnect_min_s=b.reconnect_min_s,
+                               reconnect_max_s=b.reconnect_max_s, subscriptions=[(self.topic, 1)],
+                               queue_size=16)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._drain, name="bridge-updates", daemon=True)
+
+    def start(self) -> None:
+        self.updater.start()
+        self._thread.start()
+        self.mqtt.start()
+        _LOG.info("following model updates on %s at %s:%d", self.topic, self.mqtt.host, self.mqtt.port)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.mqtt.stop()
+        self._thread.join(2)
+        self.updater.stop()
+
+    def _drain(self) -> None:
+        while not self._stop.is_set():
+            try:
+                msg = self.mqtt.messages.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if msg.topic == self.topic:
+                self.updater.submit(msg.payload, msg.received)
+
+
+def _log_update(version: Any, result: str, reason: Any) -> None:
+    _LOG.info("model update %s: %s%s", version, result, f" ({reason})" if reason else "")
+
+
 def _cmd_bridge(args: argparse.Namespace) -> int:
     import uvicorn
 
     from .http import create_app
 
-    cfg = load_config(None, {
+    overrides: dict[str, Any] = {
         "broker.host": "unused", "agent_id": "bridge", "parameters": str(args.parameters),
         "public_key": str(args.public_key) if args.public_key else None,
-        "allow_unsigned": True if args.allow_unsigned else None, "log_level": args.log_level})
+        "allow_unsigned": True if args.allow_unsigned else None, "log_level": args.log_level,
+        "prefix": args.prefix, "updates.jitter_s": args.update_jitter_s}
+    overrides.update(_broker_overrides(args.broker))
+    cfg = load_config(None, overrides)
     _configure_logging(cfg.log_level)
-    registry = ModelRegistry(load_models(cfg))
+    store, loader = make_store(cfg), make_loader(cfg)
+    started = load_models(cfg, store, loader)
+    registry = ModelRegistry(started.snapshot)
+    follower = None
+    if args.broker and cfg.updates.enabled:
+        follower = _BridgeUpdates(cfg, make_updater(cfg, store, registry, loader, _log_update))
+        follower.start()
     app = create_app(registry, Metrics(), cfg.limits)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    finally:
+        if follower is not None:
+            follower.stop()
     return 0
 
 
@@ -123,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--http-port", type=int, help="HTTP bridge port; 0 = no bridge")
     p.add_argument("--allow-unsigned", action="store_true",
                    help="development only: accept unsigned parameters (logs a warning)")
+    p.add_argument("--update-jitter-s", type=_seconds, metavar="S",
+                   help="longest random wait before downloading a model update; 0 = none (default 30)")
     p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.set_defaults(func=_cmd_run)
 
@@ -132,9 +263,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-unsigned", action="store_true", help="development only")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--broker", metavar="HOST:PORT",
+                   help="follow model updates on PREFIX/models/updated from this MQTT broker")
+    p.add_argument("--prefix", help="topic prefix, e.g. smartbasket/store-17 (with --broker)")
+    p.add_argument("--update-jitter-s", type=_seconds, metavar="S",
+                   help="longest random wait before downloading a model update; 0 = none (default 30)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.set_defaults(func=_cmd_bridge)
     return ap
+
+
+def _seconds(value: str) -> float:
+    try:
+        s = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {value!r}") from None
+    if not s >= 0 or s == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {value!r}")
+    return s
 
 
 def main(argv: Sequence[str] | None = None) -> int:

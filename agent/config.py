@@ -27,7 +27,7 @@ from .topics import validate_id, validate_prefix
 
 _LOG = logging.getLogger(__name__)
 
-__all__ = ["BrokerConfig", "AgentConfig", "load_config",
+__all__ = ["BrokerConfig", "UpdatesConfig", "AgentConfig", "load_config",
            "parse_config", "parse_hostport", "SCHEMA_DOC"]
 
 SCHEMA_DOC = """\
@@ -55,6 +55,12 @@ guest.*                guest model knobs: co_top_k_per_item, expand_top, sim_top
                        sim_weight, fallback_min_candidates, fallback_weight
 member.*               repeat_weight, co_weight (default: the values trained into
                        member_meta.json), threads (onnxruntime threads, default 1)
+updates.enabled        follow PREFIX/models/updated: download, verify, swap (default true)
+updates.jitter_s       longest random wait before downloading an update, default 30 (0 = none)
+updates.max_bundle_bytes   largest bundle download, default 67108864 (64 MiB); unpacked
+                       contents at most 4x that, one file at most 2x
+updates.download_timeout_s connect/read timeout of a bundle download, default 30
+updates.keep_versions  versions kept on disk (the serving one included, >= 2), default 3
 log_level              DEBUG | INFO (default) | WARNING | ERROR
 """
 
@@ -80,6 +86,17 @@ class MemberOverrides:
 
 
 @dataclass(frozen=True)
+class UpdatesConfig:
+    """Model updates (contract §5); see :mod:`agent.updater`."""
+
+    enabled: bool = True
+    jitter_s: float = 30.0
+    max_bundle_bytes: int = 64 << 20
+    download_timeout_s: float = 30.0
+    keep_versions: int = 3
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     broker: BrokerConfig
     agent_id: str
@@ -95,6 +112,7 @@ class AgentConfig:
     status_interval_s: float = 30.0
     guest: GuestParams = GuestParams()
     member: MemberOverrides = MemberOverrides()
+    updates: UpdatesConfig = UpdatesConfig()
     log_level: str = "INFO"
 
     def redacted(self) -> dict[str, Any]:
@@ -270,6 +288,12 @@ def parse_config(data: Mapping[str, Any], overrides: Mapping[str, Any] | None = 
     idle_ttl_s = r.get("baskets.idle_ttl_s", float, 1800.0, minimum=1)
     max_baskets = r.get("baskets.max_baskets", int, 10000, minimum=1)
     status_interval_s = r.get("status_interval_s", float, 30.0, minimum=0.1)
+    updates = UpdatesConfig(
+        enabled=r.get("updates.enabled", bool, True),
+        jitter_s=r.get("updates.jitter_s", float, 30.0, minimum=0),
+        max_bundle_bytes=r.get("updates.max_bundle_bytes", int, 64 << 20, minimum=1024),
+        download_timeout_s=r.get("updates.download_timeout_s", float, 30.0, minimum=0.1),
+        keep_versions=r.get("updates.keep_versions", int, 3, minimum=2))
     log_level = str(r.get("log_level", str, "INFO")).upper()
     if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         r.problems.append(f"log_level must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
@@ -282,7 +306,7 @@ def parse_config(data: Mapping[str, Any], overrides: Mapping[str, Any] | None = 
         public_key=public_key, allow_unsigned=allow_unsigned, prefix=prefix,
         http_host=http_host, http_port=http_port, limits=EventLimits(**limit_values), idle_ttl_s=idle_ttl_s,
         max_baskets=max_baskets, status_interval_s=status_interval_s,
-        guest=GuestParams(**guest_kwargs), member=member, log_level=log_level)
+        guest=GuestParams(**guest_kwargs), member=member, updates=updates, log_level=log_level)
 
 
 def load_config(path: str | Path | None, overrides: Mapping[str, Any] | None = None,

@@ -28,7 +28,7 @@ MEMBER_DIR = "member_model"
 GUEST_ARRAYS = {name: f"{GUEST_DIR}/{name}.npy" for name in (
     "item_ids", "item_names", "co_neighbors", "co_scores", "sim_neighbors", "sim_scores", "popular")}
 GUEST_META = f"{GUEST_DIR}/guest_meta.json"
-#: The seed's joblib files (server side: the edge never unpickles).
+#: The seed's pickled files (server side: the edge never unpickles).
 SEED_GUEST_FILES = tuple(f"{GUEST_DIR}/{name}" for name in (
     "tfidf_vectorizer.pkl", "knn_model.pkl", "df_items.pkl", "tag_matrix.pkl", "co_purchase_dict.pkl"))
 

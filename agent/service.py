@@ -9,12 +9,21 @@ Threads:
   summary periodically.
 
 A bad event costs one message on ``PREFIX/basket/{id}/errors`` and a log
-line; the agent carries on. Model updates are not handled here.
+line; the agent carries on.
+
+Model updates: messages on ``PREFIX/models/updated`` (retained; the one held
+by the broker arrives on every connect) go to the attached
+:class:`~agent.updater.Updater`, which downloads and loads on its own thread
+and swaps the registry's one reference; the worker keeps answering with
+whichever snapshot is current when an event is handled, so no event is lost to
+a swap. Its outcome comes back through :meth:`AgentService.report_update` into
+the retained status (§3.3 ``last_update``).
 
 Use from code::
 
     registry = ModelRegistry(load_snapshot(...))
     service = AgentService(registry, AgentSettings(host="localhost", agent_id="jetson-07"))
+    service.attach_updater(Updater(store, registry, loader, service.report_update))  # optional
     service.run_forever()          # until SIGTERM/SIGINT; or start() ... stop()
 """
 
@@ -28,7 +37,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 from .errors import AgentError, EventError
 from .events import BasketStates, CartEvent, EventLimits, InvalidEvent, Limits, parse_cart_event
@@ -36,13 +45,24 @@ from .metrics import Metrics
 from .mqtt import Message, MqttClient, MqttError, TLSSettings, Will
 from .recommenders.base import RecommendRequest
 from .registry import ModelRegistry
+from .sdnotify import Notifier
 from .topics import Topics, validate_id
 
 _LOG = logging.getLogger(__name__)
 
-__all__ = ["AgentSettings", "AgentService"]
+__all__ = ["AgentSettings", "AgentService", "UpdateSink"]
 
 _WAKE = Message("", b"")  # queued to wake the worker (status due, stop)
+
+
+class UpdateSink(Protocol):
+    """What the service needs of an updater (:class:`agent.updater.Updater`)."""
+
+    def submit(self, payload: bytes, received: float | None = None) -> None: ...
+
+    def start(self) -> None: ...
+
+    def stop(self, timeout: float = 5.0) -> None: ...
 
 
 @dataclass
@@ -109,26 +129,34 @@ class AgentService:
                                    recent_ids=settings.recent_event_ids,
                                    max_items=settings.limits.max_items)
         self.last_update: dict[str, Any] | None = None
+        self.updater: UpdateSink | None = None
         self._status_due = threading.Event()
         self._stopping = threading.Event()
         self._worker: threading.Thread | None = None
+        self.notifier = Notifier()  # systemd Type=notify + WatchdogSec; a no-op outside systemd
         self.mqtt = MqttClient(
             settings.host, settings.port,
             client_id=settings.client_id or f"smartbasket-agent-{settings.agent_id}",
             protocol=settings.protocol, keepalive=settings.keepalive, username=settings.username,
             password=settings.password, tls=settings.tls, reconnect_min_s=settings.reconnect_min_s,
             reconnect_max_s=settings.reconnect_max_s,
-            subscriptions=[(self.topics.cart_subscription, 1)],
+            subscriptions=[(self.topics.cart_subscription, 1), (self.topics.models_updated, 1)],
             will=Will(self.status_topic, _dumps({"state": "offline", "agent_id": settings.agent_id})),
             queue_size=settings.queue_size, on_connected=self._on_connected,
             on_drop=lambda _msg: self.metrics.drop())
 
     # -- lifecycle -------------------------------------------------------------------------
+    def attach_updater(self, updater: UpdateSink | None) -> None:
+        """Route ``models/updated`` messages to ``updater``; started and stopped with the service."""
+        self.updater = updater
+
     def start(self) -> None:
         """Connect (in the background) and start the worker; returns at once."""
         if self._worker is not None:
             return
         self._stopping.clear()
+        if self.updater is not None:
+            self.updater.start()
         self._worker = threading.Thread(target=self._work, name="agent-worker", daemon=True)
         self._worker.start()
         self.mqtt.start()
@@ -144,6 +172,8 @@ class AgentService:
         self._wake()
         self._worker.join(timeout)
         self._worker = None
+        if self.updater is not None:
+            self.updater.stop(timeout)
         if self.mqtt.connected:
             try:
                 self.mqtt.publish_and_wait(self.status_topic, _dumps(
@@ -164,15 +194,29 @@ class AgentService:
         previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
             self.start()
+            self.notifier.ready(self._sd_status())
             while not done.wait(1.0):
                 pass
         finally:
+            self.notifier.stopping()
             self.stop()
             for s, h in previous.items():
                 signal.signal(s, h)
 
-    def report_update(self, version: str, result: str, reason: str | None = None) -> None:
-        """Record a model update outcome (§3.3 ``last_update``) and republish the status soon."""
+    def _sd_status(self) -> str:
+        """One line for ``systemctl status`` (sd_notify STATUS=)."""
+        snap = self.registry.current
+        models = snap.model_versions if snap is not None else {}
+        link = "connected" if self.mqtt.connected else "not connected"
+        return (f"broker {self.settings.host}:{self.settings.port} {link}; "
+                f"models {', '.join(f'{k} {v}' for k, v in models.items() if v) or 'none'}; "
+                f"{len(self.states)} baskets")
+
+    def report_update(self, version: str | None, result: str, reason: str | None = None) -> None:
+        """Record a model update outcome (§3.3 ``last_update``) and republish the status soon.
+
+        Thread-safe (called from the updater's thread): one reference assignment, then flags.
+        """
         self.last_update = {"version": version, "result": result, "reason": reason, "at": _now_iso()}
         self._status_due.set()
         self._wake()
@@ -219,10 +263,12 @@ class AgentService:
                     _LOG.exception("unexpected failure handling a message on %s", msg.topic)
                     self.metrics.error("internal")
             now = time.monotonic()
+            self.notifier.ping(now)  # here, not in a thread of its own: a hung worker must stop the pings
             if self._status_due.is_set() or now >= next_status:
                 self._status_due.clear()
                 if self.mqtt.connected:
                     self._publish_status()
+                self.notifier.status(self._sd_status())
                 next_status = now + s.status_interval_s
             if now >= next_expire:
                 expired = self.states.expire(now)
@@ -239,7 +285,13 @@ class AgentService:
                 next_summary = now + s.summary_interval_s
 
     def handle(self, msg: Message) -> None:
-        """Process one cart message (worker thread)."""
+        """Process one message (worker thread): a model update or a cart event."""
+        if msg.topic == self.topics.models_updated:
+            if self.updater is not None:
+                self.updater.submit(msg.payload, msg.received)  # only parses and queues
+            elif msg.payload:
+                _LOG.info("model update message ignored: updates are disabled")
+            return
         try:
             basket_id = self.topics.parse_cart(msg.topic)
         except EventError as exc:

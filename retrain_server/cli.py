@@ -18,6 +18,8 @@ from typing import Any
 
 from .errors import ConfigError, GateRefused, RetrainError
 
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")  # onnxruntime (export, quantization) phones home otherwise
+
 _LOG = logging.getLogger("retrain_server")
 
 

@@ -227,8 +227,8 @@ class NightlyJob:
         self.after_step("gate")
         # 7. commit state + watermark + version record together
         db_state.commit_run(conn, generation=generation, through_day=day, days=days, version={
-            "version": version, "created_at": datetime.now(created_at.tzinfo), "reason": verdict.reason, "metrics": metrics,
-            "timings": timings})
+            "version": version, "created_at": datetime.now(created_at.tzinfo), "reason": verdict.reason,
+            "metrics": metrics, "timings": timings})
         self.after_step("commit")
         result = NightlyResult(day, [dd for dd, _, _ in days], version, False, verdict.reason, metrics, timings)
         if not verdict.passed:
