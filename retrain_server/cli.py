@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from datetime import date
+from datetime import date, datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -152,7 +152,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import threading
 
     from .nightly import NightlyJob
-    from .serve import BundleServer, Scheduler, create_app
+    from .serve import BundleServer, Scheduler, create_app, next_run
     from .sources import postgres
     from .state import model_history, published_version
 
@@ -162,9 +162,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     scheduler = Scheduler(lambda: job.run(), cfg.schedule_at, cfg.schedule_timezone)
 
     def health() -> dict[str, Any]:
+        upcoming = None
+        if cfg.schedule_enabled:
+            upcoming = scheduler.next_run_at or next_run(datetime.now(timezone.utc), cfg.schedule_at,
+                                                         cfg.schedule_timezone)
         doc: dict[str, Any] = {"status": "ok", "published": None, "last_run": None, "last_refusal": None,
-                               "next_run_at": scheduler.next_run_at.isoformat() if cfg.schedule_enabled
-                               and scheduler.next_run_at else None,
+                               "next_run_at": upcoming.isoformat() if upcoming else None,
                                "last_error": scheduler.last_error}
         try:
             conn = postgres.connect(cfg.dsn, connect_timeout=3)

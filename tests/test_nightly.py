@@ -341,3 +341,60 @@ def test_member_model_is_fine_tuned_nightly_keeping_its_lookups(world):
     assert layout.MEMBER_ONNX in names and layout.MEMBER_ONNX_FP32 not in names
     current, _ = world.state()
     assert (world.tmp / "state" / "generations" / current.generation / "checkpoint").is_dir()
+
+
+def test_serve_answers_bundles_and_health_and_reports_a_refusal(world):
+    import socket
+    import time
+    import urllib.error
+    import urllib.request
+
+    from scripts.brokers import free_port
+
+    d0 = world.last_day - timedelta(days=1)
+    first = world.job(**{"gate.holdout_percent": 40}).run(d0)
+    port = free_port()
+    cfg = world.tmp / "retrain.yaml"
+    cfg.write_text(json.dumps({
+        "database": {"dsn": world.dsn}, "broker": {"host": world.broker.host, "port": world.broker.port},
+        "prefix": world.prefix, "parameters": str(world.tmp / "parameters"), "state_dir": str(world.tmp / "state"),
+        "bundle_dir": str(world.bundle_dir), "signing_key": str(world.key),
+        "public_url": f"http://127.0.0.1:{port}", "http": {"port": port}, "training": {"member": False}}))
+    proc = subprocess.Popen([sys.executable, "-m", "retrain_server.cli", "serve", "--config", str(cfg)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def get(path: str) -> tuple[int, bytes]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
+                return resp.status, resp.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read()
+
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+                time.sleep(0.2)
+        status, body = get("/health")
+        health = json.loads(body)
+        assert status == 200 and health["status"] == "ok" and health["published"] == first.version
+        assert health["next_run_at"]
+        status, body = get(f"/bundles/{first.version}.tar.gz")
+        assert status == 200 and body == (world.bundle_dir / f"{first.version}.tar.gz").read_bytes()
+        assert get("/bundles/../manifest.json")[0] == 404
+        worse = world.job(**{"gate.holdout_percent": 40, "guest_training.min_co_count": 10**6}).run(world.last_day)
+        assert not worse.published
+        status, body = get("/health")
+        health = json.loads(body)
+        assert status == 503 and health["status"] == "degraded"
+        assert health["last_refusal"]["version"] == worse.version and "guest_hr@10" in health["last_refusal"]["reason"]
+        assert health["published"] == first.version
+        assert world.dsn.split("@")[0] not in body.decode() or "password" not in world.dsn
+    finally:
+        proc.terminate()
+        proc.wait(15)
+    assert proc.returncode == 0
