@@ -35,6 +35,7 @@ import queue
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -133,6 +134,7 @@ class AgentService:
         self._status_due = threading.Event()
         self._stopping = threading.Event()
         self._worker: threading.Thread | None = None
+        self._answer_listeners: list[Callable[[str, bytes], None]] = []
         self.notifier = Notifier()  # systemd Type=notify + WatchdogSec; a no-op outside systemd
         self.mqtt = MqttClient(
             settings.host, settings.port,
@@ -273,7 +275,7 @@ class AgentService:
             if now >= next_expire:
                 expired = self.states.expire(now)
                 for basket_id in expired:  # a basket abandoned without checkout
-                    self._publish(self.topics.recommendations(basket_id), b"", retain=True)
+                    self._publish_recommendations(basket_id, b"")
                 if expired:
                     _LOG.debug("forgot %d idle baskets (retained recommendations cleared)", len(expired))
                 next_expire = now + 1.0
@@ -319,7 +321,7 @@ class AgentService:
             return
         if outcome.kind == "checkout":
             self.metrics.checkout()
-            self._publish(self.topics.recommendations(basket_id), b"", retain=True)
+            self._publish_recommendations(basket_id, b"")
             _LOG.debug("basket %s: checkout, recommendations cleared", basket_id)
             return
         self._answer(basket_id, event, outcome.cart, outcome.wishlist, msg.received)
@@ -350,7 +352,7 @@ class AgentService:
             "items": [{"id": pid, "name": snap.name(pid)} for pid in rec.ids],
             "model": rec.model, "model_version": rec.version,
             "event_id": event.event_id, "seq": event.seq, "ts": _now_iso()})
-        if self._publish(self.topics.recommendations(basket_id), payload, retain=True):
+        if self._publish_recommendations(basket_id, payload):
             latency = time.perf_counter() - received
             self.metrics.answer(rec.model, latency)
             _LOG.debug("basket %s: event %r -> %s %s (%.3f ms)", basket_id, event.event_id, rec.model,
@@ -360,6 +362,23 @@ class AgentService:
         self.metrics.error(kind)
         _LOG.warning("basket %s: event %r rejected: %s", basket_id, event_id, message)
         self._publish(self.topics.errors(basket_id), _dumps({"error": message, "event_id": event_id}))
+
+    def add_answer_listener(self, listener: Callable[[str, bytes], None]) -> None:
+        """Call ``listener(basket_id, payload)`` with every recommendation published (b"" = cleared).
+
+        Runs in the worker thread right after the MQTT publish: keep it short and
+        non-blocking (the display page's hub only enqueues).
+        """
+        self._answer_listeners.append(listener)
+
+    def _publish_recommendations(self, basket_id: str, payload: bytes) -> bool:
+        ok = self._publish(self.topics.recommendations(basket_id), payload, retain=True)
+        for listener in self._answer_listeners:
+            try:
+                listener(basket_id, payload)
+            except Exception:
+                _LOG.exception("answer listener failed")
+        return ok
 
     def _publish(self, topic: str, payload: bytes, *, retain: bool = False) -> bool:
         try:
