@@ -355,7 +355,7 @@ SEED_GUEST_TRAINING = {"popularity_alpha": 0.5, "cart_alpha": 0.0, "min_co_count
 SEED_GUEST_PARAMS = {"co_top_k_per_item": 20, "sim_weight": 0.3}
 #: Member blend weights; ``repeat`` multiplies log1p(own count), ``co`` the max-normalised
 #: guest co-purchase score. Both grids are in units of the two-tower score spread
-#: (see _member_scale), so they fit whatever scale training produced.
+#: (see retrain_server.blend.score_unit), so they fit whatever scale training produced.
 MEMBER_GRID = (0.0, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
 
 
@@ -475,22 +475,20 @@ def _train_member(train: PurchaseLog, catalog: Catalog, cfg: EvaluationConfig,
     return state, timings
 
 
-def _member_recommender(out_dir: Path, train: PurchaseLog, guest: Any, params: Any) -> Any:
-    from agent.recommenders.member import MemberHistory, MemberRecommender
+def _member_recommender(root: Path, train: PurchaseLog, guest: Any, params: Any) -> Any:
+    """The member recommender from ``root/member_model/``, built the edge's way, with ``params``."""
+    from agent.layout import MEMBER_ARRAYS, DirectorySource
+    from agent.registry import member_from_source
 
     from .export import write_member_history
 
-    users = np.load(out_dir / "user_lookup.npy", allow_pickle=False)
-    items = np.load(out_dir / "item_lookup.npy", allow_pickle=False)
-    with tempfile.TemporaryDirectory() as tmp:
-        write_member_history(train, users, items, Path(tmp))
-        h = [np.load(Path(tmp) / f"history_{n}.npy") for n in ("indptr", "items", "counts")]
-    history = MemberHistory(h[0].astype(np.int64), h[1].astype(np.int32), h[2].astype(np.float32))
-    return MemberRecommender((out_dir / "two_tower_model_quantized.onnx").read_bytes(),
-                             users.tolist(),
-                             np.load(out_dir / "context_lookup.npy", allow_pickle=False).tolist(),
-                             items, np.load(out_dir / "item_embeddings.npy", allow_pickle=False),
-                             history=history, guest=guest, params=params)
+    source = DirectorySource(root)
+    member_dir = root / "member_model"
+    if not (member_dir / Path(MEMBER_ARRAYS["user_lookup"]).name).exists():
+        raise FileNotFoundError(f"no member model in {member_dir}")
+    write_member_history(train, source.array(MEMBER_ARRAYS["user_lookup"]),
+                         source.array(MEMBER_ARRAYS["item_lookup"]), member_dir)
+    return member_from_source(source, guest, asdict(params))
 
 
 def _member_parts(rec: Any, case: Case, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -666,26 +664,26 @@ def run_evaluation(cfg: EvaluationConfig, *, data: Any = None,
             if cfg.tune:
                 val_guest_model = retrain_guest_copurchase(first_guest_model, fit, guest_training)
                 val_guest = _guest_recommender(val_guest_model, guest_params)
-                _, t_val = _train_member(fit, catalog, cfg, Path(tmp) / "val_member")
+                _, t_val = _train_member(fit, catalog, cfg, Path(tmp) / "val" / "member_model")
                 timings["member_validation_model"] = t_val
-                val_rec = _member_recommender(Path(tmp) / "val_member", fit, val_guest, MemberParams())
+                val_rec = _member_recommender(Path(tmp) / "val", fit, val_guest, MemberParams())
                 tuned_m = tune_member(val_rec, val_cases, k)
                 report["tuning"]["member"] = tuned_m
                 member_params = replace(member_params, **tuned_m["params"])
-            _, t_full = _train_member(train, catalog, cfg, Path(tmp) / "member")
+            _, t_full = _train_member(train, catalog, cfg, Path(tmp) / "full" / "member_model")
             timings["member"] = t_full
             report["chosen"]["member_params"] = asdict(member_params)
-            pure = _member_recommender(Path(tmp) / "member", train, guest, MemberParams())
+            pure = _member_recommender(Path(tmp) / "full", train, guest, MemberParams())
             rows.append({**_row("member: two-tower only", evaluate(pure, test_cases, k=k)),
                          "kind": "member"})
             from .blend import serving_weights
 
             weights = serving_weights(pure, train)  # what retrain-server train ships
-            shipped = _member_recommender(Path(tmp) / "member", train, shipped_guest, MemberParams(
+            shipped = _member_recommender(Path(tmp) / "full", train, shipped_guest, MemberParams(
                 repeat_weight=weights["repeat_weight"], co_weight=weights["co_weight"]))
             report["chosen"]["shipped_member_serving"] = weights
             rows.append({**_row(SHIPPED_MEMBER, evaluate(shipped, test_cases, k=k)), "kind": "member"})
-            blended = _member_recommender(Path(tmp) / "member", train, guest, member_params)
+            blended = _member_recommender(Path(tmp) / "full", train, guest, member_params)
             rows.append({**_row("member: two-tower + own history + co-purchase (tuned)",
                                 evaluate(blended, test_cases, k=k)), "kind": "member"})
             oov = "__evaluation_unknown_member__"

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-# --- MQTT broker (tests/mosquitto.py) ------------------------------------------------------
+# --- MQTT broker (scripts/brokers.py) -------------------------------------------------------
 from scripts.brokers import Broker, MosquittoBroker, external_broker
 
 
