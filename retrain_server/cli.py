@@ -22,6 +22,8 @@ os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")  # onnxruntime (export, quan
 
 _LOG = logging.getLogger("retrain_server")
 
+__all__ = ["build_parser", "main"]
+
 
 def _cmd_keygen(args: argparse.Namespace) -> int:
     from .sign import keygen

@@ -38,7 +38,7 @@ from .data import UNKNOWN, Catalog, PurchaseLog, write_products, write_purchases
 
 _LOG = logging.getLogger(__name__)
 
-__all__ = ["CompleteJourney", "load_completejourney", "age_from_band", "write_seed_files"]
+__all__ = ["CompleteJourney", "load_completejourney", "age_from_band", "write_seed_files", "main"]
 
 TAG_FIELDS = ("department", "product_category", "product_type", "brand", "package_size")
 
