@@ -3,7 +3,14 @@
 Layout (contract §2): ``manifest.json`` lists every file with its sha256 and
 size; ``manifest.sig`` is an Ed25519 signature of the exact bytes of
 ``manifest.json`` (base64 text, or 64 raw bytes). Only after the signature
-and every hash check out are arrays loaded, with ``allow_pickle=False``.
+and every hash check out are arrays loaded, never unpickled.
+
+What is loaded is exactly what was hashed: each file the edge loads is read
+once into memory, hashed, and later parsed from those bytes (arrays are
+zero-copy views of them), so a file swapped on disk after verification is
+never served. An ``.npy`` header is checked against the bytes that follow it
+before anything is allocated: a header claiming four billion rows is a
+one-line :class:`BundleError`, not a crash.
 """
 
 from __future__ import annotations
@@ -11,20 +18,22 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import io
 import json
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .errors import BundleError, SignatureError
+from .layout import is_edge_file
 
 _LOG = logging.getLogger(__name__)
 
-__all__ = ["Manifest", "verify_parameters", "load_public_key", "file_sha256", "load_array"]
+__all__ = ["Manifest", "verify_parameters", "load_public_key", "file_sha256", "load_array", "array_from_bytes"]
 
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
@@ -41,6 +50,8 @@ class Manifest:
     metrics: Mapping[str, Any]
     models: Mapping[str, Any]
     signed: bool
+    #: the verified bytes of every file the edge loads (relpath -> bytes)
+    blobs: Mapping[str, bytes] = field(default_factory=dict, repr=False, compare=False)
 
     def has(self, relpath: str) -> bool:
         return relpath in self.files
@@ -56,7 +67,12 @@ class Manifest:
         return load_array(self, relpath)
 
     def read_bytes(self, relpath: str) -> bytes:
-        return self.path(relpath).read_bytes()
+        """The verified bytes of a file the edge loads (never re-read from disk)."""
+        self.path(relpath)  # refuses unlisted files
+        try:
+            return self.blobs[relpath]
+        except KeyError:
+            raise BundleError(f"{relpath} is not a file the edge loads") from None
 
 
 def file_sha256(path: Path) -> str:
@@ -133,6 +149,7 @@ def verify_parameters(root: str | Path, public_key: Any | None, *,
         raise BundleError(f"{manifest_path}: malformed manifest ({exc})") from exc
     if not isinstance(files, dict):
         raise BundleError(f"{manifest_path}: 'files' must be an object")
+    blobs: dict[str, bytes] = {}
     for rel, info in files.items():
         if not isinstance(info, dict):
             raise BundleError(f"{manifest_path}: entry for {rel!r} must be an object")
@@ -141,19 +158,61 @@ def verify_parameters(root: str | Path, public_key: Any | None, *,
             raise BundleError(f"manifest lists a path outside the bundle: {rel}")
         if not path.is_file():
             raise BundleError(f"{rel}: listed in the manifest but missing")
-        if path.stat().st_size != info.get("size"):
-            raise BundleError(f"{rel}: size {path.stat().st_size} != manifest {info.get('size')}")
-        if file_sha256(path) != info.get("sha256"):
+        size = info.get("size")
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise BundleError(f"{manifest_path}: entry for {rel!r} has no valid size")
+        if not is_edge_file(rel):  # server-side files: checked, never loaded here
+            if path.stat().st_size != size:
+                raise BundleError(f"{rel}: size {path.stat().st_size} != manifest {size}")
+            if file_sha256(path) != info.get("sha256"):
+                raise BundleError(f"{rel}: sha256 does not match the manifest")
+            continue
+        try:
+            with path.open("rb") as fh:
+                data = fh.read(size + 1)
+        except OSError as exc:
+            raise BundleError(f"cannot read {rel}: {exc.strerror or exc}") from exc
+        if len(data) != size:
+            raise BundleError(f"{rel}: size {len(data) if len(data) <= size else 'over'} != manifest {size}")
+        if hashlib.sha256(data).hexdigest() != info.get("sha256"):
             raise BundleError(f"{rel}: sha256 does not match the manifest")
+        blobs[rel] = data
     return Manifest(root=root, version=version, created_at=str(doc.get("created_at", "")),
                     files=files, metrics=doc.get("metrics") or {}, models=doc.get("models") or {},
-                    signed=signed)
+                    signed=signed, blobs=blobs)
 
 
-def load_array(manifest: Manifest, relpath: str, mmap: bool = False) -> np.ndarray:
-    """np.load a verified file, never unpickling."""
+def load_array(manifest: Manifest, relpath: str) -> np.ndarray:
+    """A verified ``.npy`` file as an array over its verified bytes, never unpickling."""
+    return array_from_bytes(manifest.read_bytes(relpath), relpath)
+
+
+def array_from_bytes(data: bytes, what: str = "array") -> np.ndarray:
+    """Parse ``.npy`` bytes without pickle, checking the header against the data before allocating.
+
+    The result is a read-only view of ``data`` (no copy).
+    """
+    from numpy.lib import format as npy
+
+    fh = io.BytesIO(data)
     try:
-        return np.load(manifest.path(relpath), allow_pickle=False,
-                       mmap_mode="r" if mmap else None)
+        major, _minor = npy.read_magic(fh)
+        if major == 1:
+            shape, fortran, dtype = npy.read_array_header_1_0(fh)
+        elif major == 2:
+            shape, fortran, dtype = npy.read_array_header_2_0(fh)
+        else:
+            raise ValueError(f"unsupported .npy format version {major}")
     except ValueError as exc:
-        raise BundleError(f"{relpath}: cannot load without pickle ({exc})") from exc
+        raise BundleError(f"{what}: not a valid .npy file ({exc})") from exc
+    if dtype.hasobject:
+        raise BundleError(f"{what}: object arrays are refused (they would need pickle)")
+    count = 1
+    for dim in shape:
+        count *= int(dim)
+    body = len(data) - fh.tell()
+    if count * dtype.itemsize != body:
+        raise BundleError(f"{what}: header claims shape {shape} of {dtype} ({count * dtype.itemsize} bytes) "
+                          f"but the file holds {body}")
+    arr = np.frombuffer(data, dtype=dtype, count=count, offset=fh.tell())
+    return arr.reshape(shape, order="F" if fortran else "C")

@@ -372,8 +372,7 @@ def retrain_guest_copurchase(model: Any, log: PurchaseLog, config: Any) -> Any:
     """``model`` with its co-purchase part recomputed from ``log`` under ``config``.
 
     Same steps as :func:`retrain_server.guest.train_guest_model` except that the
-    TF-IDF part (which depends on the catalogue only, and is the slow part: a
-    cosine k-NN over every product) is reused.
+    TF-IDF part (which depends on the catalogue only) is reused.
     """
     from .guest import co_purchase_counts, co_purchase_tables
 

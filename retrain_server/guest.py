@@ -171,38 +171,70 @@ def _unit_rows(x: sp.csr_matrix) -> sp.csr_matrix:
     return sp.csr_matrix(sp.diags(inv) @ x)
 
 
-def _block_top_k(sims: sp.csr_matrix, first_row: int,
-                  k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Top-k of each row of a sparse block of similarities: (row in block, rank, column, similarity).
+def _distinct_rows(x: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
+    """First row of each distinct row of a canonical CSR matrix, and each row's distinct number.
 
-    Only the stored (non-zero) entries are ranked, packed row by row into a
-    dense ``rows x longest row`` array padded with -inf: densifying the whole
-    block means partitioning mostly tied zeros, which made ``np.partition`` the
-    bulk of the run (35 of 52 s on 50k items). The partition gives each row's
-    (k+1)-th best value (k+1 so self can be dropped afterwards); the few
-    entries at or above it are then sorted exactly, similarity desc and column
-    asc, so ties at the boundary go to the lower index.
+    Catalogues repeat tag strings (Complete Journey: 92k products, 21k distinct
+    tag strings), and bitwise-equal rows have bitwise-equal similarities, so
+    they are scored once.
+    """
+    keys: dict[bytes, int] = {}
+    inverse = np.empty(x.shape[0], dtype=np.int64)
+    ptr, ind, dat = x.indptr, x.indices, x.data
+    for i in range(x.shape[0]):  # ~1 s per million rows
+        lo, hi = ptr[i], ptr[i + 1]
+        inverse[i] = keys.setdefault(ind[lo:hi].tobytes() + dat[lo:hi].tobytes(), len(keys))
+    return np.unique(inverse, return_index=True)[1], inverse
+
+
+def _block_top_items(sims: sp.csr_matrix, k: int, group_ptr: np.ndarray,
+                     group_items: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The ``k`` best items for each row of a block of distinct-row similarities.
+
+    ``sims[q, t]`` is the similarity of distinct rows q and t; the items with row t
+    are ``group_items[group_ptr[t]:group_ptr[t + 1]]`` (ascending). Returns
+    (row in block, rank, item, similarity), ranked by similarity desc then item
+    asc, similarity <= 1e-9 left out. Only stored entries are ranked, packed row
+    by row into a ``rows x longest row`` array padded with -inf: a fully dense
+    block is mostly tied zeros, which made ``np.partition`` the bulk of the run.
     """
     n_rows = sims.shape[0]
     indptr, indices, data = sims.indptr, sims.indices, sims.data
     lengths = np.diff(indptr)
-    width = max(int(lengths.max()), k + 1)
+    width = max(int(lengths.max()), k)
     packed = np.full((n_rows, width), -np.inf)
     for i in range(n_rows):  # one memcpy per row: faster than a scatter over every entry
         packed[i, : lengths[i]] = data[indptr[i]:indptr[i + 1]]
-    kth = np.partition(packed, width - k - 1, axis=1)[:, width - k - 1]
-    floor = np.nextafter(_MIN_SIMILARITY, np.inf)  # similarity <= 1e-9: no shared tag
+    # The k best distinct rows hold at least k items, so nothing below the k-th best value is needed.
+    kth = np.partition(packed, width - k, axis=1)[:, width - k]
+    floor = np.nextafter(_MIN_SIMILARITY, np.inf)
     r, pos = np.nonzero(packed >= np.maximum(kth, floor)[:, None])
-    c, v = indices[indptr[r] + pos], packed[r, pos]
-    not_self = c != first_row + r
-    r, c, v = r[not_self], c[not_self], v[not_self]
-    order = np.lexsort((c, -v, r))
-    r, c, v = r[order], c[order], v[order]
+    t, v = indices[indptr[r] + pos], packed[r, pos]
+    order = np.lexsort((t, -v, r))
+    r, t, v = r[order], t[order], v[order]
+    # Tighter: stop at the value where the rows seen so far hold k items; keep its ties.
+    size = np.minimum(np.diff(group_ptr)[t], k)  # more than k items of one row are never needed
+    cum = np.cumsum(size)
+    row_first = np.searchsorted(r, np.arange(n_rows))
+    held = cum - np.concatenate(([0], cum))[row_first][r]
+    enough = np.flatnonzero(held >= k)
+    rows_enough, first = np.unique(r[enough], return_index=True)
+    cutoff = np.full(n_rows, -np.inf)
+    cutoff[rows_enough] = v[enough[first]]
+    keep = v >= cutoff[r]
+    r, t, v, size = r[keep], t[keep], v[keep], size[keep]
+    # Expand distinct rows into their items and rank items exactly.
+    rep = np.repeat(np.arange(t.size), size)
+    offset = np.arange(rep.size) - np.repeat(np.cumsum(size) - size, size)
+    items = group_items[group_ptr[t[rep]] + offset]
+    r, v = r[rep], v[rep]
+    order = np.lexsort((items, -v, r))
+    r, items, v = r[order], items[order], v[order]
     starts = np.zeros(n_rows + 1, dtype=np.int64)
     np.cumsum(np.bincount(r, minlength=n_rows), out=starts[1:])
     rank = np.arange(r.size) - starts[r]
-    keep = rank < k
-    return r[keep], rank[keep], c[keep], v[keep]
+    best = rank < k
+    return r[best], rank[best], items[best], v[best]
 
 
 def similarity_tables(tag_matrix: sp.spmatrix | np.ndarray, k: int, *,
@@ -211,30 +243,47 @@ def similarity_tables(tag_matrix: sp.spmatrix | np.ndarray, k: int, *,
 
     Same neighbours as ``NearestNeighbors(metric="cosine").kneighbors`` (self
     excluded, similarity <= 1e-9 dropped, rows ``-1``/0 padded), ordered by
-    similarity desc then lower index. Computed as blocked sparse dot products of
-    unit rows, because kneighbors over a 92k-item catalogue took minutes of the
-    nightly refit. ``block_rows`` overrides the block size (tests).
+    similarity desc then lower index. kneighbors over a 92k-item catalogue took
+    minutes of the nightly refit; here identical tag rows are scored once, as
+    blocked sparse dot products of unit rows, and an item's neighbours are its
+    tag row's ``k + 1`` best items minus itself. ``block_rows``: distinct tag
+    rows per block (tests; by default a block's similarities fit 64 MiB).
     """
     x = sp.csr_matrix(tag_matrix, dtype=np.float64, copy=True)
-    x.sum_duplicates()
     n = x.shape[0]
     neighbors = np.full((n, k), -1, dtype=np.int32)
     scores = np.zeros((n, k), dtype=np.float32)
     k_eff = min(k, n - 1)
     if k_eff <= 0:
         return neighbors, scores
+    x.sum_duplicates()
+    x.eliminate_zeros()
     x = _unit_rows(x)
-    xt = x.T.tocsr()
-    step = block_rows if block_rows is not None else max(1, _BLOCK_ENTRIES // n)
+    x.sort_indices()
+    first, inverse = _distinct_rows(x)
+    group_items = np.argsort(inverse, kind="stable")
+    group_ptr = np.zeros(first.size + 1, dtype=np.int64)
+    np.cumsum(np.bincount(inverse, minlength=first.size), out=group_ptr[1:])
+    rows = x[first]
+    rows_t = rows.T.tocsr()
+    k1 = k_eff + 1  # the row's best items include the item itself (or a twin)
+    top = np.full((first.size, k1), -1, dtype=np.int64)
+    top_sim = np.zeros((first.size, k1))
+    step = block_rows if block_rows is not None else max(1, _BLOCK_ENTRIES // first.size)
     if step < 1:
         raise ValueError(f"block_rows must be >= 1, got {step}")
-    for start in range(0, n, step):
-        sims = (x[start:start + step] @ xt).tocsr()
+    for start in range(0, first.size, step):
+        sims = (rows[start:start + step] @ rows_t).tocsr()
         if sims.nnz == 0:
             continue
-        r, rank, c, v = _block_top_k(sims, start, k_eff)
-        neighbors[start + r, rank] = c
-        scores[start + r, rank] = v
+        r, rank, items, v = _block_top_items(sims, k1, group_ptr, group_items)
+        top[start + r, rank] = items
+        top_sim[start + r, rank] = v
+    cand = top[inverse]
+    drop_self = np.argsort(cand == np.arange(n)[:, None], axis=1, kind="stable")[:, :k_eff]
+    neighbors[:, :k_eff] = np.take_along_axis(cand, drop_self, axis=1)
+    scores[:, :k_eff] = np.take_along_axis(top_sim[inverse], drop_self, axis=1)
+    _LOG.debug("similarity: %d items, %d distinct tag rows", n, first.size)
     return neighbors, scores
 
 

@@ -127,7 +127,7 @@ def test_object_arrays_are_refused(params, keys):
     np.save(params / "guest_model" / "item_names.npy", np.array([{"x": 1}], dtype=object),
             allow_pickle=True)
     write_manifest(params, signing_key=keys[0])
-    with pytest.raises(BundleError, match="without pickle"):
+    with pytest.raises(BundleError, match="object arrays are refused"):
         load_snapshot(params, load_public_key(keys[1]))
 
 
@@ -182,3 +182,42 @@ def test_refuses_to_replace_a_directory_that_is_not_a_bundle(tmp_path, keys, gue
     with pytest.raises(ValueError, match="refusing to replace"):
         write_parameters(home, guest_model, signing_key=keys[0])
     assert (home / "thesis.txt").read_text() == "years of work"
+
+
+def test_what_is_loaded_is_what_was_verified(params, keys):
+    """A file swapped on disk after verification is never served (the bytes were hashed and kept)."""
+    from agent.layout import GUEST_ARRAYS
+    from agent.registry import snapshot_from_source
+
+    manifest = verify_parameters(params, load_public_key(keys[1]))
+    names_path = params / GUEST_ARRAYS["item_names"]
+    original = np.load(names_path).tolist()
+    np.save(names_path, np.array(["HACKED"] * len(original)))  # after the check, before the load
+    snap = snapshot_from_source(manifest, manifest.version)
+    ids = snap.guest.item_ids_.tolist()
+    assert [snap.name(i) for i in ids] == original
+    assert "HACKED" not in {snap.name(i) for i in ids}
+
+
+def test_an_array_header_claiming_billions_of_rows_is_a_clean_error(params, keys, tmp_path):
+    """The header is checked against the file size before anything is allocated: exit 3, one line."""
+    import subprocess
+    import sys
+
+    from agent.layout import GUEST_ARRAYS
+
+    path = params / GUEST_ARRAYS["popular"]
+    raw = path.read_bytes()
+    header_end = raw.index(b"\n") + 1
+    arr = np.load(path)
+    header = raw[:header_end].decode("latin1").replace(f"({arr.shape[0]},)", "(4000000000,)")
+    header = header[:-1].ljust(header_end - 1) + "\n" if len(header) <= header_end else header
+    path.write_bytes(header.encode("latin1") + raw[header_end:])
+    write_manifest(params, signing_key=keys[0])
+    with pytest.raises(BundleError, match="header claims shape"):
+        load_snapshot(params, load_public_key(keys[1]))
+    r = subprocess.run([sys.executable, "-m", "agent.cli", "bridge", "--parameters", str(params),
+                        "--public-key", str(keys[1]), "--port", "0"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 3, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "header claims shape" in r.stderr
+    assert "Traceback" not in r.stderr
