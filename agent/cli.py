@@ -135,11 +135,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
         _LOG.info("model updates disabled (updates.enabled: false)")
     bridge = None
     if cfg.http_port:
+        from .display import DisplayHub
         from .http import HttpBridge, create_app  # FastAPI costs ~30 MB: only when enabled
 
-        bridge = HttpBridge(create_app(registry, metrics, cfg.limits), cfg.http_host, cfg.http_port)
+        # The basket display: every answer the worker publishes also goes to the page's event stream.
+        hub = DisplayHub(max_baskets=cfg.max_baskets)
+        service.add_answer_listener(hub.publish)
+        bridge = HttpBridge(create_app(registry, metrics, cfg.limits, display=hub), cfg.http_host, cfg.http_port)
         bridge.start()
-        _LOG.info("HTTP bridge on http://%s:%d", cfg.http_host, cfg.http_port)
+        _LOG.info("HTTP bridge on http://%s:%d (basket display: /display/<basket id>)", cfg.http_host,
+                  cfg.http_port)
     _LOG.info("agent %s: broker %s:%d (MQTT %s), prefix %s", cfg.agent_id, cfg.broker.host,
               cfg.broker.port, cfg.broker.protocol, cfg.prefix)
     try:

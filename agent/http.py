@@ -1,10 +1,12 @@
-"""The HTTP bridge (contract §4): ``POST /recommend``, ``GET /health``, ``GET /metrics``.
+"""The HTTP bridge (contract §4): ``POST /recommend``, ``GET /health``, ``GET /metrics``, ``GET /display/...``.
 
 A FastAPI app over the same :class:`~agent.registry.ModelRegistry` the MQTT
 agent serves from, so both see a model swap at the same moment. Request
 bodies are validated by the same code as MQTT cart events
 (:func:`agent.events.event_from_obj`), so the two entry points accept and
-refuse exactly the same things.
+refuse exactly the same things. Given a :class:`~agent.display.DisplayHub` fed
+by the MQTT agent's answers, it also serves the basket display page and its
+event stream (:mod:`agent.display`).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import json
 import logging
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
@@ -23,6 +25,9 @@ from .events import EventLimits, event_from_obj
 from .metrics import Metrics
 from .recommenders.base import RecommendRequest
 from .registry import ModelRegistry
+
+if TYPE_CHECKING:
+    from .display import DisplayHub
 
 _LOG = logging.getLogger(__name__)
 
@@ -53,11 +58,19 @@ def _as_event(body: Any) -> dict[str, Any]:
 
 
 def create_app(registry: ModelRegistry, metrics: Metrics | None = None,
-               limits: EventLimits | None = None) -> FastAPI:
-    """The bridge app; models always come from ``registry.current``."""
+               limits: EventLimits | None = None, display: DisplayHub | None = None) -> FastAPI:
+    """The bridge app; models always come from ``registry.current``.
+
+    With ``display`` (a hub the agent's answers feed) the basket display routes are
+    added; without it (nothing feeds answers) there is no display to show.
+    """
     metrics = metrics or Metrics()
     limits = limits or EventLimits()
     app = FastAPI(title="Smart Basket recommendation bridge", version="1")
+    if display is not None:
+        from .display import add_display_routes
+
+        add_display_routes(app, display)
 
     @app.post("/recommend")
     def recommend(raw: bytes = _raw_body()) -> JSONResponse:  # sync: runs in the threadpool
@@ -128,8 +141,10 @@ class HttpBridge:
     def __init__(self, app: FastAPI, host: str, port: int) -> None:
         import uvicorn
 
+        # Open display streams would hold a graceful shutdown forever: bounded, and stop() ends them first.
         config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
-                                lifespan="off")
+                                lifespan="off", timeout_graceful_shutdown=2)
+        self.app = app
         self.host, self.port = host, port
         self.server = uvicorn.Server(config)
         self.server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
@@ -144,5 +159,8 @@ class HttpBridge:
             time.sleep(0.02)
 
     def stop(self) -> None:
+        hub = getattr(self.app.state, "display_hub", None)
+        if hub is not None:
+            hub.close()  # ends the display streams, so the server stops at once
         self.server.should_exit = True
         self._thread.join(timeout=5)

@@ -32,6 +32,8 @@ Nothing is ever unpickled.
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import hashlib
 import http.client
 import json
@@ -321,6 +323,8 @@ class Updater:
         except OSError as exc:
             _LOG.warning("pruning old versions failed: %s", exc)
         self._report(msg.version, "applied", None)
+        del old, snapshot
+        _release_freed_memory()
 
     def _rejected_with(self, msg: UpdateMessage, reason: str, transient: bool) -> None:
         current = self.registry.current
@@ -453,3 +457,18 @@ class Updater:
         if got != msg.sha256:
             raise _Failed(f"sha256 mismatch: the bundle's is {got[:16]}..., the message says {msg.sha256[:16]}...")
         return size
+
+
+def _release_freed_memory() -> None:
+    """Hand the previous version's freed heap back to the OS after a swap.
+
+    glibc keeps freed memory in its arenas: without this an agent's RSS settled
+    ~130 MB above its start after a few swaps of a 50,000-product bundle
+    (bench/bench_nightly.py), although nothing leaked.
+    """
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+

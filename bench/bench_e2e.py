@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import paho.mqtt.client as paho
-from common import ROOT, large_parameters, print_table, rss_mb, sample_carts, write_json
+from common import ROOT, large_parameters, plot_results, print_table, rss_mb, sample_carts, write_json
 from paho.mqtt.enums import CallbackAPIVersion
 
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -438,6 +438,7 @@ def main() -> None:
                        "goal": goals, "goal_met": met,
                        "note": "latency = display receive - sensor publish, same process, perf_counter; "
                                "2 broker hops; load generator, broker and agent share the machine's CPUs"})
+    plot_results("e2e")
 
 
 if __name__ == "__main__":

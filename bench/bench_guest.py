@@ -13,7 +13,7 @@ from collections import Counter
 import joblib
 
 # first: it pins BLAS to one thread before numpy loads, as the agent does
-from common import large_parameters, print_table, sample_carts, summary, time_calls, write_json
+from common import large_parameters, plot_results, print_table, sample_carts, summary, time_calls, write_json
 
 from agent.recommenders.base import RecommendRequest
 from agent.registry import load_snapshot
@@ -71,6 +71,7 @@ def main() -> None:
     write_json("guest", {"n_items": guest.n_items, "cart_size": 10, "edge": ours, "seed": theirs,
                          "speedup_p50": ratio,
                          "goal": {"p50_ms": 0.1, "p99_ms": 0.5}})
+    plot_results("guest")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,17 @@ import time
 import numpy as np
 
 # first: it pins BLAS to one thread before numpy loads, as the agent does
-from common import ROOT, large_parameters, large_store_files, print_table, sample_carts, summary, time_calls, write_json
+from common import (
+    ROOT,
+    large_parameters,
+    large_store_files,
+    plot_results,
+    print_table,
+    sample_carts,
+    summary,
+    time_calls,
+    write_json,
+)
 
 from agent.recommenders.base import RecommendRequest
 from agent.recommenders.features import CONTEXT_LENGTH, age_bucket, encode_context, gender_index
@@ -125,6 +135,7 @@ def main() -> None:
                           "sizes_mb": sizes, "memory_mb": mem, "train_s": round(train_s, 1),
                           "train_epochs": train_cfg.epochs,
                           "goal": {"p50_ms": 0.3, "p99_ms": 1.0, "rss_mb": 150}})
+    plot_results("member")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,11 @@
-"""Shared benchmark plumbing: the 50k-product store, timing, table + JSON output."""
+"""Shared benchmark plumbing: the 50k-product store, timing, table + JSON + PNG output.
+
+Every benchmark writes ``bench/results/<name>.json`` and, from that JSON alone,
+``bench/results/<name>.png`` (:func:`plot_results`), so a plot can be redrawn
+without measuring again: ``python bench/common.py [NAME ...]`` redraws the
+plots of every result present. matplotlib (the ``server`` extra) is imported
+only when plotting; the edge never needs it.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +18,7 @@ import json
 import platform
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -113,3 +120,205 @@ def write_json(name: str, payload: dict[str, Any]) -> Path:
     path.write_text(json.dumps(payload, indent=2))
     print(f"\nwrote {path.relative_to(ROOT)}")
     return path
+
+
+# -- plots ------------------------------------------------------------------------------------
+_PCTS = (("p50_ms", "p50"), ("p90_ms", "p90"), ("p99_ms", "p99"), ("p999_ms", "p99.9"), ("max_ms", "max"))
+_KIND_COLORS = {"baseline": "#9aa3ad", "guest": "#1f5fbf", "member": "#c2570c", "fallback": "#e3a46f"}
+_PCT_COLORS = ("#0b3d91", "#3f76c4", "#86b3e3", "#b9d3ef", "#dfe8f4")
+
+
+def _plain_log_axis(axis: Any) -> None:
+    """A log axis labelled 0.1, 1, 10 (not 10^-1), minor ticks included."""
+    import math
+
+    from matplotlib.ticker import FuncFormatter
+
+    def minor(v: float, _pos: Any) -> str:
+        lo, hi = sorted(axis.get_view_interval())
+        if v <= 0 or lo <= 0:
+            return ""
+        mantissa = round(v / 10 ** math.floor(math.log10(v) + 1e-9))
+        return f"{v:g}" if math.log10(hi / lo) < 0.8 or mantissa in (2, 5) else ""
+
+    axis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
+    axis.set_minor_formatter(FuncFormatter(minor))
+
+
+def _scenario_color(name: str, i: int) -> str:
+    for kind in ("member", "guest"):
+        if kind in name:
+            return _KIND_COLORS[kind]
+    return ("#5b6472", "#2a9d8f", "#8e44ad")[i % 3]
+
+
+def _pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend, or None (with a note) when it is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install -e '.[server]'): no plot written", file=sys.stderr)
+        return None
+    plt.rcParams.update({"figure.dpi": 110, "font.size": 9, "axes.spines.top": False, "axes.spines.right": False})
+    return plt
+
+
+def _save(fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    print(f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
+    return path
+
+
+def plot_latency_bars(path: Path, title: str, series: Mapping[str, Mapping[str, Any]],
+                      goals: Mapping[str, float] | None = None) -> Path | None:
+    """Grouped horizontal bars, one group per implementation, one bar per percentile present (log ms axis).
+
+    ``goals`` ({"p50": 0.1, "p99": 0.5}) become dashed vertical lines.
+    """
+    plt = _pyplot()
+    if plt is None:
+        return None
+    keys = [(k, label) for k, label in _PCTS if any(s.get(k) is not None for s in series.values())]
+    names = list(series)
+    fig, ax = plt.subplots(figsize=(8, max(2.4, 0.42 * len(names) * max(1, len(keys)) ** 0.5 + 1.2)))
+    height = 0.8 / len(keys)
+    for j, (k, label) in enumerate(keys):
+        ys = [i + (j - (len(keys) - 1) / 2) * height for i in range(len(names))]
+        vals = [float(series[n].get(k) or float("nan")) for n in names]
+        bars = ax.barh(ys, vals, height=height * 0.92, color=_PCT_COLORS[j % len(_PCT_COLORS)],
+                       edgecolor="#0b3d91", linewidth=0.5, label=label)
+        ax.bar_label(bars, labels=[f"{v:.3g}" if v == v else "" for v in vals], padding=2, fontsize=7)
+    for g, (label, ms) in enumerate((goals or {}).items()):
+        ax.axvline(ms, color="#b3261e", linestyle=(0, (4, 2 + 2 * g)), linewidth=1)
+        ax.text(ms, -0.62, f" goal {label} {ms:g} ms", color="#b3261e", fontsize=7, va="bottom")
+    ax.set_yticks(range(len(names)), names)
+    ax.set_ylim(len(names) - 0.5, -0.95 if goals else -0.5)  # inverted: first name on top, room for goals
+    ax.set_xscale("log")
+    _plain_log_axis(ax.xaxis)
+    ax.set_xlabel("milliseconds (log scale)")
+    ax.set_title(title, loc="left", fontsize=10)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)
+    return _save(fig, path)
+
+
+def plot_latency_ladder(path: Path, title: str, panels: Mapping[str, Mapping[str, Mapping[str, Any]]],
+                        goal_ms: float | None = None) -> Path | None:
+    """Latency distributions as percentile ladders (p50 .. max), one line per scenario, one panel per group."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    for ax, (panel, series) in zip(axes[0], panels.items()):
+        for i, (name, row) in enumerate(series.items()):
+            pts = [(label, row[k]) for k, label in _PCTS if row.get(k) is not None]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name,
+                        color=_scenario_color(name, i))
+        if goal_ms is not None and panel.startswith("paced"):
+            ax.axhline(goal_ms, color="#b3261e", linestyle="--", linewidth=1)
+            ax.text(0, goal_ms, f" goal p99 {goal_ms:g} ms", color="#b3261e", fontsize=7, va="bottom")
+        ax.set_yscale("log")
+        _plain_log_axis(ax.yaxis)
+        ax.set_ylabel("ms (log scale)")
+        ax.set_title(panel, loc="left", fontsize=9)
+        ax.grid(axis="y", color="#e6e9ef")
+        ax.legend(fontsize=7, frameon=False)
+    fig.suptitle(title, x=0.01, ha="left", fontsize=10)
+    return _save(fig, path)
+
+
+def plot_hit_rates(path: Path, title: str, rows: Sequence[Mapping[str, Any]]) -> Path | None:
+    """HR@10 by method as horizontal bars coloured by kind (baseline, guest, member, fallback)."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    rows = [r for r in rows if r.get("hr") is not None]
+    fig, ax = plt.subplots(figsize=(9.5, 0.32 * len(rows) + 1.3))
+    names = [str(r["method"]) if len(str(r["method"])) <= 70 else str(r["method"])[:67] + "..." for r in rows]
+    vals = [float(r["hr"]) for r in rows]
+    bars = ax.barh(range(len(rows)), vals, color=[_KIND_COLORS.get(r.get("kind"), "#666") for r in rows])
+    ax.bar_label(bars, labels=[f"{v:.4f}" for v in vals], padding=2, fontsize=7)
+    ax.set_yticks(range(len(rows)), names, fontsize=7)
+    ax.set_xlabel("HR@10 (higher is better)")
+    fig.suptitle(title, x=0.01, ha="left", fontsize=10)
+    # The goals: guest >= 1.1x item co-occurrence, member >= 1.1x the best baseline.
+    base = [r for r in rows if r.get("kind") == "baseline"]
+    co = next((float(r["hr"]) for r in base if "co-occurrence" in str(r["method"])), None)
+    best = max((float(r["hr"]) for r in base), default=None)
+    goal_lines = []
+    for ref, label, color in ((co, "guest goal: 1.1x co-occurrence", _KIND_COLORS["guest"]),
+                              (best, "member goal: 1.1x best baseline", _KIND_COLORS["member"])):
+        if ref:
+            goal_lines.append(ax.axvline(1.1 * ref, color=color, linestyle=":", linewidth=1.2, label=label))
+    ax.set_ylim(len(rows) - 0.5, -0.5)
+    from matplotlib.patches import Patch
+
+    kinds = [k for k in _KIND_COLORS if any(r.get("kind") == k for r in rows)]
+    ax.legend(handles=[Patch(color=_KIND_COLORS[k], label=k) for k in kinds] + goal_lines, loc="upper left",
+              bbox_to_anchor=(1.0, 1.0), fontsize=7, frameon=False)
+    ax.set_xlim(0, max(vals) * 1.18 if vals else 1)
+    return _save(fig, path)
+
+
+def _plot_guest(doc: Mapping[str, Any], out: Path) -> Path | None:
+    goal = doc.get("goal", {})
+    return plot_latency_bars(out, f"guest recommend(), {doc.get('n_items', 0):,} products, 10-item cart, batch 1",
+                             {"edge: precomputed tables": doc["edge"], "seed: kneighbors per request": doc["seed"]},
+                             {"p50": goal.get("p50_ms", 0.1), "p99": goal.get("p99_ms", 0.5)})
+
+
+def _plot_member(doc: Mapping[str, Any], out: Path) -> Path | None:
+    goal = doc.get("goal", {})
+    series = {"edge, int8 ONNX (shipped)": doc["int8"], "edge, fp32 ONNX": doc["fp32"],
+              "Keras user tower per request": doc.get("keras") or {},
+              "user tower only, int8": doc.get("user_tower_int8") or {},
+              "user tower only, fp32": doc.get("user_tower_fp32") or {}}
+    return plot_latency_bars(out, f"member recommend(), {doc.get('n_items', 0):,} products, batch 1, 1 thread",
+                             {k: v for k, v in series.items() if v},
+                             {"p50": goal.get("p50_ms", 0.3), "p99": goal.get("p99_ms", 1.0)})
+
+
+def _plot_e2e(doc: Mapping[str, Any], out: Path) -> Path | None:
+    rows = doc.get("rows", [])
+    paced = {r["scenario"]: r for r in rows if not r["scenario"].endswith("saturation")}
+    sat = {r["scenario"]: r for r in rows if r["scenario"].endswith("saturation")}
+    panels = {f"paced, {doc.get('rate', 500):g} events/s": paced}
+    if sat:
+        panels[f"saturation, {doc.get('window', 64)} in flight"] = sat
+    return plot_latency_ladder(out, "sensor publish -> recommendation received, through Mosquitto (QoS 1)", panels,
+                               doc.get("goal", {}).get("p99_ms_at_500"))
+
+
+def _plot_eval(doc: Mapping[str, Any], out: Path) -> Path | None:
+    k, rows = doc.get("k", 10), doc.get("rows", [])
+    n = max((r.get("n") or 0 for r in rows), default=0)
+    return plot_hit_rates(out, f"Complete Journey, test month: HR@{k} by method ({n:,} test baskets)", rows)
+
+
+_PLOTTERS: dict[str, Callable[[Mapping[str, Any], Path], Path | None]] = {
+    "guest": _plot_guest, "member": _plot_member, "e2e": _plot_e2e, "eval_completejourney": _plot_eval}
+
+
+def plot_results(name: str, json_path: Path | None = None) -> Path | None:
+    """Draw ``<name>.png`` next to the result JSON (``bench/results/<name>.json`` unless given)."""
+    path = Path(json_path) if json_path is not None else RESULTS / f"{name}.json"
+    plotter = _PLOTTERS.get(name)
+    if plotter is None:
+        raise ValueError(f"no plot for {name!r}; known: {', '.join(_PLOTTERS)}")
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    return plotter(doc, path.with_suffix(".png"))
+
+
+if __name__ == "__main__":
+    wanted = sys.argv[1:] or [n for n in _PLOTTERS if (RESULTS / f"{n}.json").exists()]
+    if not wanted:
+        print(f"no results in {RESULTS} to plot", file=sys.stderr)
+    for result in wanted:
+        plot_results(result)

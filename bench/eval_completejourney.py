@@ -1,6 +1,6 @@
 """HR@10 / MRR@10 on the Complete Journey data: guest, member and baselines.
 
-Runs the protocol of :mod:`retrain_server.evaluate` (time split, one hidden
+Runs the protocol of :mod:`retrain_server.evaluation` (time split, one hidden
 product per test basket, tuning on a validation month carved from the training
 months) and writes ``bench/results/eval_completejourney.json``::
 
@@ -8,7 +8,8 @@ months) and writes ``bench/results/eval_completejourney.json``::
     python bench/eval_completejourney.py --max-test-baskets 0 --epochs 3
     python bench/eval_completejourney.py --quick --no-member  # smoke run, ~1 minute
 
-Same options as ``retrain-server evaluate`` (``--help``).
+Same options as ``retrain-server evaluate`` (``--help``). Then draws HR@10 by
+method next to the JSON (``eval_completejourney.png``, :func:`common.plot_results`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 
-from retrain_server.evaluate import main
+from retrain_server.evaluate import build_parser, main
 
 if __name__ == "__main__":
-    raise SystemExit(main(sys.argv[1:], default_json=ROOT / "bench" / "results" / "eval_completejourney.json"))
+    default = ROOT / "bench" / "results" / "eval_completejourney.json"
+    code = main(sys.argv[1:], default_json=default)
+    if code == 0:
+        # Only now: common pins BLAS to one thread at import, which must not touch the evaluation's training.
+        from common import plot_results
+
+        plot_results("eval_completejourney", build_parser().parse_known_args(sys.argv[1:])[0].json or default)
+    raise SystemExit(code)

@@ -153,6 +153,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import signal
     import threading
 
+    from .console import AgentDirectory, add_console_routes
     from .nightly import NightlyJob
     from .serve import BundleServer, Scheduler, create_app, next_run
     from .sources import postgres
@@ -188,8 +189,21 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             doc["status"] = "degraded"
         return doc
 
-    server = BundleServer(create_app(cfg.bundle_dir, health), cfg.http_host, cfg.http_port)
+    def models() -> list[dict[str, Any]]:
+        conn = postgres.connect(cfg.dsn, connect_timeout=3)
+        try:
+            return model_history(conn, 100)
+        finally:
+            conn.close()
+
+    app = create_app(cfg.bundle_dir, health)
+    # The operations console (contract §9) on the same port: agents from their retained statuses,
+    # the nightly history from PostgreSQL. Read-only.
+    directory = AgentDirectory.from_config(cfg)
+    add_console_routes(app, directory, models)
+    server = BundleServer(app, cfg.http_host, cfg.http_port)
     server.start()
+    directory.start()
     conn = postgres.connect(cfg.dsn)
     try:
         postgres.migrate(conn)
@@ -205,12 +219,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda s, _f: done.set())
-    _LOG.info("retrain server: bundles at %s/bundles/, health at %s/health", server.url, server.url)
+    _LOG.info("retrain server: bundles at %s/bundles/, health at %s/health, operations console at %s/",
+              server.url, server.url, server.url)
     try:
         while not done.wait(1.0):
             pass
     finally:
         scheduler.stop()
+        directory.stop()
         server.stop()
     return 0
 

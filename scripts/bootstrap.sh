@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up everything the demo and the tests need, idempotently:
 #   - system packages (Mosquitto, PostgreSQL server binaries, systemd for
-#     `systemd-analyze verify`, python3-venv) when missing and we are root;
+#     `systemd-analyze verify`, python3-venv; for the tests also Chromium and the Noto CJK fonts, which the
+#     browser tests of the display and console pages drive headless) when missing and we are root;
 #   - a virtualenv in .venv with the project installed (agent + server + test extras).
 # Re-running is cheap: apt-get runs only when something is missing, pip only when pyproject.toml changed.
 # Tests and the demo start private Mosquitto/PostgreSQL instances; nothing here starts a system service.
@@ -26,6 +27,16 @@ have_mosquitto || need_pkgs+=(mosquitto)
 # TEST_DATABASE_DSN points the tests at an existing server: then no local binaries are needed.
 [ -n "${TEST_DATABASE_DSN:-}" ] || have_postgres || need_pkgs+=(postgresql)
 command -v systemd-analyze >/dev/null 2>&1 || need_pkgs+=(systemd)
+# The browser tests (tests/test_display.py, tests/test_console.py) use Debian's Chromium through Playwright;
+# the fonts make Hangul render. The demo itself needs neither: its pages are opened in the user's own browser.
+have_cjk_fonts() {
+  dpkg-query -W -f='${Status}' fonts-noto-cjk 2>/dev/null | grep -q 'ok installed' ||
+    (command -v fc-list >/dev/null 2>&1 && fc-list 2>/dev/null | grep -qi 'Noto Sans CJK')
+}
+if ! $for_demo; then
+  [ -x /usr/bin/chromium ] || command -v chromium >/dev/null 2>&1 || need_pkgs+=(chromium)
+  have_cjk_fonts || need_pkgs+=(fonts-noto-cjk)
+fi
 PY=${PYTHON:-python3}
 if ! command -v "$PY" >/dev/null 2>&1; then need_pkgs+=(python3 python3-venv); fi
 if command -v "$PY" >/dev/null 2>&1 && ! "$PY" -c 'import venv, ensurepip' >/dev/null 2>&1; then

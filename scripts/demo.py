@@ -6,17 +6,20 @@
    (signed), exactly as ``retrain-server train`` does;
 3. starts a private Mosquitto (or, when it is not installed, the embedded
    amqtt broker, MQTT 3.1.1) on a free port;
-4. starts ``basket-agent run`` as a separate process with the HTTP bridge on;
-5. simulates baskets (guests and members) adding products, one MQTT event at a
+4. starts the store server's side in this process: a throwaway PostgreSQL
+   (when installed), the bundle server and the operations console (``GET /``);
+5. starts ``basket-agent run`` as a separate process with the HTTP bridge on,
+   whose ``/display/<basket>`` pages show each basket's recommendations live;
+6. simulates baskets (guests and members) adding products, one MQTT event at a
    time, and prints each basket's cart and its recommendations with names;
-6. asks the HTTP bridge the same question;
-7. the nightly loop (when PostgreSQL is installed): loads the store into a
-   throwaway PostgreSQL, writes a new day of purchases, runs the nightly job
-   (count, refit, gate, sign, pack, publish) while baskets keep shopping, and
-   shows the running agent switch to the new version with every cart event
-   answered;
-8. checks out every basket, stops the agent (its status turns ``offline``)
-   and exits 0. ``--keep-running`` keeps shopping until Ctrl-C.
+   then asks the HTTP bridge the same question;
+7. the nightly loop (when PostgreSQL is installed): loads the store into
+   PostgreSQL, writes a new day of purchases, runs the nightly job (count,
+   refit, gate, sign, pack, publish) while baskets keep shopping, and shows the
+   running agent switch to the new version with every cart event answered;
+8. with ``--keep-running``, keeps shopping at a watchable pace until Ctrl-C
+   (the display and console URLs keep working); then checks out every basket,
+   stops the agent (its status turns ``offline``) and exits 0.
 """
 
 from __future__ import annotations
@@ -83,7 +86,7 @@ def prepare_models(retrain: bool) -> tuple[Path, Path, Path]:
 
 
 def start_broker() -> tuple[object, int, str]:
-    step("3. MQTT broker")
+    step("3. MQTT broker, and the store server's side (bundles, operations console)")
     if mosquitto_available():
         broker = MosquittoBroker(WORK / "broker")
         broker.start()
@@ -94,6 +97,56 @@ def start_broker() -> tuple[object, int, str]:
     broker.start()
     print(f"   Mosquitto not installed: embedded amqtt broker on 127.0.0.1:{broker.port} (MQTT 3.1.1)")
     return broker, broker.port, "3.1.1"
+
+
+class StoreServer:
+    """The store server's side, in this process: PostgreSQL (when installed), bundle server, console.
+
+    What ``retrain-server serve`` runs, minus the schedule (step 7 runs the nightly job itself).
+    """
+
+    def __init__(self, port: int, protocol: str, prefix: str) -> None:
+        from retrain_server.console import AgentDirectory, add_console_routes
+        from retrain_server.serve import BundleServer, create_app
+        from scripts.postgres import PostgresServer, postgres_available
+
+        self.dir = WORK / "server"
+        for sub in ("parameters", "state", "bundles"):
+            if (self.dir / sub).exists():
+                import shutil
+
+                shutil.rmtree(self.dir / sub)
+        (self.dir / "bundles").mkdir(parents=True, exist_ok=True)
+        self.pg = PostgresServer(WORK / "postgres") if postgres_available() else None
+        app = create_app(self.dir / "bundles", lambda: {"status": "ok"})
+        self.directory = AgentDirectory("127.0.0.1", port, prefix=prefix, protocol=protocol)
+        add_console_routes(app, self.directory, self.models)
+        self.bundles = BundleServer(app, "127.0.0.1", 0)
+
+    def start(self) -> None:
+        if self.pg is not None:
+            from retrain_server.sources import postgres
+
+            self.pg.start()
+            with postgres.connect(self.pg.dsn) as conn:
+                postgres.migrate(conn)
+        self.bundles.start()
+        self.directory.start()
+
+    def models(self) -> list[dict]:
+        if self.pg is None:
+            return []
+        from retrain_server.sources import postgres
+        from retrain_server.state import model_history
+
+        with postgres.connect(self.pg.dsn, connect_timeout=3) as conn:
+            return model_history(conn)
+
+    def stop(self) -> None:
+        self.directory.stop()
+        self.bundles.stop()
+        if self.pg is not None:
+            self.pg.close()
 
 
 class Display:
@@ -184,7 +237,8 @@ def shopping_lists(data: Path, n: int, rng: np.random.Generator) -> list[tuple[d
     return picks
 
 
-def nightly_update(display: "Display", data: Path, keys: Path, port: int, protocol: str, prefix: str) -> None:
+def nightly_update(display: "Display", data: Path, keys: Path, port: int, protocol: str, prefix: str,
+                   server: StoreServer) -> None:
     """Step 7: a day of purchases in PostgreSQL -> nightly job -> the running agent swaps, baskets served."""
     import threading
     from datetime import datetime, timedelta
@@ -192,29 +246,16 @@ def nightly_update(display: "Display", data: Path, keys: Path, port: int, protoc
 
     from retrain_server.config import parse_config
     from retrain_server.nightly import NightlyJob
-    from retrain_server.serve import BundleServer, create_app
     from retrain_server.sources import postgres
-    from scripts.postgres import PostgresServer, postgres_available
 
     step("7. the nightly loop: a day of purchases in PostgreSQL -> retrain -> publish -> hot swap")
-    if not postgres_available():
+    pg, bundles, server_dir = server.pg, server.bundles, server.dir
+    if pg is None:
         print("   PostgreSQL is not installed: skipped (as root, bash scripts/demo.sh installs it)")
         return
-    server_dir = WORK / "server"
-    for sub in ("parameters", "state", "bundles"):
-        if (server_dir / sub).exists():
-            import shutil
-
-            shutil.rmtree(server_dir / sub)
-    pg = PostgresServer(WORK / "postgres")
-    pg.start()
-    bundles = BundleServer(create_app(server_dir / "bundles", lambda: {"status": "ok"}), "127.0.0.1", 0)
-    (server_dir / "bundles").mkdir(parents=True, exist_ok=True)
-    bundles.start()
     stop_shopping = threading.Event()
     try:
         with postgres.connect(pg.dsn) as conn:
-            postgres.migrate(conn)
             postgres.load_files(conn, data / "products.csv", data / "purchase_history.jsonl")
             _, last = postgres.purchase_days(conn, "Asia/Seoul")
             day = last + timedelta(days=1)
@@ -288,15 +329,61 @@ def nightly_update(display: "Display", data: Path, keys: Path, port: int, protoc
                   + ", ".join(f"{v} x{c}" for v, c in versions.items()))
     finally:
         stop_shopping.set()
-        bundles.stop()
-        pg.close()
+
+
+def who(user: dict | None) -> str:
+    return f"member {user['user_id']} ({'F' if user['gender'] == 1 else 'M'}, {user['age']})" if user else "guest"
+
+
+def shop_round(display: Display, names: dict[str, str], lists: list[tuple[dict | None, list[str]]], round_no: int,
+               latencies: list[float], pace: float = 0.0) -> None:
+    """One shopping trip per basket ``b-1`` .. ``b-N`` (the same ids every round, so a display URL stays useful).
+
+    ``pace`` 0: basket after basket, as fast as answers come. ``pace`` > 0: every basket adds a product,
+    then a pause of ``pace`` seconds, so a person watching ``/display/b-1`` sees the cart change.
+    """
+    baskets = [(f"b-{b + 1}", user, products) for b, (user, products) in enumerate(lists)]
+
+    def add(basket: str, user: dict | None, seq: int, pid: str) -> str:
+        event = {"event_id": f"{basket}-r{round_no}-{seq}", "seq": seq, "action": "add", "product_id": pid,
+                 "user": user, "top_k": 5}
+        t0 = display.send(basket, event)
+        t1, msg = display.wait_for(basket, event["event_id"])
+        latencies.append((t1 - t0) * 1000)
+        recs = ", ".join(i["name"] for i in msg["items"])
+        return f"+ {pad(names.get(pid, pid), 20)} → [{msg['model']:<6} {latencies[-1]:5.1f} ms] {recs}"
+
+    def checkout(basket: str) -> None:
+        display.send(basket, {"event_id": f"{basket}-r{round_no}-out", "seq": 99, "action": "checkout"})
+
+    if pace <= 0:
+        for basket, user, products in baskets:
+            print(f"\n   basket {basket} · {who(user)}")
+            for seq, pid in enumerate(products, 1):
+                print(f"     {add(basket, user, seq, pid)}")
+            checkout(basket)
+        return
+    print(f"\n   round {round_no}: " + ", ".join(f"{b} {who(u)}" for b, u, _ in baskets))
+    for seq in range(1, max(len(p) for _, _, p in baskets) + 1):
+        for basket, user, products in baskets:
+            if seq <= len(products):
+                print(f"   {basket:<5} {add(basket, user, seq, products[seq - 1])}")
+        time.sleep(pace)
+    time.sleep(2 * pace)
+    for basket, _, _ in baskets:
+        checkout(basket)
+    print("   every basket checked out (the displays empty)")
+    time.sleep(2 * pace)
 
 
 def main(argv: list[str] | None = None) -> int:
     global WORK
     ap = argparse.ArgumentParser(description="Smart Basket demo (see the module docstring).")
     ap.add_argument("--baskets", type=int, default=4, help="baskets to simulate (default 4)")
-    ap.add_argument("--keep-running", action="store_true", help="keep simulating until Ctrl-C")
+    ap.add_argument("--keep-running", action="store_true",
+                    help="after the nightly update, keep shopping (slowly, to watch the display) until Ctrl-C")
+    ap.add_argument("--pace", type=float, default=1.0,
+                    help="with --keep-running: seconds between one product and the next (default 1)")
     ap.add_argument("--retrain", action="store_true", help="train again even if .demo/parameters exists")
     ap.add_argument("--workdir", type=Path, default=WORK, help="where data, keys and models go (default .demo)")
     args = ap.parse_args(argv)
@@ -308,8 +395,12 @@ def main(argv: list[str] | None = None) -> int:
                      np.load(params / "guest_model" / "item_names.npy").tolist()))
     broker, port, protocol = start_broker()
     prefix = f"smartbasket/demo-{uuid.uuid4().hex[:6]}"
+    server = StoreServer(port, protocol, prefix)
+    server.start()
+    print(f"   store server (in this process): bundles and the operations console on {server.bundles.url}"
+          + ("" if server.pg else " (PostgreSQL not installed: no nightly history)"))
     http_port = free_port()
-    step("4. the agent (basket-agent run), with the HTTP bridge")
+    step("4. the agent (basket-agent run), with the HTTP bridge and the basket display")
     cmd = [sys.executable, "-m", "agent.cli", "run", "--broker", f"127.0.0.1:{port}", "--protocol", protocol,
            "--prefix", prefix, "--agent-id", "demo-jetson", "--parameters", str(params),
            "--public-key", str(pub), "--http-port", str(http_port), "--update-jitter-s", "0"]
@@ -317,48 +408,50 @@ def main(argv: list[str] | None = None) -> int:
     log_path = WORK / "agent.log"
     agent = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(log_path, "wb"))
     display = Display(port, protocol, prefix)
+
+    def urls() -> None:
+        print(f"   basket display:     http://127.0.0.1:{http_port}/display/b-1   "
+              f"(every basket: http://127.0.0.1:{http_port}/display)")
+        print(f"   operations console: {server.bundles.url}/")
+
     code = 1
+    lists: list[tuple[dict | None, list[str]]] = []
     try:
         status = display.wait_status("online", process=agent)
         print(f"   agent online: models {status['models']}  (log: {log_path})")
+        urls()
         step("5. shoppers fill their baskets (one MQTT cart event per product)")
         rng = np.random.default_rng(5)
         latencies: list[float] = []
-        round_no = 0
-        while True:
-            round_no += 1
-            for b, (user, products) in enumerate(shopping_lists(data, args.baskets, rng)):
-                basket = f"b-{round_no}-{b + 1}"
-                who = (f"member {user['user_id']} ({'F' if user['gender'] == 1 else 'M'}, {user['age']})"
-                       if user else "guest")
-                print(f"\n   basket {basket} · {who}")
-                for seq, pid in enumerate(products, 1):
-                    event = {"event_id": f"{basket}-{seq}", "seq": seq, "action": "add", "product_id": pid,
-                             "user": user, "top_k": 5}
-                    t0 = display.send(basket, event)
-                    t1, msg = display.wait_for(basket, event["event_id"])
-                    latencies.append((t1 - t0) * 1000)
-                    recs = ", ".join(i["name"] for i in msg["items"])
-                    print(f"     + {pad(names.get(pid, pid), 20)} → [{msg['model']:<6} {latencies[-1]:5.1f} ms] {recs}")
-                display.send(basket, {"event_id": f"{basket}-out", "seq": 99, "action": "checkout"})
-            if not args.keep_running:
-                break
-            time.sleep(1.0)
+        lists = shopping_lists(data, args.baskets, rng)
+        shop_round(display, names, lists, 1, latencies)
         step("6. the HTTP bridge answers the same models")
         body = json.dumps({"user_id": None, "cart": list(names)[:2], "top_k": 3}).encode()
         req = urllib.request.Request(f"http://127.0.0.1:{http_port}/recommend", data=body,
                                      headers={"content-type": "application/json"})
         with urllib.request.urlopen(req, timeout=5) as resp:
             print(f"   POST /recommend -> {resp.status} {resp.read().decode()}")
-        nightly_update(display, data, pub.parent, port, protocol, prefix)
+        nightly_update(display, data, pub.parent, port, protocol, prefix, server)
         lat = np.array(latencies)
         print(f"\n   {lat.size} events answered; sensor->display round trip p50 {np.percentile(lat, 50):.2f} ms, "
               f"p99 {np.percentile(lat, 99):.2f} ms")
+        if args.keep_running:
+            step("8. shopping goes on until Ctrl-C; watch it in a browser")
+            urls()
+            round_no = 1
+            while True:
+                round_no += 1
+                lists = shopping_lists(data, args.baskets, rng)
+                shop_round(display, names, lists, round_no, latencies, pace=max(args.pace, 0.05))
         code = 0
     except KeyboardInterrupt:
         code = 0
     finally:
         step("stopping")
+        server.directory.stop()  # Ctrl-C reached the broker too: no reconnect warnings from the console
+        for b in range(len(lists)):  # a basket left mid-trip: its display and retained answer are cleared
+            display.send(f"b-{b + 1}", {"event_id": f"b-{b + 1}-stop-{uuid.uuid4().hex[:6]}", "action": "checkout"})
+        time.sleep(0.2)
         agent.send_signal(signal.SIGTERM)
         try:
             agent.wait(10)
@@ -370,6 +463,7 @@ def main(argv: list[str] | None = None) -> int:
         except TimeoutError:
             print("   agent status: (offline message not seen)")
         display.client.loop_stop()
+        server.stop()
         broker.stop()
         if code != 0:
             print(f"demo failed; agent log: {log_path}", file=sys.stderr)
