@@ -3,7 +3,7 @@
 A FastAPI app over the same :class:`~agent.registry.ModelRegistry` the MQTT
 agent serves from, so both see a model swap at the same moment. Request
 bodies are validated by the same code as MQTT cart events
-(:func:`agent.events.event_from_obj`), so the two entry points accept and
+(:func:`agent.events.parse_cart_event` with ``source="http"``), so the two entry points accept and
 refuse exactly the same things. Given a :class:`~agent.display.DisplayHub` fed
 by the MQTT agent's answers, it also serves the basket display page and its
 event stream (:mod:`agent.display`).
@@ -11,7 +11,6 @@ event stream (:mod:`agent.display`).
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -20,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
-from .errors import AgentError, EventError
-from .events import EventLimits, event_from_obj
+from .errors import AgentError
+from .events import EventLimits, InvalidEvent, parse_cart_event
 from .metrics import Metrics
 from .recommenders.base import RecommendRequest
 from .registry import ModelRegistry
@@ -34,27 +33,6 @@ _LOG = logging.getLogger(__name__)
 __all__ = ["create_app", "HttpBridge"]
 
 GUEST = "guest"
-
-
-def _as_event(body: Any) -> dict[str, Any]:
-    """Map the bridge's flat body (the seed's shape) onto a cart event."""
-    if not isinstance(body, dict):
-        raise EventError("body must be a JSON object")
-    body = dict(body)
-    if "cart_items" in body:
-        if "cart" in body:
-            raise EventError("give either 'cart' or 'cart_items', not both")
-        body["cart"] = body.pop("cart_items")
-    if "cart" not in body:
-        raise EventError("'cart' (or 'cart_items') is required")
-    user_id = body.pop("user_id", None)
-    gender, age = body.pop("gender", None), body.pop("age", None)
-    # Unknown fields are ignored, as on MQTT, so clients may extend their requests.
-    if user_id is not None and user_id != GUEST:
-        body["user"] = {"user_id": user_id, "gender": gender, "age": age}
-    elif gender is not None or age is not None:
-        body["user"] = None  # guests' demographics are not used by the guest model
-    return body
 
 
 def create_app(registry: ModelRegistry, metrics: Metrics | None = None,
@@ -75,17 +53,10 @@ def create_app(registry: ModelRegistry, metrics: Metrics | None = None,
     @app.post("/recommend")
     def recommend(raw: bytes = _raw_body()) -> JSONResponse:  # sync: runs in the threadpool
         t0 = time.perf_counter()
-        if len(raw) > limits.max_payload_bytes:
-            metrics.error("too_large")
-            return _error(422, f"body of {len(raw)} bytes exceeds {limits.max_payload_bytes}")
-        try:
-            body = json.loads(raw)
-            event = event_from_obj(_as_event(body), limits)
-        except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
-            metrics.error("json")
-            return _error(422, f"body is not valid JSON: {type(exc).__name__}: {exc}"[:300])
-        except EventError as exc:
-            metrics.error("schema")
+        try:  # the same rules as MQTT cart events, in one place (agent.events); a whole cart is required
+            event = parse_cart_event(raw, limits, source="http")
+        except InvalidEvent as exc:
+            metrics.error(exc.kind)
             return _error(422, str(exc))
         snap = registry.current
         if snap is None:

@@ -246,9 +246,11 @@ def test_stale_seq_ignored_equal_seq_applied() -> None:
     assert s.get("b").last_seq == 5
     assert apply(s, seq=6, event_id="out", action="checkout").kind == "checkout"
     assert s.get("b").cart == [] and s.get("b").last_seq is None
-    assert apply(s, seq=5, event_id="e5b", action="add", product_id="z").kind == "duplicate"  # redelivery
+    # a redelivery is byte-identical (issue 7: the same id with other content after a checkout is a new trip's)
+    assert apply(s, seq=5, event_id="e5b", action="add", product_id="b").kind == "duplicate"  # redelivery
     assert apply(s, seq=6, event_id="out", action="checkout").kind == "duplicate"
-    assert apply(s, seq=5, cart=["late"]).kind == "stale"  # id-less and older than the checkout
+    # (issue 7) an id-less event with a seq below the checkout's was "stale" here for 60 s, which lost a new
+    # trip restarting its seq; now only byte-identical redeliveries are: test_checkout_starts_a_new_sequence
     # after the grace period a new trip may restart its seq and its event ids
     assert apply(s, now=61, seq=1, event_id="e5", cart=["fresh"]).cart == ("fresh",)
 
@@ -328,3 +330,345 @@ def test_metrics_empty() -> None:
     m = Metrics()
     assert m.snapshot()["p99_ms"] is None
     assert 'smartbasket_agent_latency_seconds{quantile="0.99"} NaN' in m.render_prometheus()
+
+
+# -- issue 7: state bounded in bytes -------------------------------------------------------------
+
+#: Builds 10,000 baskets, each from one in-limit event of ~62 KB (120 cart + 120 wishlist ids of
+#: 256 characters), with the default budget; prints RSS growth (from /proc) and the accounting.
+RSS_PROBE = r"""
+import json, sys
+sys.path.insert(0, ".")
+from agent.events import BasketStates, parse_cart_event
+
+def rss(field="VmRSS"):
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) * 1024 for l in f if l.startswith(field + ":"))
+
+budget = int(sys.argv[1])
+states = BasketStates(max_bytes=budget)
+base, evicted = rss(), 0
+for i in range(10_000):
+    ids = [f"{i:08d}-{j:04d}-" + "x" * 242 for j in range(240)]
+    payload = json.dumps({"event_id": f"e-{i}", "seq": 1, "cart": ids[:120], "wishlist": ids[120:]}).encode()
+    evicted += len(states.apply(f"b-{i}", parse_cart_event(payload), float(i)).evicted)
+print(json.dumps({"event_bytes": len(payload), "growth": rss() - base, "peak": rss("VmHWM") - base,
+                  "nbytes": states.nbytes, "baskets": len(states), "evicted": evicted}))
+"""
+
+
+def test_memory_budget_holds_in_real_rss_for_10000_max_size_baskets() -> None:
+    """The finding: 10,000 such baskets took RSS from 102 to 806 MB. Now the budget holds in reality."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    budget = 64 * 2**20
+    run = subprocess.run([sys.executable, "-c", RSS_PROBE, str(budget)], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1], timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    out = json.loads(run.stdout)
+    print(f"\n10,000 baskets x {out['event_bytes']} B events, budget {budget / 2**20:.0f} MiB: kept "
+          f"{out['baskets']}, evicted {out['evicted']}, accounted {out['nbytes'] / 2**20:.1f} MiB, "
+          f"RSS growth {out['growth'] / 2**20:.1f} MiB (peak {out['peak'] / 2**20:.1f} MiB)")
+    assert out["event_bytes"] > 60_000
+    assert out["nbytes"] <= budget
+    assert out["baskets"] + out["evicted"] == 10_000 and out["baskets"] < 1_000
+    assert out["peak"] <= budget * 1.25  # real memory, allocator slack included
+
+
+def test_accounted_bytes_cover_real_allocations() -> None:
+    """The cheap estimate (lengths + fixed overheads) is never below what tracemalloc sees the state hold."""
+    import gc
+    import tracemalloc
+
+    for alphabet in ("x", "é", "한", "😀"):
+        ids = [f"{j:04d}" + alphabet * 200 for j in range(150)]
+        big = [json.dumps({"event_id": f"e-{i}", "seq": i, "cart": ids[:100], "wishlist": ids[100:]},
+                          ensure_ascii=False).encode() for i in range(60)]
+        small = [ev(event_id=f"e-{i}-{alphabet}", seq=i, action="add", product_id=f"p{i % 30}")
+                 for i in range(3000)]
+        gc.collect()
+        tracemalloc.start()
+        before = tracemalloc.get_traced_memory()[0]
+        s = BasketStates()
+        for i, p in enumerate(big):
+            s.apply(f"basket-{i}", parse_cart_event(p, EventLimits(max_payload_bytes=2**20)), 0.0)
+        for i, p in enumerate(small):  # small baskets: the fixed overheads and the remembered ids dominate
+            s.apply(f"small-{i % 100}", parse_cart_event(p), 0.0)
+        s.apply("small-0", parse_cart_event(ev(action="checkout")), 1.0)
+        gc.collect()
+        traced = tracemalloc.get_traced_memory()[0] - before
+        tracemalloc.stop()
+        assert s.nbytes == s.recount()
+        print(f"\n{alphabet!r}: accounted {s.nbytes}, traced {traced}, ratio {s.nbytes / traced:.2f}")
+        assert s.nbytes >= traced, (alphabet, s.nbytes, traced)
+        if alphabet == "x":
+            assert s.nbytes <= 2 * traced, (s.nbytes, traced)  # conservative, not absurd
+        del s
+
+
+def _basket_cost(n_items: int) -> int:
+    """Accounted bytes of one basket holding ``n_items`` 20-character ids (measured, not assumed)."""
+    s = BasketStates()
+    s.apply("b-0", parse(cart=[f"{j:020d}" for j in range(n_items)]), 0.0)
+    return s.nbytes
+
+
+def test_budget_evicts_oldest_reports_it_and_refuses_its_deltas() -> None:
+    cost = _basket_cost(10)
+    s = BasketStates(max_bytes=3 * cost + cost // 2)
+    cart = [f"{j:020d}" for j in range(10)]
+    for i in range(3):
+        assert apply(s, now=i, basket=f"b{i}", cart=cart).evicted == ()
+    apply(s, now=3, basket="b0", action="add", product_id=cart[0])   # touched: b1 is now the oldest
+    out = apply(s, now=4, basket="b3", cart=cart)
+    assert out.kind == "answer" and out.evicted == ("b1",) and s.evictions == 1
+    assert "b1" not in s and s.nbytes <= s.max_bytes
+    # the evicted shopper's next delta is refused with a clear reason, not answered from a partial cart
+    for delta in ({"action": "add", "product_id": "p"}, {"action": "remove", "product_id": "p"},
+                  {"action": "clear"}):
+        with pytest.raises(InvalidEvent, match="dropped.*snapshot") as info:
+            apply(s, now=5, basket="b1", event_id="e-7", **delta)
+        assert info.value.kind == "evicted" and info.value.event_id == "e-7"
+        assert len(str(info.value)) <= 300
+    # a snapshot re-creates it (and makes room again)
+    out = apply(s, now=6, basket="b1", cart=cart[:2])
+    assert out.kind == "answer" and out.cart == tuple(cart[:2]) and out.evicted == ("b2",)
+    assert apply(s, now=7, basket="b1", action="add", product_id="q").cart == (*cart[:2], "q")
+    # a checkout of an evicted basket is simply a checkout
+    assert apply(s, now=8, basket="b2", action="checkout").kind == "checkout"
+    assert apply(s, now=9, basket="b2", action="add", product_id="n").cart == ("n",)
+
+
+def test_max_baskets_evictions_are_reported_too() -> None:
+    s = BasketStates(max_baskets=2)
+    apply(s, now=1, basket="b1", cart=["a"])
+    apply(s, now=2, basket="b2", cart=[])
+    assert apply(s, now=3, basket="b3", cart=["a"]).evicted == ("b1",)
+    assert apply(s, now=4, basket="b4", cart=["a"]).evicted == ("b2",)
+    with pytest.raises(InvalidEvent) as info:
+        apply(s, now=5, basket="b1", action="add", product_id="x")
+    assert info.value.kind == "evicted"
+    # b2's cart was empty when it was evicted: nothing was lost, a delta starts from empty again
+    assert apply(s, now=6, basket="b2", action="add", product_id="x").cart == ("x",)
+
+
+def test_remembered_evictions_are_bounded_and_expire() -> None:
+    s = BasketStates(max_baskets=1, remember_evicted=2, idle_ttl_s=100)
+    for i in range(5):
+        apply(s, now=i, basket=f"b{i}", cart=["a"])
+    assert apply(s, now=5, basket="b0", action="add", product_id="x").cart == ("x",)  # forgotten: only 2 kept
+    with pytest.raises(InvalidEvent):
+        apply(s, now=6, basket="b3", action="add", product_id="x")
+    s.expire(1000)
+    assert apply(s, now=1000, basket="b3", action="add", product_id="x").cart == ("x",)  # idle as long as a TTL
+
+
+def test_accounting_follows_every_change_and_returns_to_zero() -> None:
+    s = BasketStates(idle_ttl_s=10)
+    apply(s, now=0, basket="a", event_id="1", cart=["x" * 100, "y"])
+    after_snapshot = s.nbytes
+    apply(s, now=0, basket="a", event_id="2", action="add", product_id="z" * 50)
+    assert s.nbytes > after_snapshot
+    apply(s, now=0, basket="a", event_id="3", action="remove", product_id="z" * 50)
+    apply(s, now=0, basket="a", event_id="4", action="clear", wishlist=["w" * 200])
+    apply(s, now=0, basket="b", event_id="1", action="checkout")
+    assert s.nbytes == s.recount()
+    assert s.drop("b") and s.nbytes == s.recount()
+    assert s.expire(100) == ["a"] and s.nbytes == 0 and len(s) == 0
+
+
+def test_remembered_event_ids_bounded_by_bytes() -> None:
+    s = BasketStates(recent_ids=10_000, recent_bytes=4096)
+    for i in range(500):
+        apply(s, event_id=f"{i:0256d}", action="add", product_id="a")
+    state = s.get("b")
+    assert 1 < len(state.recent) < 20
+    assert apply(s, event_id=f"{499:0256d}", action="add", product_id="a").kind == "duplicate"
+
+
+# -- issue 7: rejected values are not echoed whole ---------------------------------------------
+
+HUGE = "6" * 60_000
+
+
+@pytest.mark.parametrize("fields", [
+    {"cart": ["a"], "top_k": HUGE},
+    {"cart": ["a"], "seq": HUGE},
+    {"cart": ["a"], "user": {"user_id": "u", "gender": HUGE}},
+    {"cart": ["a"], "user": {"user_id": "u", "age": HUGE}},
+    {"cart": ["a"], "gender": HUGE},
+    {"action": HUGE},
+    {"cart": ["a"], "top_k": [HUGE] * 3},
+    {"cart": ["a"], "top_k": {HUGE: 1}},
+], ids=["top_k", "seq", "user.gender", "user.age", "gender", "action", "list", "object"])
+def test_rejected_values_are_truncated_in_messages(fields: dict) -> None:
+    with pytest.raises(InvalidEvent) as info:
+        parse_cart_event(json.dumps({"event_id": "e-1", **fields}).encode(), EventLimits(max_payload_bytes=10**6))
+    message = str(info.value)
+    assert len(message) <= 300 and "666666" in message and HUGE not in message, message
+    if fields.get("top_k") == HUGE or fields.get("action") == HUGE:
+        assert "…" in message and "60000 characters" in message
+    assert info.value.event_id == "e-1"
+
+
+def test_echoed_event_id_and_message_are_bounded() -> None:
+    e = InvalidEvent("x" * 10_000, event_id="i" * 5000)
+    assert len(str(e)) <= 300 and str(e).endswith("…")
+    assert isinstance(e.event_id, str) and len(e.event_id) <= 100 and "5000 characters" in e.event_id
+    assert InvalidEvent("m", event_id=10**40).event_id != 10**40
+    assert InvalidEvent("m", event_id="e-0001").event_id == "e-0001"
+    assert InvalidEvent("m", event_id=12).event_id == 12
+    with pytest.raises(InvalidEvent, match="'event_id' must be a non-empty string or an integer") as info:
+        parse(event_id=2**64, cart=["a"])
+    assert info.value.event_id is None
+    assert parse(event_id=2**63 - 1, cart=["a"]).event_id == 2**63 - 1
+
+
+# -- issue 7: sequence numbers, trips, redelivery ----------------------------------------------
+
+def test_seq_is_a_64_bit_signed_integer() -> None:
+    assert parse(seq=2**63 - 1, cart=[]).seq == 2**63 - 1
+    for bad in (2**63, 10**30):
+        with pytest.raises(InvalidEvent, match="'seq' must be a non-negative integer") as info:
+            parse(seq=bad, cart=[])
+        assert len(str(info.value)) <= 300
+    # the finding: a seq of 10**30 froze the basket; now it is refused and the basket carries on
+    s = BasketStates()
+    apply(s, seq=3, cart=["a"])
+    with pytest.raises(InvalidEvent):
+        apply(s, seq=10**30, cart=["b"])
+    assert apply(s, seq=4, action="add", product_id="c").cart == ("a", "c")
+    assert apply(s, seq=5, action="checkout").kind == "checkout"
+
+
+def test_new_trip_reusing_event_ids_right_after_checkout_is_not_a_duplicate() -> None:
+    """The finding: a sensor restarting its ids at e-0001 within 60 s of a checkout lost that trip's items."""
+    s = BasketStates()
+    old = [ev(event_id="e-0001", seq=1, action="add", product_id="A"),
+           ev(event_id="e-0002", seq=2, action="add", product_id="B"),
+           ev(event_id="e-0003", seq=3, action="checkout")]
+    for i, p in enumerate(old):
+        s.apply("b", parse_cart_event(p), float(i))
+    new = s.apply("b", parse_cart_event(ev(event_id="e-0001", seq=1, action="add", product_id="C")), 10.0)
+    assert new.kind == "answer" and new.cart == ("C",)
+    assert s.apply("b", parse_cart_event(ev(event_id="e-0002", seq=2, action="add", product_id="D")),
+                   11.0).cart == ("C", "D")
+    # byte-identical redeliveries of the old trip are still ignored, whatever their ids now mean
+    for p in old:
+        assert s.apply("b", parse_cart_event(p), 12.0).kind == "duplicate"
+    assert s.get("b").cart == ["C", "D"]
+
+
+def test_checkout_starts_a_new_sequence() -> None:
+    s = BasketStates()
+    apply(s, seq=500, cart=["a"])
+    apply(s, seq=501, action="checkout")
+    assert apply(s, now=1, seq=1, action="add", product_id="n").cart == ("n",)  # id-less, low seq, new trip
+    assert apply(s, now=2, seq=2, event_id="x", action="add", product_id="m").cart == ("n", "m")
+    # an id-less event of the finished trip delivered again byte for byte is still a redelivery
+    apply(s, now=3, seq=7, cart=["c"])
+    apply(s, now=4, seq=8, action="checkout")
+    assert apply(s, now=5, seq=7, cart=["c"]).kind == "duplicate"
+    assert apply(s, now=6, seq=7, cart=["d"]).cart == ("d",)
+    assert apply(s, now=70, seq=7, cart=["c"]).cart == ("c",)  # after the grace period: a new event
+
+
+def test_same_id_different_content_before_checkout_is_a_flagged_duplicate() -> None:
+    s = BasketStates()
+    assert apply(s, event_id="e1", action="add", product_id="a").kind == "answer"
+    redelivery = apply(s, event_id="e1", action="add", product_id="a")
+    assert redelivery.kind == "duplicate" and not redelivery.id_reused
+    reuse = apply(s, event_id="e1", action="add", product_id="other")
+    assert reuse.kind == "duplicate" and reuse.id_reused
+    assert s.get("b").cart == ["a"]
+
+
+def test_digest_identifies_the_payload_bytes() -> None:
+    a, b = parse_cart_event(b'{"cart": ["a"]}'), parse_cart_event(b'{"cart": ["a"]}')
+    c = parse_cart_event(b'{"cart":["a"]}')
+    assert a.digest == b.digest and a.digest != c.digest and isinstance(a.digest, bytes)
+    from agent.events import event_from_obj
+    assert event_from_obj({"cart": ["a"]}).digest is None
+    assert event_from_obj({"cart": ["a"]}, digest=b"12345678").digest == b"12345678"
+
+
+# -- issue 7: the member's flat form, encodings, HTTP bodies, unknown fields ------------------
+
+def test_flat_member_fields_are_read_and_checked_like_the_nested_form() -> None:
+    m = parse(user_id="12345", gender=1, age=34, cart=["a"])
+    assert (m.user.user_id, m.user.gender, m.user.age) == ("12345", 1, 34)
+    assert parse(user_id="guest", cart=["a"]).user.user_id is None
+    assert parse(user_id=None, gender=0, cart=["a"]).user == parse(user={"user_id": "guest", "gender": 0},
+                                                                   cart=["a"]).user
+    assert parse(user={"user_id": "nested"}, user_id="flat", cart=["a"]).user.user_id == "nested"  # user wins
+    assert parse(user=None, user_id="flat", cart=["a"]).user.user_id == "flat"  # null user = absent
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"gender": 7}, "'gender' must be 0, 1 or null, got 7"),
+    ({"user_id": "guest", "gender": 7, "age": 30}, "'gender' must be 0, 1 or null, got 7"),
+    ({"age": 999}, "'age' must be null or an integer 0..120, got 999"),
+    ({"user_id": "u", "age": True}, "'age'"),
+    ({"user_id": 12345}, "'user_id' must be a non-empty string"),
+    ({"user_id": ""}, "'user_id' must be a non-empty string"),
+    ({"user_id": "u" * 257}, "'user_id' must be a non-empty string"),
+    ({"user": {"user_id": "u"}, "gender": 7}, "'gender'"),  # the nested form wins, the flat one is still checked
+    ({"user": {"user_id": "u", "gender": 2}, "gender": 1}, "'user.gender'"),
+])
+def test_flat_member_fields_rejected(fields: dict, message: str) -> None:
+    with pytest.raises(InvalidEvent, match=re.escape(message)):
+        parse(cart=["a"], **fields)
+
+
+@pytest.mark.parametrize(("payload", "message"), [
+    (b"\xef\xbb\xbf" + ev(cart=["a"]), "byte order mark"),
+    (ev(cart=["a"]).decode().encode("utf-16"), "UTF-16"),
+    (ev(cart=["a"]).decode().encode("utf-16-le"), "UTF-16"),
+    (ev(cart=["a"]).decode().encode("utf-16-be"), "UTF-16"),
+    (ev(cart=["a"]).decode().encode("utf-32"), "UTF-32"),
+])
+def test_only_utf8_json_without_bom(payload: bytes, message: str) -> None:
+    with pytest.raises(InvalidEvent, match=message) as info:
+        parse_cart_event(payload)
+    assert info.value.kind == "encoding" and "UTF-8" in str(info.value)
+
+
+def test_http_bodies_follow_the_same_rules() -> None:
+    from agent.events import event_from_obj
+
+    def http(body: bytes) -> CartEvent:
+        return parse_cart_event(body, source="http")
+
+    assert http(b'{"cart_items": ["a"], "user_id": "guest"}').cart == ("a",)
+    assert parse(cart_items=["a"]).cart == ("a",)  # the alias is the same on MQTT
+    member = http(b'{"user": {"user_id": "nested"}, "user_id": "flat", "cart": []}')
+    assert member.user.user_id == "nested"
+    for body, message in [
+        (b'{"cart": ["a"], "cart_items": ["b"]}', "either"),
+        (b'{"user_id": "guest"}', "'cart' (or 'cart_items') is required"),
+        (b'{"cart": null, "action": "add", "product_id": "p"}', "whole cart"),
+        (b'{"gender": 7, "age": 999, "cart": []}', "'gender'"),
+        (b'{"cart_items": [1]}', "'cart_items[0]'"),
+        (b"\xff\xfe{}", "not valid UTF-8"),
+        (b"not json", "not valid JSON"),
+        (b"[" * 60_000, "not valid JSON"),
+        (b'{"cart": ["' + b"x" * 70_000 + b'"]}', "exceeds"),
+    ]:
+        with pytest.raises(InvalidEvent, match=re.escape(message)):
+            http(body)
+    with pytest.raises(InvalidEvent, match="whole cart"):
+        event_from_obj({"action": "clear"}, source="http")
+
+
+def test_unknown_fields_are_counted_and_reported_once_per_basket() -> None:
+    e = parse(cart=[], extension=1, session_id="s", user_id="u")
+    assert e.unknown_fields == ("extension", "session_id")
+    many = parse(cart=[], **{f"k{i}" + "x" * 100: i for i in range(100)})
+    assert 0 < len(many.unknown_fields) <= 16 and all(len(f) <= 41 for f in many.unknown_fields)
+    s = BasketStates()
+    assert apply(s, cart=[], extension=1).unknown_fields == ("extension",)
+    assert apply(s, cart=[], extension=2).unknown_fields == ()       # once per basket
+    assert apply(s, basket="other", cart=[], extension=1).unknown_fields == ("extension",)
+    assert apply(s, basket="other", cart=[]).unknown_fields == ()
