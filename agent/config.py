@@ -27,7 +27,7 @@ from .topics import validate_id, validate_prefix
 
 _LOG = logging.getLogger(__name__)
 
-__all__ = ["BrokerConfig", "UpdatesConfig", "AgentConfig", "load_config",
+__all__ = ["BrokerConfig", "UpdatesConfig", "MemberOverrides", "AgentConfig", "load_config",
            "parse_config", "parse_hostport", "SCHEMA_DOC"]
 
 SCHEMA_DOC = """\
