@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import numpy as np
 
 __all__ = ["GUEST_DIR", "MEMBER_DIR", "GUEST_ARRAYS", "GUEST_META", "MEMBER_ARRAYS", "MEMBER_ONNX",
-           "MEMBER_ONNX_FP32", "MEMBER_HISTORY", "MEMBER_META", "SEED_GUEST_FILES", "EDGE_FILES",
+           "MEMBER_ONNX_FP32", "MEMBER_HISTORY", "MEMBER_NEIGHBOURS", "MEMBER_META", "SEED_GUEST_FILES", "EDGE_FILES",
            "SERVER_ONLY_FILES", "is_edge_file", "Source", "DirectorySource"]
 
 GUEST_DIR = "guest_model"
@@ -40,11 +40,15 @@ MEMBER_ONNX = f"{MEMBER_DIR}/two_tower_model_quantized.onnx"
 MEMBER_ONNX_FP32 = f"{MEMBER_DIR}/two_tower_model.onnx"
 #: Per-member purchase counts (CSR): part name -> path. Optional.
 MEMBER_HISTORY = {name: f"{MEMBER_DIR}/history_{name}.npy" for name in ("indptr", "items", "counts")}
+#: Per-member scores from similar members' purchases (CSR, same rows as the history): part
+#: name -> path. Optional: written only when the blend gives the term a weight; older
+#: bundles have none.
+MEMBER_NEIGHBOURS = {name: f"{MEMBER_DIR}/neighbours_{name}.npy" for name in ("indptr", "items", "scores")}
 MEMBER_META = f"{MEMBER_DIR}/member_meta.json"
 
 #: What a basket downloads and loads.
 EDGE_FILES = frozenset([*GUEST_ARRAYS.values(), GUEST_META, *MEMBER_ARRAYS.values(), MEMBER_ONNX,
-                        *MEMBER_HISTORY.values(), MEMBER_META])
+                        *MEMBER_HISTORY.values(), *MEMBER_NEIGHBOURS.values(), MEMBER_META])
 #: What stays on the server (bundles never carry these).
 SERVER_ONLY_FILES = frozenset([*SEED_GUEST_FILES, MEMBER_ONNX_FP32])
 

@@ -158,18 +158,28 @@ def member_from_source(source: layout.Source, guest: GuestRecommender | None,
     set_ = {k: v for k, v in (overrides or {}).items() if v is not None}
     if set_:
         params = dataclasses.replace(params, **set_)
-    history = None
-    if all(source.has(p) for p in layout.MEMBER_HISTORY.values()):
-        h = {name: source.array(path) for name, path in layout.MEMBER_HISTORY.items()}
-        history = MemberHistory(h["indptr"].astype(np.int64), h["items"].astype(np.int32),
-                                h["counts"].astype(np.float32))
+    history = _member_table(source, layout.MEMBER_HISTORY, "counts")
+    # Optional (older bundles, or a blend without the term, have none): the term is then off.
+    neighbours = _member_table(source, layout.MEMBER_NEIGHBOURS, "scores")
     a = {name: source.array(path) for name, path in layout.MEMBER_ARRAYS.items()}
     try:
         return MemberRecommender(source.read_bytes(layout.MEMBER_ONNX), a["user_lookup"].tolist(),
                                  a["context_lookup"].tolist(), a["item_lookup"], a["item_embeddings"],
-                                 history=history, guest=guest, params=params)
+                                 history=history, guest=guest, params=params, neighbours=neighbours)
     except Exception as exc:  # onnxruntime raises its own types
         raise BundleError(f"member model invalid: {exc}") from exc
+
+
+def _member_table(source: layout.Source, paths: Mapping[str, str], values: str) -> MemberHistory | None:
+    """A per-member CSR table (``indptr``, ``items``, ``values``), or None when any part is missing."""
+    if not all(source.has(p) for p in paths.values()):
+        return None
+    t = {name: source.array(path) for name, path in paths.items()}
+    indptr, items, vals = t["indptr"].astype(np.int64), t["items"].astype(np.int32), t[values].astype(np.float32)
+    if indptr.ndim != 1 or not len(indptr) or indptr[0] != 0 or np.any(np.diff(indptr) < 0) \
+            or indptr[-1] != len(items) or len(items) != len(vals):
+        raise BundleError(f"{paths['indptr']}: malformed per-member table")
+    return MemberHistory(indptr, items, vals)
 
 
 def _member_params_from_meta(source: layout.Source) -> MemberParams:
@@ -180,7 +190,8 @@ def _member_params_from_meta(source: layout.Source) -> MemberParams:
         meta = json.loads(source.read_bytes(layout.MEMBER_META).decode("utf-8"))
         serving = meta.get("serving") or {}
         return MemberParams(repeat_weight=float(serving.get("repeat_weight", 0.0)),
-                            co_weight=float(serving.get("co_weight", 0.0)))
+                            co_weight=float(serving.get("co_weight", 0.0)),
+                            neighbour_weight=float(serving.get("neighbour_weight", 0.0)))
     except (ValueError, TypeError, AttributeError) as exc:
         raise BundleError(f"{layout.MEMBER_META} is malformed: {exc}") from exc
 

@@ -1,18 +1,30 @@
-"""Member blend weights, calibrated on the model that ships.
+"""The member blend: its weights, their unit, and the neighbour term's table.
 
-The member score is ``two-tower dot + repeat_weight * log1p(own count) +
-co_weight * normalised co-purchase``. Dot products have whatever scale a
-training run produced, so the weights are chosen (``retrain-server evaluate``)
-in *score units* — the median gap between a member's best and 10th two-tower
-score — and turned into absolute weights here, for each exported model.
+The member score is ``two-tower dot + repeat_weight * log1p(own decayed count)
++ co_weight * normalised co-purchase + neighbour_weight * similar members'
+score`` (:class:`agent.recommenders.member.ScoreParts`). Dot products have
+whatever scale a training run produced, so the weights are chosen
+(``retrain-server evaluate``) in *score units* — the median gap between a
+member's best and 10th two-tower score, :func:`score_unit`, the one place that
+defines it — and turned into absolute weights here, for each exported model.
+
+The neighbour term follows TIFU-KNN (Hu et al., SIGIR 2020): a member's
+(decayed) purchase vector is compared with every other member's by cosine
+similarity, and the ``k`` most similar members' vectors, each scaled to a
+maximum of 1 and weighted by their similarity, are summed. The server keeps
+each member's best ``keep`` items of that sum (scaled to a maximum of 1) as a
+small CSR table, so the edge adds them with one numpy scatter, like the
+member's own history.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.sparse as sp
 
 from agent.recommenders.base import RecommendRequest
 from agent.recommenders.member import MemberRecommender
@@ -21,27 +33,33 @@ from .data import PurchaseLog
 
 _LOG = logging.getLogger(__name__)
 
-__all__ = ["BlendUnits", "score_unit", "serving_weights"]
+__all__ = ["BlendUnits", "calibration_requests", "score_unit", "serving_weights", "neighbour_table"]
+
+#: Entries of one dense block of member-member similarities (float64: 64 MiB).
+_BLOCK_ENTRIES = 2**23
 
 
 @dataclass(frozen=True)
 class BlendUnits:
-    """Blend weights in score units (chosen on Complete Journey validation data)."""
+    """Blend weights in score units, and the neighbour table's shape (chosen on Complete Journey validation).
+
+    ``neighbour_units`` 0 turns the neighbour term off: no table is written or shipped.
+    """
 
     repeat_units: float = 10.0
-    co_units: float = 30.0
+    co_units: float = 10.0  # 30 without the history decay; chosen with it (validation, 30-day half-life)
+    neighbour_units: float = 0.0
+    #: similar members summed per member
+    neighbours: int = 50
+    #: items kept per member in the shipped table
+    neighbour_items: int = 100
 
 
-def score_unit(member: MemberRecommender, log: PurchaseLog, k: int = 10, sample: int = 500,
-               seed: int = 0) -> float:
-    """Median gap between the best and the k-th two-tower score over sampled members.
-
-    Each sampled member asks with the items of their last basket as the cart,
-    the way the edge asks.
-    """
+def calibration_requests(log: PurchaseLog, sample: int = 500, seed: int = 0) -> list[RecommendRequest]:
+    """One request per sampled member: the items of their last basket (at most 10) as the cart, as the edge asks."""
     members = log.user_ids != ""
     if not members.any():
-        return 1.0
+        return []
     last_session: dict[str, str] = {}
     for uid, sid in zip(log.user_ids[members].tolist(), log.session_ids[members].tolist()):
         last_session[uid] = sid  # rows are time-ordered: the last one wins
@@ -53,28 +71,84 @@ def score_unit(member: MemberRecommender, log: PurchaseLog, k: int = 10, sample:
     users = sorted(carts)
     rng = np.random.default_rng(seed)
     picked = rng.choice(len(users), size=min(sample, len(users)), replace=False)
+    return [RecommendRequest(cart=tuple(carts[users[i]][:10]), user_id=users[i]) for i in picked.tolist()]
+
+
+def score_unit(member: MemberRecommender, requests: Sequence[RecommendRequest], k: int = 10) -> float:
+    """Median gap between the best and the k-th two-tower score (cart excluded) over ``requests``; 1.0 if none."""
     gaps = []
-    for i in picked:
-        req = RecommendRequest(cart=tuple(carts[users[i]][:10]), user_id=users[i])
-        s = member.item_embeddings_ @ member.user_vector(req)
-        s[[member.item_index_[p] for p in req.cart if p in member.item_index_]] = -np.inf
+    for req in requests:
+        s = member.score_parts(req).two_tower
+        s[member.item_indices(req.cart)] = -np.inf
         if s.size <= k:
             continue
         top = np.sort(np.partition(s, s.size - k)[s.size - k:])[::-1]
         gaps.append(float(top[0] - top[k - 1]))
     unit = float(np.median(gaps)) if gaps else 1.0
-    return unit if unit > 0 else 1.0
+    return unit if np.isfinite(unit) and unit > 0 else 1.0
 
 
 def serving_weights(member: MemberRecommender, log: PurchaseLog,
                     units: BlendUnits | None = None) -> dict[str, float]:
-    """Absolute ``repeat_weight`` / ``co_weight`` for ``member_meta.json``."""
+    """Absolute ``repeat_weight`` / ``co_weight`` / ``neighbour_weight`` for ``member_meta.json``."""
     units = units or BlendUnits()
-    unit = score_unit(member, log)
+    unit = score_unit(member, calibration_requests(log))
     weights = {"repeat_weight": round(units.repeat_units * unit, 6),
                "co_weight": round(units.co_units * unit, 6),
+               "neighbour_weight": round(units.neighbour_units * unit, 6),
                "score_unit": round(unit, 6), "repeat_units": units.repeat_units,
-               "co_units": units.co_units}
-    _LOG.info("member blend: score unit %.4g -> repeat_weight %.4g, co_weight %.4g",
-              unit, weights["repeat_weight"], weights["co_weight"])
+               "co_units": units.co_units, "neighbour_units": units.neighbour_units}
+    _LOG.info("member blend: score unit %.4g -> repeat_weight %.4g, co_weight %.4g, neighbour_weight %.4g",
+              unit, weights["repeat_weight"], weights["co_weight"], weights["neighbour_weight"])
     return weights
+
+
+def neighbour_table(history: sp.spmatrix, k: int = 50, keep: int = 100) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each member's similar-member scores as CSR parts ``(indptr int64, items int32, scores float32)``.
+
+    ``history``: members x items (decayed) purchase counts, rows and columns as
+    the edge numbers them. A member without purchases gets an empty row; so do
+    rows whose neighbours bought nothing else. Scores are in (0, 1], best first.
+    """
+    x = sp.csr_matrix(history, dtype=np.float64)
+    x.eliminate_zeros()
+    n_users = x.shape[0]
+    norms = np.sqrt(np.asarray(x.multiply(x).sum(axis=1)).ravel())
+    inv = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)
+    unit = sp.csr_matrix(sp.diags(inv) @ x)
+    row_max = np.asarray(x.max(axis=1).todense()).ravel()
+    scaled = sp.csr_matrix(sp.diags(np.divide(1.0, row_max, out=np.zeros_like(row_max), where=row_max > 0)) @ x)
+    unit_t = unit.T.tocsr()
+    indptr = [0]
+    items_out: list[np.ndarray] = []
+    scores_out: list[np.ndarray] = []
+    k = max(0, min(k, n_users - 1))
+    step = max(1, _BLOCK_ENTRIES // max(n_users, 1))
+    for start in range(0, n_users, step):
+        stop = min(start + step, n_users)
+        sims = np.asarray((unit[start:stop] @ unit_t).todense())
+        sims[np.arange(stop - start), np.arange(start, stop)] = 0.0  # not one's own neighbour
+        if k:
+            nb = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+            w = np.take_along_axis(sims, nb, axis=1)
+            w[w <= 0] = 0.0
+            weights = sp.csr_matrix((w.ravel(), (np.repeat(np.arange(stop - start), k), nb.ravel())),
+                                    shape=(stop - start, n_users))
+            weights.eliminate_zeros()
+            summed = (weights @ scaled).tocsr()
+        else:
+            summed = sp.csr_matrix((stop - start, x.shape[1]))
+        for r in range(stop - start):
+            lo, hi = summed.indptr[r], summed.indptr[r + 1]
+            cols, vals = summed.indices[lo:hi], summed.data[lo:hi]
+            if norms[start + r] == 0 or not cols.size:
+                indptr.append(indptr[-1])
+                continue
+            order = np.lexsort((cols, -vals))[:keep]
+            items_out.append(cols[order].astype(np.int32))
+            scores_out.append((vals[order] / vals[order[0]]).astype(np.float32))
+            indptr.append(indptr[-1] + order.size)
+    items = np.concatenate(items_out) if items_out else np.zeros(0, np.int32)
+    scores = np.concatenate(scores_out) if scores_out else np.zeros(0, np.float32)
+    _LOG.info("neighbour table: %d members, k=%d, %d entries", n_users, k, items.size)
+    return np.asarray(indptr, dtype=np.int64), items, scores

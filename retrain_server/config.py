@@ -24,6 +24,7 @@ from agent.config import BrokerConfig, _deep_copy, _Reader, _set_dotted
 from agent.mqtt import TLSSettings
 from agent.topics import validate_prefix
 
+from .counts import Decay
 from .errors import ConfigError
 from .guest import GuestTrainingConfig
 
@@ -54,7 +55,13 @@ bundles.keep           bundles kept on disk (never the published one), default 5
 training.member        train the member (Two-Tower) model, default true
 training.epochs        epochs of a full member training (first run), default 3
 training.fine_tune_epochs   epochs of the nightly fine-tuning, default 1
+training.fine_tune_learning_rate   Adagrad rate of the fine-tuning, default 0.02 (full training: 0.1)
+training.fine_tune_min_steps   gradient steps per fine-tuning epoch at least (smaller batches), default 20
 guest_training.*       co_neighbors, sim_neighbors, popularity_alpha, cart_alpha, min_co_count, n_popular
+decay.history_half_life_days   half-life of a member's own purchases in the counts (repeat term, history
+                       tables), default 30; 0 = no decay
+decay.co_half_life_days        half-life of co-purchase and per-product counts (guest tables, co-purchase
+                       term), default 0 = no decay
 log_level              DEBUG | INFO (default) | WARNING | ERROR
 """
 
@@ -87,7 +94,10 @@ class RetrainConfig:
     train_member: bool = True
     epochs: int = 3
     fine_tune_epochs: int = 1
+    fine_tune_learning_rate: float = 0.02
+    fine_tune_min_steps: int = 20
     guest_training: GuestTrainingConfig = GuestTrainingConfig()
+    decay: Decay = Decay()
     log_level: str = "INFO"
 
     def redacted(self) -> dict[str, Any]:
@@ -169,6 +179,9 @@ def parse_config(data: Mapping[str, Any], overrides: Mapping[str, Any] | None = 
         value = r.get(f"guest_training.{f.name}", kind, None, minimum=0)
         if value is not None:
             guest_kwargs[f.name] = value
+    defaults = Decay()
+    decay_kwargs = {name: r.get(f"decay.{name}", float, getattr(defaults, name), minimum=0)
+                    for name in ("history_half_life_days", "co_half_life_days")}
     log_level = str(r.get("log_level", str, "INFO")).upper()
     if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         r.problems.append(f"log_level must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
@@ -180,7 +193,11 @@ def parse_config(data: Mapping[str, Any], overrides: Mapping[str, Any] | None = 
         gate=gate, keep_bundles=r.get("bundles.keep", int, 5, minimum=1),
         train_member=r.get("training.member", bool, True), epochs=r.get("training.epochs", int, 3, minimum=1),
         fine_tune_epochs=r.get("training.fine_tune_epochs", int, 1, minimum=1),
-        guest_training=GuestTrainingConfig(**guest_kwargs), log_level=log_level)
+        fine_tune_learning_rate=r.get("training.fine_tune_learning_rate", float, 0.02, minimum=1e-6),
+        fine_tune_min_steps=r.get("training.fine_tune_min_steps", int, 20, minimum=1),
+        guest_training=GuestTrainingConfig(**guest_kwargs),
+        decay=Decay(**decay_kwargs),
+        log_level=log_level)
     for key in r.unknown_keys():
         r.problems.append(f"unknown key {key!r}")
     if r.problems:

@@ -18,6 +18,7 @@ from typing import Any
 
 import joblib
 import numpy as np
+import scipy.sparse as sp
 
 from agent import layout
 from agent.bundle import MANIFEST, SIGNATURE, file_sha256
@@ -28,8 +29,9 @@ from .sign import load_private_key, sign_bytes
 
 _LOG = logging.getLogger(__name__)
 
-__all__ = ["write_parameters", "write_guest_model", "write_member_history", "write_history_arrays",
-           "write_manifest", "install_directory", "recover_directory"]
+__all__ = ["write_parameters", "write_guest_model", "write_member_history", "history_matrix",
+           "write_history_arrays", "write_member_table", "write_neighbour_arrays", "write_manifest",
+           "install_directory", "recover_directory"]
 
 
 def write_guest_model(model: GuestModel, out: Path) -> None:
@@ -48,22 +50,23 @@ def write_guest_model(model: GuestModel, out: Path) -> None:
 
 
 def write_member_history(log: PurchaseLog, user_lookup: np.ndarray, item_lookup: np.ndarray,
-                         out: Path) -> None:
-    """Per-member purchase counts (CSR by user_lookup row) for repeat-purchase blending."""
+                         out: Path, weights: np.ndarray | None = None) -> sp.csr_matrix:
+    """Per-member purchase counts (CSR by user_lookup row) for repeat-purchase blending.
+
+    ``weights`` (one per row of ``log``, e.g. a time decay) replace the count of 1 per purchase.
+    """
     members = log.user_ids != ""
-    write_history_arrays(log.user_ids[members], log.product_ids[members],
-                         np.ones(int(members.sum()), np.float32), user_lookup, item_lookup, out)
+    w = np.ones(int(members.sum()), np.float32) if weights is None else np.asarray(weights, np.float32)[members]
+    return write_history_arrays(log.user_ids[members], log.product_ids[members], w, user_lookup, item_lookup, out)
 
 
-def write_history_arrays(user_ids: np.ndarray, product_ids: np.ndarray, counts: np.ndarray,
-                         user_lookup: np.ndarray, item_lookup: np.ndarray, out: Path) -> None:
-    """``history_*.npy`` from (member, product, count) triples; duplicates are summed.
+def history_matrix(user_ids: np.ndarray, product_ids: np.ndarray, counts: np.ndarray,
+                   user_lookup: np.ndarray, item_lookup: np.ndarray) -> sp.csr_matrix:
+    """(member, product, count) triples as a CSR matrix in the edge's numbering; duplicates are summed.
 
     Rows follow ``user_lookup`` (row 0, the unknown user, stays empty), columns
     ``item_lookup``; members or products the lookups lack are left out.
     """
-    import scipy.sparse as sp
-
     users = {u: i for i, u in enumerate(user_lookup.tolist())}
     items = {p: i for i, p in enumerate(item_lookup.tolist())}
     u = np.fromiter((users.get(x, -1) for x in user_ids.tolist()), np.int64, len(user_ids))
@@ -72,10 +75,34 @@ def write_history_arrays(user_ids: np.ndarray, product_ids: np.ndarray, counts: 
     m = sp.csr_matrix((np.asarray(counts, np.float32)[ok], (u[ok], it[ok])),
                       shape=(len(user_lookup), len(item_lookup)))
     m.sum_duplicates()
-    parts = {"indptr": m.indptr.astype(np.int64), "items": m.indices.astype(np.int32),
-             "counts": m.data.astype(np.float32)}
-    for name, arr in parts.items():
-        np.save(out / Path(layout.MEMBER_HISTORY[name]).name, arr, allow_pickle=False)
+    m.eliminate_zeros()
+    return m
+
+
+def write_history_arrays(user_ids: np.ndarray, product_ids: np.ndarray, counts: np.ndarray,
+                         user_lookup: np.ndarray, item_lookup: np.ndarray, out: Path) -> sp.csr_matrix:
+    """``history_*.npy`` from (member, product, count) triples (:func:`history_matrix`); returns the matrix."""
+    m = history_matrix(user_ids, product_ids, counts, user_lookup, item_lookup)
+    write_member_table(layout.MEMBER_HISTORY, (m.indptr, m.indices, m.data), out)
+    return m
+
+
+def write_member_table(paths: Mapping[str, str], parts: tuple[np.ndarray, np.ndarray, np.ndarray],
+                       out: Path) -> None:
+    """A per-member CSR table (indptr int64, items int32, values float32) under the layout's names."""
+    names = list(paths)  # indptr, items, counts|scores
+    arrays = (np.asarray(parts[0], np.int64), np.asarray(parts[1], np.int32), np.asarray(parts[2], np.float32))
+    for name, arr in zip(names, arrays):
+        np.save(out / Path(paths[name]).name, arr, allow_pickle=False)
+
+
+def write_neighbour_arrays(history: sp.csr_matrix, out: Path, k: int, keep: int) -> int:
+    """``neighbours_*.npy`` from the history matrix (edge numbering); returns the number of entries."""
+    from .blend import neighbour_table
+
+    parts = neighbour_table(history, k=k, keep=keep)
+    write_member_table(layout.MEMBER_NEIGHBOURS, parts, out)
+    return int(parts[1].size)
 
 
 def write_manifest(root: Path, *, metrics: Mapping[str, Any] | None = None,

@@ -2,7 +2,7 @@
 
 Both the candidate and the published models answer the same held-out
 questions — the newest day's held-out sessions, one hidden product each
-(:func:`retrain_server.evaluate.held_out_cases`) — asked exactly as the edge
+(:func:`retrain_server.evaluation.protocol.held_out_cases`) — asked exactly as the edge
 asks (the snapshot's ``recommend``). Guests' HR@10 over every question, members'
 HR@10 over the members' questions. A candidate whose HR@10 is lower by more
 than ``tolerance`` on either is refused.
@@ -24,7 +24,7 @@ import numpy as np
 from agent.registry import ModelSnapshot
 
 from .config import GateConfig
-from .evaluate import Case, evaluate, held_out_cases
+from .evaluation.protocol import Case, evaluate, held_out_cases
 
 _LOG = logging.getLogger(__name__)
 

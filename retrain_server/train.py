@@ -18,13 +18,15 @@ from typing import Any
 from agent import layout
 from agent.layout import DirectorySource
 
+from .blend import BlendUnits
+from .counts import Counts, Decay, days_before
 from .data import Catalog, PurchaseLog, load_products, load_purchases
-from .export import write_history_arrays, write_member_history, write_parameters
-from .guest import GuestModel, GuestTrainingConfig, train_guest_model
+from .export import write_history_arrays, write_member_history, write_neighbour_arrays, write_parameters
+from .guest import GuestModel, GuestTrainingConfig, build_guest_model
 
 _LOG = logging.getLogger(__name__)
 
-__all__ = ["train_bundle", "member_writer", "state_writer", "default_checkpoint_dir"]
+__all__ = ["train_bundle", "member_writer", "state_writer", "default_checkpoint_dir", "decayed_counts"]
 
 
 def default_checkpoint_dir(out: Path) -> Path:
@@ -32,19 +34,32 @@ def default_checkpoint_dir(out: Path) -> Path:
     return out.with_name(out.name + ".checkpoint")
 
 
+def decayed_counts(log: PurchaseLog, decay: Decay | None = None) -> Counts:
+    """The log's counts as of its newest purchase, time-decayed like the nightly job's (whole days)."""
+    decay = decay or Decay()
+    if not len(log):
+        return Counts.empty()
+    return Counts.empty().add(log, ages=days_before(log.timestamps, int(log.timestamps.max())), decay=decay)
+
+
 def train_bundle(products: Path, purchases: Path, out: Path, signing_key: Path | None, *,
                  member: bool = True, epochs: int | None = None,
                  guest_config: GuestTrainingConfig | None = None,
-                 member_config: Any = None, checkpoint_dir: Path | None = None) -> dict[str, Any]:
+                 member_config: Any = None, checkpoint_dir: Path | None = None,
+                 decay: Decay | None = None) -> dict[str, Any]:
     """Train both models from ``products.csv`` + ``purchase_history.jsonl`` into ``out``.
 
-    The member model's TF checkpoint (for fine-tuning) goes to ``checkpoint_dir``
-    (default ``OUT.checkpoint``), outside the bundle the baskets download.
+    Co-purchase counts and member histories are time-decayed (``decay``, default
+    :class:`Decay`'s half-lives) as of the newest purchase, as the nightly job
+    keeps them. The member model's TF checkpoint (for fine-tuning) goes to
+    ``checkpoint_dir`` (default ``OUT.checkpoint``), outside the bundle the
+    baskets download.
     """
     catalog = load_products(products)
     log = load_purchases(purchases)
     t0 = time.perf_counter()
-    guest = train_guest_model(catalog, log, guest_config)
+    counts = decayed_counts(log, decay)
+    guest = build_guest_model(catalog, *counts.for_catalog(catalog), guest_config)
     timings = {"guest_train_s": round(time.perf_counter() - t0, 2)}
     writer = None
     if member:
@@ -52,14 +67,16 @@ def train_bundle(products: Path, purchases: Path, out: Path, signing_key: Path |
             _LOG.warning("no member purchases: shipping the guest model only")
         else:
             writer = member_writer(catalog, log, guest, epochs=epochs, config=member_config, timings=timings,
-                                   checkpoint_dir=checkpoint_dir or default_checkpoint_dir(Path(out)))
+                                   checkpoint_dir=checkpoint_dir or default_checkpoint_dir(Path(out)),
+                                   history=counts.history_triples())
     return write_parameters(out, guest, member_writer=writer, metrics={"timings": timings},
                             signing_key=signing_key)
 
 
 def member_writer(catalog: Catalog, log: PurchaseLog, guest: GuestModel, *, epochs: int | None = None,
                   config: Any = None, timings: dict[str, float] | None = None,
-                  checkpoint_dir: Path | None = None) -> Callable[[Path], dict[str, Any]]:
+                  checkpoint_dir: Path | None = None,
+                  history: tuple[Any, Any, Any] | None = None) -> Callable[[Path], dict[str, Any]]:
     """Train the Two-Tower model now; return the function that writes ``member_model/``."""
     from . import member as member_mod  # TensorFlow: only when a member model is trained
 
@@ -74,20 +91,24 @@ def member_writer(catalog: Catalog, log: PurchaseLog, guest: GuestModel, *, epoc
         member_mod.save_checkpoint(state, checkpoint_dir)
         _LOG.info("member checkpoint (for fine-tuning) in %s", checkpoint_dir)
 
-    return state_writer(state, guest, calibration_log=log)
+    return state_writer(state, guest, calibration_log=log, history=history)
 
 
 def state_writer(state: Any, guest: GuestModel, *, calibration_log: PurchaseLog,
                  history: tuple[Any, Any, Any] | None = None,
-                 fallback_serving: dict[str, Any] | None = None) -> Callable[[Path], dict[str, Any]]:
+                 fallback_serving: dict[str, Any] | None = None,
+                 units: BlendUnits | None = None) -> Callable[[Path], dict[str, Any]]:
     """The function that exports a trained member ``state`` into ``member_model/``.
 
     ``history`` is (member ids, product ids, counts) for the repeat-purchase
-    tables; None takes them from ``calibration_log``. Blend weights are
-    calibrated on ``calibration_log``'s members; when it has none,
+    tables (the decayed counts); None takes plain counts from ``calibration_log``.
+    The neighbour table is written when ``units`` give it a weight. Blend weights
+    are calibrated on ``calibration_log``'s members; when it has none,
     ``fallback_serving`` (the previous version's weights) is kept.
     """
     from . import member as member_mod
+
+    units = units or BlendUnits()
 
     def write(member_dir: Path) -> dict[str, Any]:
         member_mod.export_member_model(state, member_dir)
@@ -95,13 +116,15 @@ def state_writer(state: Any, guest: GuestModel, *, calibration_log: PurchaseLog,
         user_lookup = source.array(layout.MEMBER_ARRAYS["user_lookup"])
         item_lookup = source.array(layout.MEMBER_ARRAYS["item_lookup"])
         if history is None:
-            write_member_history(calibration_log, user_lookup, item_lookup, member_dir)
+            matrix = write_member_history(calibration_log, user_lookup, item_lookup, member_dir)
         else:
-            write_history_arrays(*history, user_lookup, item_lookup, member_dir)
+            matrix = write_history_arrays(*history, user_lookup, item_lookup, member_dir)
+        if units.neighbour_units:
+            write_neighbour_arrays(matrix, member_dir, units.neighbours, units.neighbour_items)
         if fallback_serving and not (calibration_log.user_ids != "").any():
             serving = dict(fallback_serving)
         else:
-            serving = _calibrate(member_dir, calibration_log, guest)
+            serving = _calibrate(member_dir, calibration_log, guest, units)
         meta_path = member_dir / Path(layout.MEMBER_META).name
         meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.exists() else {}
         meta["serving"] = serving
@@ -112,7 +135,7 @@ def state_writer(state: Any, guest: GuestModel, *, calibration_log: PurchaseLog,
     return write
 
 
-def _calibrate(member_dir: Path, log: PurchaseLog, guest: GuestModel) -> dict[str, float]:
+def _calibrate(member_dir: Path, log: PurchaseLog, guest: GuestModel, units: BlendUnits) -> dict[str, float]:
     """Blend weights for the exported (int8) model, exactly as the edge will load it.
 
     ``member_dir`` sits in the parameters directory being written, beside the
@@ -123,7 +146,8 @@ def _calibrate(member_dir: Path, log: PurchaseLog, guest: GuestModel) -> dict[st
     from .blend import serving_weights
 
     source = DirectorySource(member_dir.parent)
-    rec = member_from_source(source, guest_from_source(source), {"repeat_weight": 0.0, "co_weight": 0.0})
+    rec = member_from_source(source, guest_from_source(source),
+                             {"repeat_weight": 0.0, "co_weight": 0.0, "neighbour_weight": 0.0})
     if rec is None:
         raise RuntimeError(f"member model files missing in {member_dir}")
-    return serving_weights(rec, log)
+    return serving_weights(rec, log, units)

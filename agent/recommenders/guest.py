@@ -106,6 +106,11 @@ class GuestRecommender:
     def recommend(self, request: RecommendRequest) -> list[str]:
         return self.item_ids_[self.recommend_indices(request)].tolist()
 
+    def recommend_scored(self, request: RecommendRequest) -> list[tuple[str, float]]:
+        """Like :meth:`recommend`, with each item's summed score (popular fill-ins score 0)."""
+        picked, scores = self._recommend(request)
+        return list(zip(self.item_ids_[picked].tolist(), scores.tolist()))
+
     def co_purchase_scores(self, cart: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Items co-purchased with the cart (indices) and their summed scores.
 
@@ -118,25 +123,30 @@ class GuestRecommender:
 
     def recommend_indices(self, request: RecommendRequest) -> np.ndarray:
         """Like :meth:`recommend` but returns item indices."""
+        return self._recommend(request)[0]
+
+    def _recommend(self, request: RecommendRequest) -> tuple[np.ndarray, np.ndarray]:
+        """Item indices, best first, and their scores."""
         top_k = request.top_k
         if top_k <= 0:
-            return np.empty(0, dtype=np.int64)
+            return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float64)
         scratch = self._scratch()
         cart = self.indices(request.cart)
         excluded = np.concatenate([cart, self.indices(request.wishlist)]) if request.wishlist else cart
         scratch.excluded[excluded] = True
         try:
-            picked = self._rank(cart, top_k, scratch)
+            picked, scores = self._rank(cart, top_k, scratch)
         finally:
             scratch.reset(excluded)
         if picked.size < top_k:
             picked = self._fill_popular(picked, excluded, top_k)
-        return picked
+            scores = np.concatenate([scores, np.zeros(picked.size - scores.size)])
+        return picked, scores
 
-    def _rank(self, cart: np.ndarray, top_k: int, scratch: "_Scratch") -> np.ndarray:
+    def _rank(self, cart: np.ndarray, top_k: int, scratch: "_Scratch") -> tuple[np.ndarray, np.ndarray]:
         p = self.params
         if not cart.size:
-            return np.empty(0, dtype=np.int64)
+            return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float64)
         k = p.co_top_k_per_item
         cand, score = scratch.add(self.co_neighbors_[cart, :k], self.co_scores_[cart, :k])
         if cand.size and p.expand_top and p.sim_top_k and p.sim_weight:
@@ -150,7 +160,8 @@ class GuestRecommender:
             base = p.fallback_weight * (score.max() if score.size else 1.0)
             cand, score = scratch.add(self.sim_neighbors_[cart, :width],
                                       self.sim_scores_[cart, :width] * base)
-        return cand[_top(cand, score, top_k)]
+        top = _top(cand, score, top_k)
+        return cand[top], score[top]
 
     def _scratch(self) -> "_Scratch":
         """Per-thread dense buffers: the MQTT worker and HTTP threads may call at once."""

@@ -6,9 +6,12 @@ is scored by its dot product with the precomputed ``item_embeddings``. The
 lookup arrays are the exact id -> index numbering the graph was trained with.
 
 Grocery shoppers rebuy, so the score can be blended with the member's own
-purchase counts (``repeat_weight``) and with co-purchase evidence from the
-guest model (``co_weight``); both weights are chosen by measurement
-(``retrain-server evaluate``) and 0 turns them off.
+(time-decayed) purchase counts (``repeat_weight``), with co-purchase evidence
+from the guest model (``co_weight``) and, optionally, with what similar
+members buy (``neighbour_weight``, a per-member table computed on the
+server); every weight is chosen by measurement (``retrain-server evaluate``)
+and 0 turns its term off. :meth:`MemberRecommender.score_parts` returns the
+unweighted terms, so tuning and calibration never reach into the model.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from .guest import GuestRecommender
 
 _LOG = logging.getLogger(__name__)
 
-__all__ = ["MemberParams", "MemberHistory", "MemberRecommender", "top_k"]
+__all__ = ["MemberParams", "MemberHistory", "ScoreParts", "MemberRecommender", "top_k"]
 
 INPUT_NAMES = ("user_index", "gender_index", "age_bucket", "context_index")
 
@@ -36,23 +39,59 @@ class MemberParams:
 
     #: weight of log(1 + times the member bought the item)
     repeat_weight: float = 0.0
-    #: weight of the guest model's co-purchase score of the cart
+    #: weight of the guest model's co-purchase score of the cart (divided by its maximum)
     co_weight: float = 0.0
+    #: weight of the similar members' score (``neighbours_*.npy``; 0 or absent table: off)
+    neighbour_weight: float = 0.0
     #: onnxruntime intra-op threads (1: latency at batch 1, leaves cores free)
     threads: int = 1
 
 
 @dataclass(frozen=True)
 class MemberHistory:
-    """Per-member purchase counts as CSR rows indexed like ``user_lookup``."""
+    """Per-member values as CSR rows indexed like ``user_lookup``.
+
+    The member's own (decayed) purchase counts, and the same shape for the
+    neighbour scores (``counts`` then holds scores).
+    """
 
     indptr: np.ndarray  # int64 [n_users + 1]
     items: np.ndarray  # int32 item indices (item_lookup numbering)
     counts: np.ndarray  # float32
 
     def row(self, user: int) -> tuple[np.ndarray, np.ndarray]:
+        if user + 1 >= len(self.indptr):  # a table shorter than user_lookup: nothing for this member
+            return self.items[:0], self.counts[:0]
         lo, hi = self.indptr[user], self.indptr[user + 1]
         return self.items[lo:hi], self.counts[lo:hi]
+
+
+_NONE = (np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32))
+
+
+@dataclass(frozen=True)
+class ScoreParts:
+    """The member score's terms for one request, unweighted (item_lookup numbering).
+
+    ``two_tower`` is dense (every item); the others are sparse ``(items, values)``:
+    ``repeat`` = log(1 + own decayed count), ``co`` = co-purchase score / its
+    maximum, ``neighbours`` = the similar members' score. :meth:`total` is the
+    blend the edge ranks by.
+    """
+
+    two_tower: np.ndarray
+    repeat: tuple[np.ndarray, np.ndarray] = _NONE
+    co: tuple[np.ndarray, np.ndarray] = _NONE
+    neighbours: tuple[np.ndarray, np.ndarray] = _NONE
+
+    def total(self, params: MemberParams, *, inplace: bool = False) -> np.ndarray:
+        """``two_tower + repeat_weight * repeat + co_weight * co + neighbour_weight * neighbours``."""
+        s = self.two_tower if inplace else self.two_tower.copy()
+        for weight, (items, values) in ((params.repeat_weight, self.repeat), (params.co_weight, self.co),
+                                        (params.neighbour_weight, self.neighbours)):
+            if weight and items.size:
+                s[items] += weight * values  # a few hundred items: cheap
+        return s
 
 
 class MemberRecommender:
@@ -61,7 +100,7 @@ class MemberRecommender:
     def __init__(self, onnx_model: bytes, user_lookup: Sequence[str], context_lookup: Sequence[str],
                  item_lookup: Sequence[str], item_embeddings: np.ndarray,
                  history: MemberHistory | None = None, guest: GuestRecommender | None = None,
-                 params: MemberParams | None = None) -> None:
+                 params: MemberParams | None = None, neighbours: MemberHistory | None = None) -> None:
         import onnxruntime as ort
 
         self.params = params or MemberParams()
@@ -71,6 +110,7 @@ class MemberRecommender:
             raise ValueError("item_embeddings rows != item_lookup length")
         self.user_index_ = build_index(list(user_lookup))
         self.history_ = history
+        self.neighbours_ = neighbours
         self.guest_ = guest
         # Memory: a 50k-product catalogue costs ~6 MB per id -> index dict, so the
         # guest model's dict is reused when the numbering agrees (it does when both
@@ -127,26 +167,48 @@ class MemberRecommender:
         }
         return self.session_.run([self.output_name_], feed)[0][0]
 
-    def scores(self, request: RecommendRequest) -> np.ndarray:
-        """Blended score of every item (item_lookup order)."""
+    def item_indices(self, ids: Sequence[str]) -> np.ndarray:
+        """Known product ids -> item indices (item_lookup numbering; unknown ids dropped, order kept)."""
+        get = self.item_index_.get
+        return np.fromiter((i for i in map(get, ids) if i is not None), dtype=np.int64)
+
+    def score_parts(self, request: RecommendRequest) -> ScoreParts:
+        """Every term of the blend for this request, unweighted (tuning and calibration use this)."""
+        return self._parts(request, repeat=True, co=True, neighbours=True)
+
+    def _parts(self, request: RecommendRequest, *, repeat: bool, co: bool, neighbours: bool) -> ScoreParts:
         s = self.item_embeddings_ @ self.user_vector(request)
-        p = self.params
-        if p.repeat_weight and self.history_ is not None and request.user_id in self.user_index_:
-            items, counts = self.history_.row(self.user_index_[request.user_id])
-            s[items] += p.repeat_weight * np.log1p(counts)  # a few hundred items: cheap
-        if p.co_weight and self.guest_ is not None and request.cart:
+        user = self.user_index_.get(request.user_id) if request.user_id is not None else None
+        rep = nb = co_part = _NONE
+        if repeat and self.history_ is not None and user is not None:
+            items, counts = self.history_.row(user)
+            rep = (items, np.log1p(counts))
+        if neighbours and self.neighbours_ is not None and user is not None:
+            nb = self.neighbours_.row(user)
+        if co and self.guest_ is not None and request.cart:
             cart = self.guest_.indices(request.cart)
-            items, co = self.guest_.co_purchase_scores(cart) if cart.size else (cart, None)
+            items, scores = self.guest_.co_purchase_scores(cart) if cart.size else (cart, None)
             if items.size:
                 if self.guest_to_item_ is not None:
                     items = self.guest_to_item_[items]
-                    co = co[items >= 0]
+                    scores = scores[items >= 0]
                     items = items[items >= 0]
-                if items.size and co.max() > 0:
-                    s[items] += p.co_weight * co / co.max()
-        return s
+                if items.size and scores.max() > 0:
+                    co_part = (items, scores / scores.max())
+        return ScoreParts(s, rep, co_part, nb)
+
+    def scores(self, request: RecommendRequest) -> np.ndarray:
+        """Blended score of every item (item_lookup order); terms with weight 0 are not computed."""
+        p = self.params
+        parts = self._parts(request, repeat=bool(p.repeat_weight), co=bool(p.co_weight),
+                            neighbours=bool(p.neighbour_weight))
+        return parts.total(p, inplace=True)
 
     def recommend(self, request: RecommendRequest) -> list[str]:
+        return [pid for pid, _ in self.recommend_scored(request)]
+
+    def recommend_scored(self, request: RecommendRequest) -> list[tuple[str, float]]:
+        """Like :meth:`recommend`, with each item's blended score (best first)."""
         k = request.top_k
         if k <= 0:
             return []
@@ -157,7 +219,8 @@ class MemberRecommender:
         k = min(k, s.shape[0] - len(excluded))
         if k <= 0:
             return []
-        return self.item_ids_[top_k(s, k)].tolist()
+        top = top_k(s, k)
+        return list(zip(self.item_ids_[top].tolist(), s[top].tolist()))
 
 
 def top_k(scores: np.ndarray, k: int, stride: int = 25) -> np.ndarray:

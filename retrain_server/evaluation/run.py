@@ -1,0 +1,474 @@
+"""The whole protocol on one data set: baselines, guest and member models, each change alone and together.
+
+:func:`run_evaluation` splits the data (:mod:`.protocol`), fits the baselines
+(:mod:`.baselines`), chooses everything on the validation month
+(:mod:`.tuning`) and writes the rows (:mod:`.report`). The "as shipped" rows
+are built exactly as ``retrain-server train`` builds the bundle (its
+defaults: :class:`~retrain_server.guest.GuestTrainingConfig`,
+:class:`~retrain_server.counts.Decay`, :class:`~retrain_server.blend.BlendUnits`),
+so the table says what baskets get; the other rows say what each change did.
+Models are imported lazily (TensorFlow only when a member model is trained).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..blend import BlendUnits, calibration_requests, score_unit, serving_weights
+from ..counts import Decay
+from ..data import Catalog, PurchaseLog
+from .baselines import CoOccurrenceRecommender, OwnFrequentRecommender, PopularRecommender
+from .protocol import Case, evaluate, held_out_cases, paired_se, split_by_time, unseen_targets
+from .report import SHIPPED_GUEST, SHIPPED_MEMBER, finish, row, segments
+from .tuning import (
+    HISTORY_HALF_LIVES,
+    NEIGHBOUR_GRID,
+    NEIGHBOUR_KS,
+    RECENCY_HALF_LIFE,
+    SEED_GUEST_PARAMS,
+    SEED_GUEST_TRAINING,
+    MemberGrid,
+    around,
+    copurchase_counts,
+    guest_recommender,
+    history_counts,
+    recency_resample,
+    retrain_guest_copurchase,
+    tune_guest,
+)
+
+_LOG = logging.getLogger(__name__)
+
+__all__ = ["EvaluationConfig", "run_evaluation"]
+
+#: The stand-in id for "a member the model has never seen".
+_OOV = "__evaluation_unknown_member__"
+
+
+@dataclass
+class EvaluationConfig:
+    """Knobs of :func:`run_evaluation` (``retrain-server evaluate`` options)."""
+
+    k: int = 10
+    test_days: float = 30.0
+    val_days: float = 30.0
+    max_test_baskets: int | None = 5000
+    max_val_baskets: int | None = None
+    seed: int = 0
+    epochs: int = 3  # chosen on validation (blended HR 0.159 vs 0.155 with 1 epoch)
+    member: bool = True
+    tune: bool = True
+    households: int | None = None  # sample of households (quick runs)
+    catalog: str = "all"
+    dataset: str = "completejourney"
+    #: try the Two-Tower model trained on recency-weighted baskets (two more trainings)
+    recency: bool = True
+    member_config: dict[str, Any] = field(default_factory=dict)
+    #: fixed choices instead of tuning (used when tune is False)
+    guest_training: dict[str, Any] = field(default_factory=dict)
+    guest_params: dict[str, Any] = field(default_factory=dict)
+    member_params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Tables:
+    """What a member variant adds to the Two-Tower score: history half-life, co-purchase guest, neighbours."""
+
+    history_half_life: float = 0.0
+    co_half_life: float = 0.0
+    neighbours: int = 0  # k; 0 = no neighbour term
+
+
+def run_evaluation(cfg: EvaluationConfig, *, data: Any = None,
+                   work_dir: str | Path | None = None) -> dict[str, Any]:
+    """The whole protocol; returns the JSON-able report.
+
+    ``data``: an object with ``catalog``, ``log``, ``stats`` and optionally
+    ``split`` (a function like :func:`~.protocol.split_last_basket`; default: by
+    time, ``test_days`` / ``val_days``); loaded from ``cfg.dataset`` when None.
+    """
+    t_start = time.perf_counter()
+    if data is None:
+        from .datasets import load_dataset
+
+        data = load_dataset(cfg.dataset, households=cfg.households, seed=cfg.seed, catalog=cfg.catalog)
+    catalog, log = data.catalog, data.log
+    split = getattr(data, "split", None)
+    if split is not None:
+        train, test, test_cutoff = split(log)
+        fit, val, val_cutoff = split(train)
+    else:
+        train, test, test_cutoff = split_by_time(log, cfg.test_days)
+        fit, val, val_cutoff = split_by_time(train, cfg.val_days)
+    test_cases = held_out_cases(test, max_cases=cfg.max_test_baskets, seed=cfg.seed)
+    val_cases = held_out_cases(val, max_cases=cfg.max_val_baskets, seed=cfg.seed + 1)
+    train_users = set(np.unique(train.user_ids).tolist()) - {""}
+    train_products = set(np.unique(train.product_ids).tolist())
+    iso = lambda t: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))  # noqa: E731
+    report: dict[str, Any] = {
+        "dataset": cfg.dataset, "data": dict(data.stats),
+        "split": {"kind": "last basket per member" if split is not None else "time",
+                  "test_cutoff": iso(test_cutoff), "val_cutoff": iso(val_cutoff),
+                  "train_rows": len(train), "test_rows": len(test), "fit_rows": len(fit),
+                  "val_rows": len(val), "test_cases": len(test_cases), "val_cases": len(val_cases),
+                  "test_targets_unseen_in_train": unseen_targets(test_cases, train),
+                  "val_targets_unseen_in_fit": unseen_targets(val_cases, fit),
+                  "test_cases_member_unknown": sum(c.user_id not in train_users for c in test_cases)},
+        "config": asdict(cfg), "k": cfg.k, "shipped": {"decay": asdict(Decay()), "blend": asdict(BlendUnits())},
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "timings": {}, "tuning": {}, "rows": [],
+    }
+    _LOG.info("split: %s", report["split"])
+    k, rows, timings = cfg.k, report["rows"], report["timings"]
+    seg = lambda m: segments(m, test_cases, train_users, train_products)  # noqa: E731
+
+    # Baselines (fitted on training rows only) and the decayed favourites as a reference.
+    t0 = time.perf_counter()
+    popular, co_base, own = (PopularRecommender(train), CoOccurrenceRecommender(train),
+                             OwnFrequentRecommender(train))
+    own_decayed = OwnFrequentRecommender(train, half_life_days=Decay().history_half_life_days)
+    timings["baselines_fit_seconds"] = time.perf_counter() - t0
+    rows.append(row("baseline: most popular", evaluate(popular, test_cases, k=k), "baseline"))
+    rows.append(row("baseline: item co-occurrence (raw counts)",
+                    evaluate(co_base, test_cases, k=k, hide_user=True), "baseline"))
+    rows.append(row("baseline: member's own most frequent", evaluate(own, test_cases, k=k), "baseline"))
+    rows.append(row(f"reference: member's own most frequent, time-decayed "
+                    f"(half-life {Decay().history_half_life_days:g} days)",
+                    evaluate(own_decayed, test_cases, k=k), "reference"))
+
+    guest_parts = _guest_rows(cfg, catalog, fit, train, val_cases, test_cases, report, seg)
+    if cfg.member:
+        with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
+            _member_rows(cfg, catalog, fit, train, val_cases, test_cases, report, guest_parts, Path(tmp), seg)
+    else:
+        for name in ("member: two-tower only", SHIPPED_MEMBER):
+            rows.append({"method": name, "hr": None, "mrr": None, "se": None, "n": 0, "kind": "member",
+                         "note": "skipped (--no-member)"})
+
+    report.update(finish(rows, comparisons=report.pop("_comparisons", [])))
+    timings["total_seconds"] = time.perf_counter() - t_start
+    return report
+
+
+# --------------------------------------------------------------------------- guest
+
+def _guest_rows(cfg: EvaluationConfig, catalog: Catalog, fit: PurchaseLog, train: PurchaseLog,
+                val_cases: list[Case], test_cases: list[Case], report: dict[str, Any], seg: Any) -> dict[str, Any]:
+    """Guest rows; returns the trained pieces the member rows reuse."""
+    from agent.recommenders.guest import GuestParams
+
+    from ..guest import GuestTrainingConfig, train_guest_model
+
+    k, rows, timings = cfg.k, report["rows"], report["timings"]
+    t0 = time.perf_counter()
+    first = train_guest_model(catalog, train, GuestTrainingConfig(**cfg.guest_training))
+    timings["guest_train_seconds"] = time.perf_counter() - t0
+    _LOG.info("guest model trained in %.1fs", timings["guest_train_seconds"])
+    counts_cache: dict[tuple[str, float], Any] = {}
+
+    def counts(which: str, hl: float) -> Any:
+        if (which, hl) not in counts_cache:
+            counts_cache[(which, hl)] = copurchase_counts(fit if which == "fit" else train, catalog, hl)
+        return counts_cache[(which, hl)]
+
+    def model(which: str, config: Any, hl: float) -> Any:
+        return retrain_guest_copurchase(first, fit if which == "fit" else train, config, hl, counts(which, hl))
+
+    guest_training, guest_params = first.config, GuestParams(**cfg.guest_params)
+    co_hl, best_decay = 0.0, 120.0
+    if cfg.tune:
+        search = replace(guest_training, co_neighbors=max(guest_training.co_neighbors, 50))
+        tuned = tune_guest(model("fit", search, 0.0), val_cases, k, log=fit)
+        report["tuning"]["guest"] = tuned
+        guest_training = replace(guest_training, **tuned["training"])
+        guest_params = replace(guest_params, **tuned["params"])
+        co_hl = tuned["co_half_life_days"]
+        decayed = [s for s in tuned["stage0_decay"] if s["co_half_life_days"] > 0]
+        if decayed:
+            best_decay = max(decayed, key=lambda s: (s["hr"], s["mrr"]))["co_half_life_days"]
+    guest_training = replace(guest_training, co_neighbors=max(guest_training.co_neighbors,
+                                                              guest_params.co_top_k_per_item))
+    report["chosen"] = {"guest_training": asdict(guest_training), "guest_params": asdict(guest_params),
+                        "co_half_life_days": co_hl}
+    seed = model("train", replace(first.config, **SEED_GUEST_TRAINING), 0.0)
+    rows.append(row("guest model, seed settings (partner damping 0.5, no cart damping, TF-IDF expansion)",
+                    evaluate(guest_recommender(seed, GuestParams(**SEED_GUEST_PARAMS)), test_cases, k=k,
+                             hide_user=True), "guest"))
+    before = guest_recommender(model("train", GuestTrainingConfig(), 0.0), GuestParams())
+    m_before = evaluate(before, test_cases, k=k, hide_user=True)
+    rows.append(row("guest model before decay (defaults, no decay)", m_before, "guest", segments=seg(m_before)))
+    decayed_model = guest_recommender(model("train", GuestTrainingConfig(), best_decay), GuestParams())
+    kept = "kept" if co_hl == best_decay else "not kept: no better than no decay on validation"
+    rows.append(row(f"guest + co-purchase decay (half-life {best_decay:g} days)",
+                    evaluate(decayed_model, test_cases, k=k, hide_user=True), "guest", kept))
+    tuned_model = model("train", guest_training, co_hl)
+    guest = guest_recommender(tuned_model, guest_params)
+    rows.append(row("guest model, every knob tuned on validation", evaluate(guest, test_cases, k=k, hide_user=True),
+                    "guest"))
+    shipped_cfg = GuestTrainingConfig()
+    shipped_hl = Decay().co_half_life_days
+    shipped = guest_recommender(model("train", shipped_cfg, shipped_hl), GuestParams())
+    m_shipped = evaluate(shipped, test_cases, k=k, hide_user=True)
+    rows.append(row(SHIPPED_GUEST, m_shipped, "guest", segments=seg(m_shipped)))
+    report.setdefault("_comparisons", []).append((SHIPPED_GUEST, "guest model before decay (defaults, no decay)"))
+    return {"first": first, "model": model, "tuned_config": guest_training, "tuned_params": guest_params,
+            "co_hl": co_hl, "best_co_decay": best_decay, "shipped": shipped, "shipped_hl": shipped_hl}
+
+
+# --------------------------------------------------------------------------- member
+
+def _train_member(train: PurchaseLog, catalog: Catalog, cfg: EvaluationConfig,
+                  out_dir: Path) -> dict[str, Any]:
+    """Train the Two-Tower on ``train`` and export it into ``out_dir``; returns timings."""
+    os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+    from ..member import MemberTrainingConfig, export_member_model, train_member_model
+
+    mcfg = MemberTrainingConfig(**{**cfg.member_config, "epochs": cfg.epochs, "seed": cfg.seed})
+    t0 = time.perf_counter()
+    state = train_member_model(train, catalog.ids, mcfg)
+    t_train = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    export_member_model(state, out_dir)
+    t_export = time.perf_counter() - t1
+    hist = dict(state.history)
+    timings = {"train_seconds_total": t_train, "export_seconds": t_export,
+               "examples": hist.get("examples"), "example_build_seconds": hist.get("build_seconds"),
+               "fit_seconds": hist.get("train_seconds"), "loss": hist.get("loss"),
+               "seconds_per_epoch": (hist.get("train_seconds") or 0.0) / max(mcfg.epochs, 1),
+               "epochs": mcfg.epochs, "rows": len(train), "config": asdict(mcfg)}
+    _LOG.info("member model: trained in %.1fs (%.1fs/epoch), exported in %.1fs", t_train,
+              timings["seconds_per_epoch"], t_export)
+    del state
+    return timings
+
+
+class _MemberBuilder:
+    """Member recommenders from one exported model with any tables, built the edge's way.
+
+    The tables are written into the model's directory (``agent.layout`` names)
+    and loaded by :func:`agent.registry.member_from_source`, as on a basket.
+    """
+
+    def __init__(self, root: Path, log: PurchaseLog, guest_for: Any) -> None:
+        from agent.layout import MEMBER_ARRAYS, DirectorySource
+
+        self.root, self.log, self.guest_for = root, log, guest_for
+        source = DirectorySource(root)
+        self.user_lookup = source.array(MEMBER_ARRAYS["user_lookup"])
+        self.item_lookup = source.array(MEMBER_ARRAYS["item_lookup"])
+        self._history: dict[float, Any] = {}
+
+    def history(self, half_life: float) -> Any:
+        from ..export import history_matrix
+
+        if half_life not in self._history:
+            self._history[half_life] = history_matrix(*history_counts(self.log, half_life), self.user_lookup,
+                                                      self.item_lookup)
+        return self._history[half_life]
+
+    def build(self, tables: _Tables, params: dict[str, float] | None = None,
+              units: BlendUnits | None = None) -> Any:
+        from agent.layout import MEMBER_NEIGHBOURS, DirectorySource
+        from agent.registry import member_from_source
+
+        from ..export import write_member_table, write_neighbour_arrays
+
+        member_dir = self.root / "member_model"
+        matrix = self.history(tables.history_half_life)
+        from agent.layout import MEMBER_HISTORY
+
+        write_member_table(MEMBER_HISTORY, (matrix.indptr, matrix.indices, matrix.data), member_dir)
+        for path in MEMBER_NEIGHBOURS.values():
+            (self.root / path).unlink(missing_ok=True)
+        if tables.neighbours:
+            b = units or BlendUnits()
+            write_neighbour_arrays(matrix, member_dir, tables.neighbours, b.neighbour_items)
+        weights = {"repeat_weight": 0.0, "co_weight": 0.0, "neighbour_weight": 0.0, **(params or {})}
+        return member_from_source(DirectorySource(self.root), self.guest_for(tables.co_half_life), weights)
+
+
+def _member_rows(cfg: EvaluationConfig, catalog: Catalog, fit: PurchaseLog, train: PurchaseLog,
+                 val_cases: list[Case], test_cases: list[Case], report: dict[str, Any], guest: dict[str, Any],
+                 tmp: Path, seg: Any) -> None:
+    from agent.recommenders.guest import GuestParams
+
+    from ..guest import GuestTrainingConfig
+
+    k, rows, timings, tuning = cfg.k, report["rows"], report["timings"], report["tuning"]
+    shipped_decay, shipped_units = Decay(), BlendUnits()
+
+    def guest_for(which: str) -> Any:
+        """The guest recommender the co-purchase term reads, per co-purchase half-life (shipped knobs)."""
+        cache: dict[float, Any] = {}
+
+        def get(hl: float) -> Any:
+            if hl not in cache:
+                cache[hl] = guest_recommender(guest["model"](which, GuestTrainingConfig(), hl), GuestParams())
+            return cache[hl]
+        return get
+
+    # --- the two-tower models: on the fit months (validation) and on every training month (test)
+    models = {"val": (fit, tmp / "val"), "test": (train, tmp / "test")}
+    if cfg.recency:
+        models["val_recency"] = (recency_resample(fit, RECENCY_HALF_LIFE, cfg.seed), tmp / "val_recency")
+        models["test_recency"] = (recency_resample(train, RECENCY_HALF_LIFE, cfg.seed), tmp / "test_recency")
+    for name, (lg, root) in models.items():
+        timings[f"member_{name}"] = _train_member(lg, catalog, cfg, root / "member_model")
+    timings["member"] = timings["member_test"]
+    builders = {name: _MemberBuilder(root, fit if name.startswith("val") else train,
+                                     guest_for("fit" if name.startswith("val") else "train"))
+                for name, (_, root) in models.items()}
+
+    # --- validation: every variant's blend weights; half-life, neighbours and recency chosen here
+    before = _Tables()
+    co_decay = guest["best_co_decay"]
+    variants: dict[str, _Tables] = {"before": before}
+    for hl in HISTORY_HALF_LIVES:
+        variants[f"history {hl:g}"] = _Tables(history_half_life=hl)
+    variants[f"co {co_decay:g}"] = _Tables(co_half_life=co_decay)
+    val_b = builders["val"]
+    unit_val = score_unit(val_b.build(before), calibration_requests(fit))
+    chosen: dict[str, Any] = {}
+    t0 = time.perf_counter()
+    grid = MemberGrid(val_b.build(before), val_cases, k, {n: val_b.build(t) for n, t in variants.items()})
+    results = {n: grid.search(n, unit_val) for n in variants}
+    best_hl = max(HISTORY_HALF_LIVES, key=lambda hl: (results[f"history {hl:g}"]["val_hr"],
+                                                      results[f"history {hl:g}"]["val_mrr"]))
+    kept = _Tables(history_half_life=best_hl, co_half_life=guest["co_hl"])
+    # Neighbours: k chosen with the kept tables; alone = on the undecayed history.
+    nb_variants = {f"neighbours k={kk}": replace(kept, neighbours=kk) for kk in NEIGHBOUR_KS}
+    nb_grid = MemberGrid(val_b.build(before), val_cases, k,
+                         {"kept": val_b.build(kept), **{n: val_b.build(t) for n, t in nb_variants.items()}})
+    results["kept"] = nb_grid.search("kept", unit_val)
+
+    def local(name: str, grid: MemberGrid, center: dict[str, Any]) -> dict[str, Any]:
+        u = center["units"]
+        return grid.search(name, unit_val, repeat=around(u["repeat_units"]), co=around(u["co_units"]),
+                           neighbours=NEIGHBOUR_GRID)
+
+    for n in nb_variants:
+        results[n] = local(n, nb_grid, results["kept"])
+    best_nb = max(NEIGHBOUR_KS, key=lambda kk: (results[f"neighbours k={kk}"]["val_hr"],
+                                                results[f"neighbours k={kk}"]["val_mrr"]))
+    nb_gain = results[f"neighbours k={best_nb}"]["val_hr"] - results["kept"]["val_hr"]
+    nb_se = paired_se(results[f"neighbours k={best_nb}"]["hits"], results["kept"]["hits"])
+    keep_nb = nb_gain > nb_se and results[f"neighbours k={best_nb}"]["units"]["neighbour_units"] > 0
+    alone_nb = _Tables(neighbours=best_nb)
+    nb_alone_grid = MemberGrid(val_b.build(before), val_cases, k, {"alone": val_b.build(alone_nb)})
+    results["neighbours alone"] = local("alone", nb_alone_grid, results["before"])
+    if keep_nb:
+        kept = replace(kept, neighbours=best_nb)
+    kept_name = f"neighbours k={best_nb}" if keep_nb else "kept"
+    # Two-Tower recency: the same kept tables on the model trained on resampled baskets.
+    keep_recency, rec_results = False, {}
+    if cfg.recency:
+        rb = builders["val_recency"]
+        unit_rec = score_unit(rb.build(before), calibration_requests(fit))
+        rgrid = MemberGrid(rb.build(before), val_cases, k, {"before": rb.build(before), "kept": rb.build(kept)})
+        rec_results = {n: rgrid.search(n, unit_rec) for n in ("before", "kept")}
+        if kept.neighbours:
+            u = results[kept_name]["units"]
+            rec_results["kept"] = rgrid.search("kept", unit_rec, repeat=around(u["repeat_units"]),
+                                               co=around(u["co_units"]), neighbours=NEIGHBOUR_GRID)
+        gain = rec_results["kept"]["val_hr"] - results[kept_name]["val_hr"]
+        keep_recency = gain > paired_se(rec_results["kept"]["hits"], results[kept_name]["hits"])
+    timings["member_tuning_seconds"] = time.perf_counter() - t0
+    strip = lambda r: {k2: v for k2, v in r.items() if k2 not in ("hits", "grid")}  # noqa: E731
+    tuning["member"] = {"score_unit": unit_val, "variants": {n: strip(r) for n, r in results.items()},
+                        "recency": {n: strip(r) for n, r in rec_results.items()},
+                        "history_half_life_days": best_hl, "neighbours": {
+                            "best_k": best_nb, "val_gain": nb_gain, "paired_se": nb_se, "kept": keep_nb},
+                        "recency_kept": keep_recency, "grids": {n: r["grid"] for n, r in results.items()}}
+    chosen.update(history_half_life_days=best_hl, co_half_life_days=guest["co_hl"],
+                  neighbours=best_nb if keep_nb else 0, two_tower_recency=keep_recency,
+                  units=results[kept_name]["units"])
+    report["chosen"]["member"] = chosen
+    _LOG.info("member choices on validation: %s", chosen)
+
+    # --- test rows: each variant with its validation weights, on the model trained on every month
+    tb = builders["test"]
+    unit_test = score_unit(tb.build(before), calibration_requests(train))
+    report["chosen"]["member"]["score_unit_test"] = unit_test
+
+    def weights(units: dict[str, float], unit: float) -> dict[str, float]:
+        return {"repeat_weight": units["repeat_units"] * unit, "co_weight": units["co_units"] * unit,
+                "neighbour_weight": units["neighbour_units"] * unit}
+
+    def test_row(name: str, builder: _MemberBuilder, tables: _Tables, units: dict[str, float], unit: float,
+                 note: str = "", **extra: Any) -> Any:
+        rec = builder.build(tables, weights(units, unit))
+        m = evaluate(rec, test_cases, k=k)
+        rows.append(row(name, m, "member", note, units=units, **extra))
+        return rec, m
+
+    pure = tb.build(before)
+    rows.append(row("member: two-tower only", evaluate(pure, test_cases, k=k), "member"))
+    _, m_before = test_row("member before decay (two-tower + own history + co-purchase, weights tuned on validation)",
+                           tb, before, results["before"]["units"], unit_test)
+    rows[-1]["segments"] = seg(m_before)
+    before_name = rows[-1]["method"]
+    comparisons = report.setdefault("_comparisons", [])
+    h = f"history {best_hl:g}"
+    test_row(f"member + history decay alone (half-life {best_hl:g} days)", tb, variants[h], results[h]["units"],
+             unit_test, "kept" if best_hl else "not kept: no decay was best on validation")
+    comparisons.append((rows[-1]["method"], before_name))
+    c = f"co {co_decay:g}"
+    test_row(f"member + co-purchase decay alone (half-life {co_decay:g} days)", tb, variants[c], results[c]["units"],
+             unit_test, "kept" if guest["co_hl"] == co_decay else "not kept (chosen on guest validation)")
+    comparisons.append((rows[-1]["method"], before_name))
+    test_row(f"member + neighbours alone (TIFU-KNN, k={best_nb})", tb, alone_nb,
+             results["neighbours alone"]["units"], unit_test,
+             "kept" if keep_nb else f"not kept: validation gain {nb_gain:+.4f} <= paired SE {nb_se:.4f}")
+    comparisons.append((rows[-1]["method"], before_name))
+    if cfg.recency:
+        rtb = builders["test_recency"]
+        unit_rtest = score_unit(rtb.build(before), calibration_requests(train))
+        test_row(f"member + Two-Tower recency weights alone (half-life {RECENCY_HALF_LIFE:g} days)", rtb, before,
+                 rec_results["before"]["units"], unit_rtest, "kept" if keep_recency else "not kept on validation")
+        comparisons.append((rows[-1]["method"], before_name))
+    every = _Tables(history_half_life=best_hl or 60.0, co_half_life=co_decay, neighbours=best_nb)
+    every_grid = MemberGrid(val_b.build(before), val_cases, k, {"every": val_b.build(every)})
+    every_units = local("every", every_grid, results[f"history {best_hl:g}"])["units"]
+    test_row("member, every change together (decays, neighbours; base Two-Tower)", tb, every, every_units, unit_test)
+    comparisons.append((rows[-1]["method"], before_name))
+    kept_builder = builders["test_recency"] if keep_recency else tb
+    kept_units = (rec_results["kept"] if keep_recency else results[kept_name])["units"]
+    kept_unit = score_unit(kept_builder.build(before), calibration_requests(train)) if keep_recency else unit_test
+    test_row("member, the changes kept on validation, weights tuned on validation", kept_builder, kept, kept_units,
+             kept_unit)
+    # --- as shipped: retrain-server train's defaults (the chosen ones, once written into the code)
+    shipped_tables = _Tables(history_half_life=shipped_decay.history_half_life_days,
+                             co_half_life=shipped_decay.co_half_life_days,
+                             neighbours=shipped_units.neighbours if shipped_units.neighbour_units else 0)
+    zero = tb.build(shipped_tables, units=shipped_units)
+    serving = serving_weights(zero, train, shipped_units)
+    shipped = tb.build(shipped_tables, {n: serving[n] for n in ("repeat_weight", "co_weight", "neighbour_weight")},
+                       units=shipped_units)
+    m_shipped = evaluate(shipped, test_cases, k=k)
+    rows.append(row(SHIPPED_MEMBER, m_shipped, "member", segments=seg(m_shipped)))
+    report["chosen"]["shipped_member_serving"] = serving
+    comparisons.append((SHIPPED_MEMBER, before_name))
+    comparisons.append((SHIPPED_MEMBER, "baseline: member's own most frequent"))
+    rows.append(row("unknown member -> member model, unknown-user row, no blend",
+                    evaluate(pure, test_cases, k=k, hide_user=True, user_id=_OOV), "fallback"))
+    before_rec = tb.build(before, weights(results["before"]["units"], unit_test))
+    rows.append(row("unknown member -> member model before decay, unknown-user row + blend",
+                    evaluate(before_rec, test_cases, k=k, hide_user=True, user_id=_OOV), "fallback"))
+    rows.append(row("unknown member -> member model as shipped, unknown-user row + blend",
+                    evaluate(shipped, test_cases, k=k, hide_user=True, user_id=_OOV), "fallback"))
+    comparisons.append(("unknown member -> member model as shipped, unknown-user row + blend",
+                        "unknown member -> member model before decay, unknown-user row + blend"))
+    rows.append(row("unknown member -> guest model as shipped",
+                    evaluate(guest["shipped"], test_cases, k=k, hide_user=True), "fallback"))
+    for root in {r for _, r in models.values()}:
+        shutil.rmtree(root, ignore_errors=True)
