@@ -28,7 +28,7 @@ import threading
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .bundle import load_public_key
 from .config import AgentConfig, load_config, parse_hostport
@@ -37,6 +37,10 @@ from .metrics import Metrics
 from .registry import ModelRegistry, ModelSnapshot, load_snapshot
 from .store import StartupResult, VersionStore
 from .updater import ReportFn, Updater
+
+if TYPE_CHECKING:
+    from .http import HttpSettings, Readiness
+    from .service import AgentService
 
 _LOG = logging.getLogger("agent")
 
@@ -138,10 +142,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
         from .display import DisplayHub
         from .http import HttpBridge, create_app  # FastAPI costs ~30 MB: only when enabled
 
+        settings = _http_settings(cfg, cfg.http_host)
         # The basket display: every answer the worker publishes also goes to the page's event stream.
-        hub = DisplayHub(max_baskets=cfg.max_baskets)
+        # Streams get at most 3/4 of the connections, so /recommend and /health always have room.
+        hub = DisplayHub(max_baskets=cfg.max_baskets, max_subscribers=max(1, settings.max_connections * 3 // 4))
         service.add_answer_listener(hub.publish)
-        bridge = HttpBridge(create_app(registry, metrics, cfg.limits, display=hub), cfg.http_host, cfg.http_port)
+        app = create_app(registry, metrics, cfg.limits, display=hub, readiness=_readiness(service),
+                         settings=settings)
+        bridge = HttpBridge(app, cfg.http_host, cfg.http_port, settings)
         bridge.start()
         _LOG.info("HTTP bridge on http://%s:%d (basket display: /display/<basket id>)", cfg.http_host,
                   cfg.http_port)
@@ -153,6 +161,41 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if bridge is not None:
             bridge.stop()
     return 0
+
+
+def _http_settings(cfg: AgentConfig, bind_host: str) -> HttpSettings:
+    """The bridge's access rules and limits: ``http.*`` config keys where the config has them, else env.
+
+    ``BASKET_HTTP_TOKEN`` (a secret: never logged) and ``BASKET_HTTP_ALLOWED_HOSTS``
+    (comma-separated). Raises ConfigError (exit 2) for a short token or a wildcard bind
+    without allowed hosts.
+    """
+    from .http import HttpSettings, allowed_hosts_for
+
+    token = getattr(cfg, "http_token", None) or os.environ.get("BASKET_HTTP_TOKEN") or None
+    hosts = getattr(cfg, "http_allowed_hosts", None)
+    if hosts is None:
+        hosts = [h for h in os.environ.get("BASKET_HTTP_ALLOWED_HOSTS", "").split(",") if h.strip()]
+    limits: dict[str, Any] = {}
+    for name in ("max_connections", "max_connections_per_client", "header_timeout_s", "body_timeout_s",
+                 "keepalive_timeout_s"):
+        value = getattr(cfg, f"http_{name}", None)
+        if value is not None:
+            limits[name] = value
+    return HttpSettings(token=token, allowed_hosts=allowed_hosts_for(bind_host, hosts), **limits)
+
+
+def _readiness(service: AgentService) -> Readiness:
+    """What /health reports of the MQTT side; not ready (503) unless both connections are up."""
+    def ready() -> dict[str, Any]:
+        events, answers = service.mqtt, service.out
+        return {"ready": events.connected and answers.connected,
+                "mqtt": {"connected": events.connected and answers.connected, "events_connection": events.connected,
+                         "answers_connection": answers.connected, "queue_depth": events.queue_depth,
+                         "unacked": events.unacked, "reading_paused": events.paused,
+                         "broker_dropped": events.broker_dropped}}
+
+    return ready
 
 
 def _broker_overrides(value: str | None) -> dict[str, Any]:
@@ -210,9 +253,7 @@ def _log_update(version: Any, result: str, reason: Any) -> None:
 
 
 def _cmd_bridge(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from .http import create_app
+    from .http import create_app, make_server, server_config
 
     overrides: dict[str, Any] = {
         "broker.host": "unused", "agent_id": "bridge", "parameters": str(args.parameters),
@@ -229,9 +270,10 @@ def _cmd_bridge(args: argparse.Namespace) -> int:
     if args.broker and cfg.updates.enabled:
         follower = _BridgeUpdates(cfg, make_updater(cfg, store, registry, loader, _log_update))
         follower.start()
-    app = create_app(registry, Metrics(), cfg.limits)
+    settings = _http_settings(cfg, args.host)
+    app = create_app(registry, Metrics(), cfg.limits, settings=settings)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+        make_server(server_config(app, args.host, args.port, settings)).run()
     finally:
         if follower is not None:
             follower.stop()

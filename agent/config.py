@@ -38,6 +38,9 @@ broker.keepalive       seconds, default 30
 broker.username        optional; env BASKET_MQTT_USERNAME
 broker.password        optional; env BASKET_MQTT_PASSWORD (never logged)
 broker.reconnect_min_s / reconnect_max_s   reconnect back-off, default 0.5 / 30
+broker.session_expiry_s   keep this agent's MQTT session (and the events queued for it)
+                       this long while it is away, default 86400 (0 = clean session: lost)
+broker.receive_maximum    MQTT 5: unacknowledged events in flight to the agent, default 100
 broker.tls.enabled     default false; tls.ca_file, tls.cert_file, tls.key_file, tls.insecure
 prefix                 topic prefix, default "smartbasket" (e.g. smartbasket/store-17)
 agent_id               this agent's id (required; used in status topic and client id)
@@ -48,6 +51,9 @@ http.port              HTTP bridge port inside the agent; 0 = no bridge (default
 http.host              bind address, default 127.0.0.1
 limits.max_payload_bytes  default 65536     limits.max_items  default 200
 limits.max_top_k          default 100       limits.default_top_k  default 10
+limits.max_event_age_s    a snapshot whose ts is older is applied, not answered; default 0
+                          (off); config/agent.yaml: 300 (sensor and Jetson clocks on NTP)
+drain_timeout_s        at shutdown, longest time spent on events already received, default 5
 baskets.idle_ttl_s     forget a basket after this idle time, default 1800
 baskets.max_baskets    at most this many baskets kept, default 10000
 status_interval_s      status republish period, default 30
@@ -76,6 +82,8 @@ class BrokerConfig:
     reconnect_min_s: float = 0.5
     reconnect_max_s: float = 30.0
     tls: TLSSettings | None = None  # None: plain TCP
+    session_expiry_s: int = 86400
+    receive_maximum: int = 100
 
 
 @dataclass(frozen=True)
@@ -114,6 +122,8 @@ class AgentConfig:
     member: MemberOverrides = MemberOverrides()
     updates: UpdatesConfig = UpdatesConfig()
     log_level: str = "INFO"
+    max_event_age_s: float = 0.0
+    drain_timeout_s: float = 5.0
 
     def redacted(self) -> dict[str, Any]:
         """The config as a dict with secrets masked, for logging."""
@@ -239,7 +249,13 @@ def parse_config(data: Mapping[str, Any], overrides: Mapping[str, Any] | None = 
         username=r.get("broker.username", str), password=r.get("broker.password", str),
         reconnect_min_s=r.get("broker.reconnect_min_s", float, 0.5, minimum=0.01),
         reconnect_max_s=r.get("broker.reconnect_max_s", float, 30.0, minimum=0.1),
-        tls=tls if tls_enabled else None)
+        tls=tls if tls_enabled else None,
+        session_expiry_s=r.get("broker.session_expiry_s", int, 86400, minimum=0),
+        receive_maximum=r.get("broker.receive_maximum", int, 100, minimum=1))
+    if broker.receive_maximum is not None and broker.receive_maximum > 65535:
+        r.problems.append(f"broker.receive_maximum must be <= 65535, got {broker.receive_maximum}")
+    if broker.session_expiry_s is not None and broker.session_expiry_s > 0xFFFFFFFF:
+        r.problems.append(f"broker.session_expiry_s must be <= {0xFFFFFFFF}, got {broker.session_expiry_s}")
     for key in ("ca_file", "cert_file", "key_file"):
         value = getattr(tls, key)
         if tls_enabled and value and not Path(value).is_file():
@@ -288,6 +304,8 @@ def parse_config(data: Mapping[str, Any], overrides: Mapping[str, Any] | None = 
     idle_ttl_s = r.get("baskets.idle_ttl_s", float, 1800.0, minimum=1)
     max_baskets = r.get("baskets.max_baskets", int, 10000, minimum=1)
     status_interval_s = r.get("status_interval_s", float, 30.0, minimum=0.1)
+    max_event_age_s = r.get("limits.max_event_age_s", float, 0.0, minimum=0)
+    drain_timeout_s = r.get("drain_timeout_s", float, 5.0, minimum=0)
     updates = UpdatesConfig(
         enabled=r.get("updates.enabled", bool, True),
         jitter_s=r.get("updates.jitter_s", float, 30.0, minimum=0),
@@ -306,7 +324,8 @@ def parse_config(data: Mapping[str, Any], overrides: Mapping[str, Any] | None = 
         public_key=public_key, allow_unsigned=allow_unsigned, prefix=prefix,
         http_host=http_host, http_port=http_port, limits=EventLimits(**limit_values), idle_ttl_s=idle_ttl_s,
         max_baskets=max_baskets, status_interval_s=status_interval_s,
-        guest=GuestParams(**guest_kwargs), member=member, updates=updates, log_level=log_level)
+        guest=GuestParams(**guest_kwargs), member=member, updates=updates, log_level=log_level,
+        max_event_age_s=max_event_age_s, drain_timeout_s=drain_timeout_s)
 
 
 def load_config(path: str | Path | None, overrides: Mapping[str, Any] | None = None,

@@ -3,6 +3,11 @@
 One :class:`Metrics` instance is shared by the MQTT worker and the HTTP bridge.
 Latency is kept as a ring buffer of the last ``reservoir_size`` observations;
 p50/p99 are computed over it on demand (a summary, not a histogram).
+
+Gauges (queue depth, connected, the broker's own drop count) belong to the MQTT
+adapter; the service registers a function that reads them (:meth:`Metrics.set_gauges`),
+so /metrics and the status show what the agent cannot see in its counters: a
+broker that drops events for it. A gauge whose value is None is left out.
 """
 
 from __future__ import annotations
@@ -11,13 +16,22 @@ import logging
 import math
 import threading
 from collections import Counter
+from collections.abc import Callable, Mapping
 from typing import Any
 
 _LOG = logging.getLogger(__name__)
 
-__all__ = ["LatencyReservoir", "Metrics"]
+__all__ = ["LatencyReservoir", "Metrics", "GAUGES"]
 
 _NS = "smartbasket_agent"
+
+#: gauge name -> help; values come from the function given to Metrics.set_gauges
+GAUGES = {
+    "connected": "1 when connected (and subscribed) to the MQTT broker, else 0.",
+    "queue_depth": "Messages received and not yet handled (reading stops while the work queue is full).",
+    "unacked": "Handled events whose acknowledgement waits for their answer's PUBACK.",
+    "broker_dropped": "The broker's $SYS/broker/publish/messages/dropped, all clients (absent when not readable).",
+}
 
 
 class LatencyReservoir:
@@ -63,9 +77,14 @@ class Metrics:
         self.unknown_product_ids = 0
         self.reconnects = 0
         self.dropped = 0
+        self.retained_ignored = 0
+        self.aged = 0
+        self.redelivered_skipped = 0
+        self.left_unhandled = 0
         self.errors: Counter[str] = Counter()
         self.by_model: Counter[str] = Counter()
         self._latency = LatencyReservoir(reservoir_size)
+        self._gauges: Callable[[], Mapping[str, float | int | None]] | None = None
 
     # -- recording -------------------------------------------------------------------------
     def event(self) -> None:
@@ -107,6 +126,41 @@ class Metrics:
         with self._lock:
             self.dropped += 1
 
+    def retained(self) -> None:
+        """A retained message on a cart topic: a replay of old state, ignored."""
+        with self._lock:
+            self.retained_ignored += 1
+
+    def aged_event(self) -> None:
+        """A snapshot older than limits.max_event_age_s: applied, not answered."""
+        with self._lock:
+            self.aged += 1
+
+    def redelivered(self) -> None:
+        """A message of an earlier connection the broker resends: this copy was not handled."""
+        with self._lock:
+            self.redelivered_skipped += 1
+
+    def left(self, n: int) -> None:
+        """Messages left unhandled (and unacknowledged) at shutdown, for the next session."""
+        with self._lock:
+            self.left_unhandled += n
+
+    def set_gauges(self, read: Callable[[], Mapping[str, float | int | None]] | None) -> None:
+        """``read()`` returns the current values of :data:`GAUGES` (None = not known); keep it cheap."""
+        self._gauges = read
+
+    def gauges(self) -> dict[str, float | int]:
+        read = self._gauges
+        if read is None:
+            return {}
+        try:
+            values = read()
+        except Exception:
+            _LOG.exception("reading gauges failed")
+            return {}
+        return {k: v for k, v in values.items() if k in GAUGES and v is not None}
+
     # -- reading ---------------------------------------------------------------------------
     def latency_ms(self, q: float) -> float | None:
         with self._lock:
@@ -114,16 +168,21 @@ class Metrics:
         return None if v is None else round(v * 1000.0, 3)
 
     def snapshot(self) -> dict[str, Any]:
-        """The status message's ``stats``: {"events", "errors", "p99_ms"} (+ "answered", "p50_ms")."""
+        """The status message's ``stats``: {"events", "errors", "p99_ms"} (+ "answered", "p50_ms",
+        "dropped", "retained_ignored", "aged", and the gauges that are known)."""
+        gauges = self.gauges()
         with self._lock:
             p50, p99 = self._latency.quantile(0.5), self._latency.quantile(0.99)
             return {"events": self.events, "errors": sum(self.errors.values()),
                     "p99_ms": None if p99 is None else round(p99 * 1000.0, 3),
                     "answered": self.answered,
-                    "p50_ms": None if p50 is None else round(p50 * 1000.0, 3)}
+                    "p50_ms": None if p50 is None else round(p50 * 1000.0, 3),
+                    "dropped": self.dropped, "retained_ignored": self.retained_ignored, "aged": self.aged,
+                    **gauges}
 
     def render_prometheus(self) -> str:
         """All metrics in the Prometheus text exposition format (version 0.0.4)."""
+        gauges = self.gauges()
         with self._lock:
             lat = self._latency
             q = {0.5: lat.quantile(0.5), 0.9: lat.quantile(0.9), 0.99: lat.quantile(0.99)}
@@ -151,7 +210,20 @@ class Metrics:
             counter("unknown_product_ids_total", "Product ids in events that no model knows.",
                     self.unknown_product_ids)
             counter("reconnects_total", "Reconnections to the MQTT broker.", self.reconnects)
-            counter("dropped_total", "Messages dropped because the work queue was full.", self.dropped)
+            counter("dropped_total", "Messages the agent dropped (none by design: reading stops while the work "
+                    "queue is full).", self.dropped)
+            counter("retained_ignored_total", "Retained messages on cart topics ignored (replays of old state).",
+                    self.retained_ignored)
+            counter("aged_total", "Snapshot events older than limits.max_event_age_s: applied, not answered.",
+                    self.aged)
+            counter("redelivered_skipped_total", "Copies of events from an earlier connection left to the "
+                    "broker's redelivery.", self.redelivered_skipped)
+            counter("left_unhandled_total", "Events left unacknowledged at shutdown for the next session.",
+                    self.left_unhandled)
+            for key, value in gauges.items():
+                lines.append(f"# HELP {_NS}_{key} {GAUGES[key]}")
+                lines.append(f"# TYPE {_NS}_{key} gauge")
+                lines.append(f"{_NS}_{key} {value}")
             name = f"{_NS}_latency_seconds"
             lines.append(f"# HELP {name} Cart event receipt to recommendation publish, seconds "
                          f"(quantiles over the last {lat._size} events).")

@@ -1,23 +1,53 @@
-"""The paho-mqtt adapter: one connection, automatic reconnect, messages handed to a queue.
+"""The paho-mqtt adapter: a connection with automatic reconnect, messages handed to a queue.
 
-Everything paho-specific lives here. paho's network thread only copies each
-incoming message into a bounded :class:`queue.Queue` (``MqttClient.messages``);
-the service's worker thread does the real work. paho errors are mapped to
-:class:`MqttError` (an :class:`~agent.errors.AgentError`) at this boundary.
+Everything paho-specific lives here. A network thread (:class:`NetworkLoop`, which
+may serve several connections) only copies each incoming message into
+:attr:`MqttClient.messages`; the service's worker thread does the real work. paho
+errors are mapped to :class:`MqttError` (an :class:`~agent.errors.AgentError`) at
+this boundary.
 
 Latency matters (an answer is expected within milliseconds): Nagle's algorithm
 is switched off on the client socket (``TCP_NODELAY`` in ``on_socket_open``);
 without it each round trip costs 40-90 ms on Linux. The broker needs
 ``set_tcp_nodelay true`` as well.
 
-Sessions are clean (MQTT 3.1.1 ``clean_session``, MQTT 5 ``clean_start``), so
-subscriptions are (re)made in ``on_connect`` every time the client connects.
+At-least-once delivery (``manual_ack=True``, ``session_expiry_s > 0``, the agent's
+settings): the session is persistent (MQTT 3.1.1 ``clean_session=False``; MQTT 5
+``clean_start=False`` and a Session Expiry Interval) under a stable client id, so
+the broker queues QoS 1 events while the agent is away. paho acknowledges
+nothing by itself; the worker calls :meth:`MqttClient.ack` /
+:meth:`MqttClient.ack_after` once an event is handled (after its answer reached
+the broker). Unacknowledged events are redelivered by the broker on the next
+connection, also to the next process.
+
+Flow control: nothing is dropped here. The broker should send at most its
+inflight window of unacknowledged messages (MQTT 5: our Receive Maximum; 3.1.1:
+its ``max_inflight_messages``), but Mosquitto 2.0.11 does not hold to it when the
+client acknowledges more slowly than events arrive (measured: thousands in
+flight with a window of 20). So the network loop is our own (paho's
+``loop_read``/``loop_write``/``loop_misc`` around ``select``, with paho's
+back-off behaviour) and simply stops reading the socket while ``queue_size``
+messages wait for the worker; the backlog stays in TCP buffers and at the broker
+(whose drops, e.g. of a full ``max_queued_messages`` queue for an absent client,
+are counted in ``$SYS/broker/publish/messages/dropped``:
+:attr:`MqttClient.broker_dropped`). A pause lasts until the worker has taken one
+message, far below the keepalive. The answers the worker publishes go out on a
+connection of their own (the agent's ``-out`` client): their PUBACKs would
+otherwise queue behind the unread events.
+
+An acknowledgement is only valid on the connection the message arrived on: each
+connection has a number (:attr:`Message.link`), an ack for an older one is not
+sent, and a message of an older connection of the same session is not handled
+(:meth:`MqttClient.redelivered`: the broker resends it). Subscriptions are
+(re)made in ``on_connect`` every time (the session may be new).
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import queue
+import select
 import socket
 import ssl
 import threading
@@ -28,15 +58,22 @@ from typing import Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from .errors import ConfigError, MqttError
 
 _LOG = logging.getLogger(__name__)
 
-__all__ = ["MqttError", "TLSSettings", "Will", "Message", "MqttClient", "PROTOCOLS"]
+__all__ = ["MqttError", "TLSSettings", "Will", "Message", "MqttClient", "NetworkLoop", "PROTOCOLS",
+           "SYS_DROPPED"]
 
 PROTOCOLS = {"3.1.1": MQTTProtocolVersion.MQTTv311, "5": MQTTProtocolVersion.MQTTv5}
 
+#: Mosquitto's count of messages it dropped (full per-client queues); absent when ACLs forbid $SYS
+SYS_DROPPED = "$SYS/broker/publish/messages/dropped"
+_MAX_SESSION_EXPIRY = 0xFFFFFFFF
+_FORGET_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -61,20 +98,30 @@ class Will:
 
 @dataclass(frozen=True)
 class Message:
-    """One received message; ``received`` is ``time.perf_counter()`` at arrival."""
+    """One received message; ``received`` is ``time.perf_counter()`` at arrival.
+
+    ``mid`` (the broker's packet id) and ``link`` (the connection it came on) are what
+    acknowledging it needs; ``retain`` is set when the broker replays a retained message.
+    """
 
     topic: str
     payload: bytes
     qos: int = 0
     retain: bool = False
     received: float = field(default_factory=time.perf_counter)
+    mid: int = 0
+    link: int = 0
 
 
 class MqttClient:
     """A paho client (callback API v2) with reconnect, subscribe-on-connect and a message queue.
 
-    ``on_connected(first: bool)`` and ``on_disconnected()`` run in paho's network
-    thread: keep them short and non-blocking.
+    ``on_connected(first: bool)``, ``on_disconnected()`` and ``on_published()`` run in the
+    network thread (``mqtt-network``, where paho's callbacks run): keep them short and
+    non-blocking. ``loop``: share one network thread between clients (default: its own).
+    ``on_drop`` is kept for callers; nothing is dropped any more. See the module docstring for
+    ``manual_ack`` / ``session_expiry_s`` / ``receive_maximum``; ``watch_broker_drops``
+    subscribes to :data:`SYS_DROPPED` (kept in :attr:`broker_dropped`, never queued).
     """
 
     def __init__(self, host: str, port: int = 1883, *, client_id: str, protocol: str = "5",
@@ -82,33 +129,85 @@ class MqttClient:
                  tls: TLSSettings | None = None, reconnect_min_s: float = 0.5,
                  reconnect_max_s: float = 30.0, subscriptions: Sequence[tuple[str, int]] = (),
                  will: Will | None = None, queue_size: int = 10000, max_queued_out: int = 10000,
+                 session_expiry_s: int = 0, receive_maximum: int = 0, manual_ack: bool = False,
+                 watch_broker_drops: bool = False, track_published: bool = False,
                  on_connected: Callable[[bool], None] | None = None,
                  on_disconnected: Callable[[], None] | None = None,
-                 on_drop: Callable[[Message], None] | None = None) -> None:
+                 on_drop: Callable[[Message], None] | None = None,
+                 on_published: Callable[[], None] | None = None, loop: NetworkLoop | None = None) -> None:
         if protocol not in PROTOCOLS:
             raise ConfigError(f"MQTT protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+        if not 0 <= receive_maximum <= 65535:
+            raise ConfigError(f"MQTT receive maximum must be 0..65535, got {receive_maximum}")
         self.host, self.port, self.protocol, self.keepalive = host, port, protocol, keepalive
         self.subscriptions = list(subscriptions)
-        self.messages: queue.Queue[Message] = queue.Queue(maxsize=queue_size)
+        self.queue_size = queue_size
+        # no maxsize: the network thread stops reading at queue_size instead (nothing is ever dropped)
+        self.messages: queue.Queue[Message] = queue.Queue()
         self.on_connected = on_connected
         self.on_disconnected = on_disconnected
         self.on_drop = on_drop
+        self.manual_ack = manual_ack
+        self.persistent = session_expiry_s > 0
+        self.watch_broker_drops = watch_broker_drops
+        #: the broker's $SYS/broker/publish/messages/dropped; None until read (or when refused)
+        self.broker_dropped: int | None = None
+        #: acknowledgements sent, and not sent because their connection was gone (redelivered instead)
+        self.acks_sent = 0
+        self.acks_lost = 0
         self._connected = threading.Event()
         self._ever_connected = False
+        self._loop = loop or NetworkLoop()
+        self._closing = False  # stop(): write DISCONNECT, then leave the loop
+        self._done = threading.Event()  # the loop is finished with this client
+        self._reconnect_min = reconnect_min_s
+        self._reconnect_max = max(reconnect_min_s, reconnect_max_s)
+        self._reconnect_reset = False  # set on CONNACK: the next outage starts at the minimum delay
+        self._delay: float | None = None  # back-off in effect
+        self._next_attempt: float | None = 0.0  # monotonic time of the next connection attempt
+        self._paused = False
+        self._discarding = False
+        #: how often reading paused because the queue held queue_size messages
+        self.pauses = 0
+        #: messages not queued after discard_incoming() (unacknowledged: the broker redelivers them)
+        self.discarded = 0
         self._pending_subscribe: tuple[int, bool] | None = None  # (mid, first connect)
         self._started = False
-        self._dropped_logged = 0.0
+        # connection numbers: ``_link`` counts CONNACKs; ``_session_link`` is the first link of the
+        # broker session in use. Guarded by _link_lock, which is held across ``client.ack`` so no
+        # PUBACK is queued between a disconnect and the next CONNECT (paho clears its queue there).
+        self._link_lock = threading.Lock()
+        self._link = 0
+        self._link_up = False
+        self._session_link = 0
+        # worker thread only: outgoing mid -> the event to acknowledge when that publish is acknowledged
+        self._after: dict[int, Message] = {}
+        #: with track_published: outgoing mids the broker acknowledged, appended by the network thread
+        #: (on_publish) and consumed by settle() in the worker; registration and matching happen in one
+        #: thread, so a PUBACK that overtakes the registration is never missed
+        self.published_mids: collections.deque[int] = collections.deque()
+        self.track_published = track_published
+        self.on_published = on_published  # network thread, after each PUBACK: e.g. wake the worker
+        self._next_forget = 0.0
         kwargs: dict[str, Any] = {}
         if protocol == "3.1.1":
-            kwargs["clean_session"] = True
+            kwargs["clean_session"] = not self.persistent
+        self._clean_start = not self.persistent
+        self._connect_properties: Properties | None = None
+        if protocol == "5":
+            props = Properties(PacketTypes.CONNECT)
+            if self.persistent:
+                props.SessionExpiryInterval = min(int(session_expiry_s), _MAX_SESSION_EXPIRY)
+            if receive_maximum:
+                props.ReceiveMaximum = receive_maximum
+            self._connect_properties = props
         self._client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
-                                   protocol=PROTOCOLS[protocol], **kwargs)
+                                   protocol=PROTOCOLS[protocol], manual_ack=manual_ack, **kwargs)
         self._client.enable_logger(logging.getLogger(__name__ + ".paho"))
-        # paho documents whole seconds but computes with floats: sub-second minimums work.
-        self._client.reconnect_delay_set(min_delay=reconnect_min_s,  # type: ignore[arg-type]
-                                         max_delay=max(reconnect_min_s, reconnect_max_s))  # type: ignore[arg-type]
         self._client.max_queued_messages_set(max_queued_out)
-        self._client.max_inflight_messages_set(100)
+        # no outgoing window: answers must not wait for PUBACKs that queue behind unread events
+        # while reading is paused (Mosquitto 2.0.11 does not enforce its own Receive Maximum)
+        self._client.max_inflight_messages_set(0)
         if username is not None:
             self._client.username_pw_set(username, password)
         if tls is not None:
@@ -130,39 +229,197 @@ class MqttClient:
         c.on_connect_fail = self._on_connect_fail
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
+        c.on_publish = self._on_publish
+        c.on_socket_register_write = self._on_register_write
+        if watch_broker_drops:
+            c.message_callback_add(SYS_DROPPED, self._on_sys_dropped)
 
     # -- lifecycle -------------------------------------------------------------------------
     @property
     def connected(self) -> bool:
         return self._connected.is_set()
 
+    @property
+    def queue_depth(self) -> int:
+        """Messages received and not yet taken by the worker."""
+        return self.messages.qsize()
+
+    @property
+    def unacked(self) -> int:
+        """Handled events whose acknowledgement waits for their answer's PUBACK."""
+        return len(self._after)
+
+    @property
+    def paused(self) -> bool:
+        """True while the network thread does not read (the queue holds ``queue_size`` messages)."""
+        return self._paused
+
     def start(self) -> None:
-        """Start connecting in the background; paho keeps reconnecting with back-off."""
+        """Start connecting in the background; the network loop keeps reconnecting with back-off."""
         if self._started:
             return
         try:
-            self._client.connect_async(self.host, self.port, self.keepalive)
+            self._client.connect_async(self.host, self.port, self.keepalive, clean_start=self._clean_start,
+                                       properties=self._connect_properties)
         except (OSError, ValueError) as exc:
             raise MqttError(f"cannot connect to MQTT broker {self.host}:{self.port}: {exc}") from exc
-        if self._client.loop_start() != MQTTErrorCode.MQTT_ERR_SUCCESS:
-            raise MqttError("paho network loop did not start")
+        self._closing = False
+        self._done.clear()
+        self._discarding = False
+        self.discarded = 0
+        self._delay, self._next_attempt = None, 0.0
         self._started = True
+        self._loop.add(self)
         _LOG.info("connecting to MQTT broker %s:%d (MQTT %s)", self.host, self.port, self.protocol)
 
     def wait_connected(self, timeout: float | None = None) -> bool:
         return self._connected.wait(timeout)
 
     def stop(self, timeout: float = 2.0) -> None:
-        """Disconnect cleanly (no Last Will) and stop the network thread."""
+        """Disconnect cleanly (no Last Will: DISCONNECT is written before the loop lets go) and stop."""
         if not self._started:
             return
         self._started = False
+        self._closing = True
         try:
             self._client.disconnect()
         except Exception:  # paho may raise on an already broken socket
             _LOG.debug("disconnect failed", exc_info=True)
-        self._client.loop_stop()
+        self._loop.wake()
+        if not self._done.wait(timeout):
+            _LOG.warning("MQTT connection to %s:%d did not close within %.1f s", self.host, self.port, timeout)
+        self._loop.remove(self)
         self._connected.clear()
+
+    def discard_incoming(self) -> None:
+        """From now on leave new messages unacknowledged instead of queueing them (shutting down).
+
+        Reading goes on, without pausing; the broker redelivers the discarded messages to the
+        next session.
+        """
+        self._discarding = True
+        self._loop.wake()
+
+    # -- driven by the NetworkLoop's thread --------------------------------------------------
+    def _on_register_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        # set so that paho never writes the socket from the worker thread itself
+        self._loop.wake()
+
+    def _prepare(self, now: float) -> tuple[Any, int, float | None]:
+        """Before select(): (socket or None, 0 = do not read / 1 = read when readable / 2 = read now,
+        seconds until this client needs the loop again or None)."""
+        c = self._client
+        sock = c.socket()
+        if sock is None:
+            if self._closing:
+                self._done.set()
+                return None, 0, None
+            if self._next_attempt is None:  # just lost (or failed): back off
+                self._delay = self._reconnect_min if self._reconnect_reset or self._delay is None else min(
+                    self._delay * 2, self._reconnect_max)
+                self._reconnect_reset = False
+                self._next_attempt = now + self._delay
+            if now < self._next_attempt:
+                return None, 0, self._next_attempt - now
+            self._next_attempt = None
+            try:
+                c.reconnect()  # blocking TCP (and TLS) connect, then CONNECT is queued
+            except (OSError, ValueError) as exc:
+                _LOG.debug("connect failed: %s", exc)
+                self._on_connect_fail(c, None)
+                return None, 0, 0.0
+            sock = c.socket()
+            if sock is None:
+                return None, 0, 0.0
+        paused = not self._discarding and self.messages.qsize() >= self.queue_size
+        if paused != self._paused:
+            self._paused = paused
+            if paused:
+                self.pauses += 1
+                _LOG.debug("work queue holds %d messages: not reading until the worker catches up",
+                           self.queue_size)
+        if paused:
+            return sock, 0, 0.02  # look again soon: the worker is taking messages
+        pending = getattr(sock, "pending", None)  # TLS bytes already decrypted: select would not see them
+        if pending is not None and pending():
+            return sock, 2, 0.0
+        return sock, 1, None
+
+    def _service(self, sock: Any, readable: bool, writable: bool) -> None:
+        """After select(): read, write and keep alive this client's connection."""
+        c = self._client
+        if readable and c.socket() is sock:
+            c.loop_read()
+        if c.socket() is sock and (writable or c.want_write()):
+            c.loop_write()
+        if c.socket() is sock:
+            c.loop_misc()
+
+    # -- acknowledging (worker thread) -----------------------------------------------------
+    def ack(self, msg: Message) -> bool:
+        """Acknowledge a handled QoS 1 message (manual_ack); False when its connection is gone.
+
+        Not sent on a later connection: the broker redelivers the message there, and a new
+        session may have given its packet id to another message.
+        """
+        if not self.manual_ack or msg.qos == 0 or not msg.mid:
+            return True
+        with self._link_lock:  # the network thread changes the link under this lock
+            ok = (self._link_up and msg.link == self._link
+                  and self._client.ack(msg.mid, msg.qos) == MQTTErrorCode.MQTT_ERR_SUCCESS)
+            if ok:
+                self.acks_sent += 1
+            else:
+                self.acks_lost += 1
+        return ok
+
+    def ack_after(self, msg: Message, info: paho.MQTTMessageInfo | None) -> None:
+        """Acknowledge ``msg`` once ``info`` (the answer it caused) is acknowledged by the broker.
+
+        So an event is never acknowledged while its answer could still be lost with this
+        process. ``info`` None: acknowledge now. ``info`` comes from the client given to
+        :meth:`settle` (a publish made while that client is offline is sent, and acknowledged,
+        later). Worker thread only.
+        """
+        if not self.manual_ack or msg.qos == 0 or not msg.mid:
+            return
+        if info is None:
+            self.ack(msg)
+            return
+        self._after[info.mid] = msg
+
+    def settle(self, source: MqttClient) -> None:
+        """Acknowledge the events whose answers ``source`` (``track_published``) saw acknowledged.
+
+        Worker thread, often. Events whose connection is gone are forgotten (the broker
+        redelivers them; their answers are still delivered by ``source``).
+        """
+        published = source.published_mids
+        while True:
+            try:
+                mid = published.popleft()
+            except IndexError:
+                break
+            msg = self._after.pop(mid, None)
+            if msg is not None:
+                self.ack(msg)
+        now = time.monotonic()
+        if self._after and now >= self._next_forget:
+            self._next_forget = now + _FORGET_S
+            stale = [mid for mid, msg in self._after.items() if msg.link != self._link]
+            for mid in stale:
+                del self._after[mid]
+            if stale:
+                with self._link_lock:
+                    self.acks_lost += len(stale)
+
+    def redelivered(self, msg: Message) -> bool:
+        """True when the broker holds ``msg`` unacknowledged in the current session and resends it
+        on the current connection (it came on an earlier one): handling this copy only duplicates."""
+        if not self.manual_ack or msg.qos == 0 or not self.persistent:
+            return False
+        with self._link_lock:
+            return self._session_link <= msg.link < self._link
 
     # -- publishing ------------------------------------------------------------------------
     def publish(self, topic: str, payload: bytes | str | None, qos: int = 1,
@@ -202,11 +459,20 @@ class MqttClient:
             return
         first = not self._ever_connected
         self._ever_connected = True
-        _LOG.info("%s to MQTT broker %s:%d", "connected" if first else "reconnected", self.host, self.port)
-        if self.subscriptions:
+        resumed = bool(getattr(flags, "session_present", False)) and self.persistent
+        with self._link_lock:
+            self._link += 1
+            if not resumed:
+                self._session_link = self._link
+            self._link_up = True
+        self._reconnect_reset = True
+        _LOG.info("%s to MQTT broker %s:%d (%s session)", "connected" if first else "reconnected", self.host,
+                  self.port, "resumed" if resumed else "new persistent" if self.persistent else "clean")
+        subscriptions = self.subscriptions + ([(SYS_DROPPED, 0)] if self.watch_broker_drops else [])
+        if subscriptions:
             # "connected" (and the agent's online status) waits for the SUBACK:
             # an event published before it would find nobody subscribed.
-            rc, mid = client.subscribe(self.subscriptions)
+            rc, mid = client.subscribe(subscriptions)
             if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
                 _LOG.error("subscribe failed: %s", paho.error_string(rc))
             self._pending_subscribe = (mid, first)
@@ -219,9 +485,16 @@ class MqttClient:
         if pending is None or pending[0] != mid:
             return
         self._pending_subscribe = None
-        failed = [rc for rc in reason_codes if getattr(rc, "is_failure", False)]
+        codes = list(reason_codes)
+        failed = [(topic, rc) for (topic, _), rc in zip(self.subscriptions, codes)
+                  if getattr(rc, "is_failure", False)]
         if failed:
-            _LOG.error("broker refused subscriptions %s: %s", self.subscriptions, failed)
+            _LOG.error("broker refused subscriptions: %s", ", ".join(f"{t} ({rc})" for t, rc in failed))
+        if self.watch_broker_drops and len(codes) > len(self.subscriptions):
+            rc = codes[len(self.subscriptions)]
+            if getattr(rc, "is_failure", False):
+                self.broker_dropped = None
+                _LOG.info("broker refused %s (%s): its drops are not reported", SYS_DROPPED, rc)
         self._ready(pending[1])
 
     def _ready(self, first: bool) -> None:
@@ -239,6 +512,8 @@ class MqttClient:
                        properties: Any) -> None:
         was = self._connected.is_set()
         self._connected.clear()
+        with self._link_lock:
+            self._link_up = False
         if self._started and was:
             _LOG.warning("disconnected from MQTT broker (%s); reconnecting", reason_code)
         if self.on_disconnected is not None:
@@ -251,15 +526,132 @@ class MqttClient:
         try:
             topic = msg.topic
         except UnicodeDecodeError:
-            _LOG.warning("dropped a message whose topic is not UTF-8")
+            _LOG.warning("ignored a message whose topic is not UTF-8")
+            if self.manual_ack and msg.qos:
+                client.ack(msg.mid, msg.qos)  # this thread, this connection
             return
-        item = Message(topic, msg.payload, msg.qos, bool(msg.retain))
+        if self._discarding:
+            self.discarded += 1
+            return
+        # never dropped: the network thread stops reading at queue_size (one read may overshoot a little)
+        self.messages.put_nowait(Message(topic, msg.payload, msg.qos, bool(msg.retain), mid=msg.mid,
+                                         link=self._link))
+
+    def _on_publish(self, client: paho.Client, userdata: Any, mid: int, reason_code: Any,
+                    properties: Any) -> None:
+        if self.track_published:
+            self.published_mids.append(mid)  # matched by settle() in the worker
+        if self.on_published is not None:
+            self.on_published()
+
+    def _on_sys_dropped(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        if self.manual_ack and msg.qos:
+            client.ack(msg.mid, msg.qos)
         try:
-            self.messages.put_nowait(item)
-        except queue.Full:
-            if self.on_drop is not None:
-                self.on_drop(item)
-            now = time.monotonic()
-            if now - self._dropped_logged > 5.0:
-                self._dropped_logged = now
-                _LOG.warning("work queue full (%d): dropping messages", self.messages.maxsize)
+            self.broker_dropped = int(msg.payload)
+        except ValueError:
+            _LOG.debug("unreadable %s: %r", SYS_DROPPED, msg.payload[:40])
+
+class NetworkLoop:
+    """One thread doing the network work of one or more :class:`MqttClient` s (paho's ``loop_read``,
+    ``loop_write``, ``loop_misc`` around one ``select``), in place of paho's ``loop_start``.
+
+    Why not paho's thread: a client must be able to stop reading while its queue is full
+    (module docstring), and the agent's two connections share this one thread (a thread
+    more costs every event GIL hand-overs). Reconnecting follows paho's back-off: the
+    minimum delay after a lost connection, doubling up to the maximum while attempts fail.
+    Callbacks of the clients run in this thread.
+    """
+
+    def __init__(self, name: str = "mqtt-network") -> None:
+        self.name = name
+        self._clients: list[MqttClient] = []
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._wake_r: socket.socket | None = None
+        self._wake_w: socket.socket | None = None
+
+    def add(self, client: MqttClient) -> None:
+        with self._lock:
+            if client not in self._clients:
+                self._clients.append(client)
+            if self._thread is None:
+                self._wake_r, self._wake_w = socket.socketpair()
+                self._wake_r.setblocking(False)
+                self._wake_w.setblocking(False)
+                self._stop.clear()
+                self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+                self._thread.start()
+        self.wake()
+
+    def remove(self, client: MqttClient) -> None:
+        """Forget ``client``; the thread ends with the last one."""
+        with self._lock:
+            if client in self._clients:
+                self._clients.remove(client)
+            thread = self._thread if not self._clients else None
+            if thread is not None:
+                self._stop.set()
+        if thread is not None:
+            self.wake()
+            if thread is not threading.current_thread():
+                thread.join(2.0)
+            with self._lock:
+                if self._thread is thread:
+                    self._thread = None
+                    for s in (self._wake_r, self._wake_w):
+                        if s is not None:
+                            s.close()
+                    self._wake_r = self._wake_w = None
+
+    def wake(self) -> None:
+        """Make the thread look again (something to write, a client added or stopping)."""
+        w = self._wake_w
+        if w is not None:
+            try:
+                w.send(b"\0")
+            except OSError:  # full (already woken) or closed
+                pass
+
+    def _run(self) -> None:
+        wake_r = self._wake_r
+        assert wake_r is not None
+        while not self._stop.is_set():
+            try:
+                self._once(wake_r)
+            except Exception:  # never let the network thread die; paho re-raises callback errors
+                _LOG.exception("MQTT network loop failed; continuing")
+                self._stop.wait(0.1)
+        _LOG.debug("MQTT network thread ends")
+
+    def _once(self, wake_r: socket.socket) -> None:
+        with self._lock:
+            clients = list(self._clients)
+        now = time.monotonic()
+        timeout = 1.0
+        rlist: list[Any] = [wake_r]
+        wlist: list[Any] = []
+        ready: list[tuple[MqttClient, Any, int]] = []
+        for cl in clients:
+            sock, read, due = cl._prepare(now)
+            if due is not None:
+                timeout = min(timeout, max(0.0, due))
+            if sock is None:
+                continue
+            ready.append((cl, sock, read))
+            if read:
+                rlist.append(sock)
+            if cl._client.want_write():
+                wlist.append(sock)
+        try:
+            readable, writable, _ = select.select(rlist, wlist, [], timeout)
+        except (OSError, ValueError, TypeError):  # a socket was closed meanwhile
+            return
+        if wake_r in readable:
+            try:
+                wake_r.recv(4096)
+            except OSError:
+                pass
+        for cl, sock, read in ready:
+            cl._service(sock, read == 2 or (read == 1 and sock in readable), sock in writable)

@@ -2,14 +2,26 @@
 
 Threads:
 
-* paho's network thread (:mod:`agent.mqtt`) only queues incoming messages;
+* one network thread (:class:`agent.mqtt.NetworkLoop`) for two MQTT connections: events
+  in (persistent session, the status, the Last Will; incoming messages are only queued)
+  and answers out (so their PUBACKs never wait behind unread events);
 * one worker thread (:meth:`AgentService._work`) drains the queue in order:
   parse -> :class:`~agent.events.BasketStates` -> ``registry.current.recommend`` ->
-  publish. It also expires idle baskets, republishes the status and logs a
-  summary periodically.
+  publish -> acknowledge. It also expires idle baskets, republishes the status
+  and logs a summary periodically.
 
 A bad event costs one message on ``PREFIX/basket/{id}/errors`` and a log
 line; the agent carries on.
+
+At least once (README "Reliability"): the MQTT session is persistent and an event
+is acknowledged to the broker only after it was handled and its answer (or error)
+was acknowledged by the broker, so an event is never lost with this process:
+whatever was not acknowledged is redelivered, to this connection or the next
+session. Redelivered copies are answered once (``event_id`` de-duplication in
+:class:`~agent.events.BasketStates`). On SIGTERM the worker handles what had
+arrived, for at most ``drain_timeout_s``, and leaves the rest unacknowledged.
+Retained messages on cart topics are replays of old state and ignored; a
+snapshot whose ``ts`` is older than ``max_event_age_s`` is applied, not answered.
 
 Model updates: messages on ``PREFIX/models/updated`` (retained; the one held
 by the broker arrives on every connect) go to the attached
@@ -32,18 +44,19 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import re
 import signal
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any, Protocol
 
 from .errors import AgentError, EventError
 from .events import BasketStates, CartEvent, EventLimits, InvalidEvent, Limits, parse_cart_event
 from .metrics import Metrics
-from .mqtt import Message, MqttClient, MqttError, TLSSettings, Will
+from .mqtt import Message, MqttClient, MqttError, NetworkLoop, TLSSettings, Will
 from .recommenders.base import RecommendRequest
 from .registry import ModelRegistry
 from .sdnotify import Notifier
@@ -51,9 +64,11 @@ from .topics import Topics, validate_id
 
 _LOG = logging.getLogger(__name__)
 
-__all__ = ["AgentSettings", "AgentService", "UpdateSink"]
+__all__ = ["AgentSettings", "AgentService", "UpdateSink", "parse_ts"]
 
 _WAKE = Message("", b"")  # queued to wake the worker (status due, stop)
+_FRACTION = re.compile(r"\.(\d+)")
+_COMPACT_OFFSET = re.compile(r"([+-]\d\d)(\d\d)$")
 
 
 class UpdateSink(Protocol):
@@ -88,7 +103,12 @@ class AgentSettings:
     recent_event_ids: int = 256  # per basket, for de-duplication
     status_interval_s: float = 30.0
     summary_interval_s: float = 60.0
-    queue_size: int = 10000
+    queue_size: int = 1000  # reading stops while this many messages wait for the worker
+    session_expiry_s: int = 86400  # persistent session (0 = clean: events sent while away are lost)
+    receive_maximum: int = 100  # MQTT 5: unacknowledged events the broker may send us at once
+    drain_timeout_s: float = 5.0  # at stop: longest time spent handling what had arrived
+    max_event_age_s: float = 0.0  # older snapshots are applied, not answered (0 = off: clocks may be wrong)
+    watch_broker_drops: bool = True  # read $SYS/broker/publish/messages/dropped (when allowed)
 
     def __post_init__(self) -> None:
         self.prefix = Topics(self.prefix).prefix  # validates and normalises
@@ -105,7 +125,9 @@ class AgentSettings:
                    reconnect_min_s=b.reconnect_min_s, reconnect_max_s=b.reconnect_max_s,
                    agent_id=config.agent_id, prefix=config.prefix, limits=config.limits,
                    idle_ttl_s=config.idle_ttl_s, max_baskets=config.max_baskets,
-                   status_interval_s=config.status_interval_s)
+                   status_interval_s=config.status_interval_s, session_expiry_s=b.session_expiry_s,
+                   receive_maximum=b.receive_maximum, drain_timeout_s=config.drain_timeout_s,
+                   max_event_age_s=config.max_event_age_s)
 
 
 def _now_iso() -> str:
@@ -114,6 +136,30 @@ def _now_iso() -> str:
 
 def _dumps(obj: Any) -> bytes:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def parse_ts(value: object) -> datetime | None:
+    """An event's ``ts`` as an aware datetime, leniently (``Z``, any fraction length, ``+0900``,
+    a space for ``T``; no offset = this machine's time zone); None when it cannot be read.
+
+    Only used to skip answering very old snapshots: anything unreadable is answered.
+    """
+    if not isinstance(value, str):
+        return None
+    text = value.strip()
+    if len(text) < 10:
+        return None
+    if text[-1] in "zZ":
+        text = text[:-1] + "+00:00"
+    if len(text) > 10 and text[10] == " ":
+        text = text[:10] + "T" + text[11:]
+    text = _FRACTION.sub(lambda m: "." + (m.group(1) + "000000")[:6], text, count=1)
+    text = _COMPACT_OFFSET.sub(r"\1:\2", text) if "T" in text else text
+    try:
+        ts = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return ts if ts.tzinfo is not None else ts.astimezone()
 
 
 class AgentService:
@@ -134,18 +180,32 @@ class AgentService:
         self._status_due = threading.Event()
         self._stopping = threading.Event()
         self._worker: threading.Thread | None = None
+        self._stop_requested = 0.0  # time.perf_counter() of stop(): what arrived later is left unacked
+        self._last_publish: Any = None  # MQTTMessageInfo of the worker's latest publish
+        self._idle = False  # the worker waits for a message (read by the answers' network thread)
         self._answer_listeners: list[Callable[[str, bytes], None]] = []
         self.notifier = Notifier()  # systemd Type=notify + WatchdogSec; a no-op outside systemd
-        self.mqtt = MqttClient(
-            settings.host, settings.port,
-            client_id=settings.client_id or f"smartbasket-agent-{settings.agent_id}",
+        # stable: the broker keeps this agent's session (and the events queued for it) under it
+        client_id = settings.client_id or f"smartbasket-agent-{settings.agent_id}"
+        link: dict[str, Any] = dict(
             protocol=settings.protocol, keepalive=settings.keepalive, username=settings.username,
             password=settings.password, tls=settings.tls, reconnect_min_s=settings.reconnect_min_s,
-            reconnect_max_s=settings.reconnect_max_s,
+            reconnect_max_s=settings.reconnect_max_s, loop=NetworkLoop())  # one network thread for both
+        # events in (and the status, and the Last Will): persistent session, acknowledged when handled
+        self.mqtt = MqttClient(
+            settings.host, settings.port, client_id=client_id, **link,
             subscriptions=[(self.topics.cart_subscription, 1), (self.topics.models_updated, 1)],
             will=Will(self.status_topic, _dumps({"state": "offline", "agent_id": settings.agent_id})),
-            queue_size=settings.queue_size, on_connected=self._on_connected,
+            queue_size=settings.queue_size, session_expiry_s=settings.session_expiry_s,
+            receive_maximum=settings.receive_maximum, manual_ack=True,
+            watch_broker_drops=settings.watch_broker_drops, on_connected=self._on_connected,
             on_drop=lambda _msg: self.metrics.drop())
+        # answers out, on a connection of their own: their PUBACKs (which release the events'
+        # acknowledgements) must not wait behind a backlog of unread events (README "Reliability")
+        self.out = MqttClient(
+            settings.host, settings.port, client_id=f"{client_id}-out", **link, max_queued_out=0,
+            track_published=True, on_connected=self._on_connected, on_published=self._wake_if_idle)
+        self.metrics.set_gauges(self._gauges)
 
     # -- lifecycle -------------------------------------------------------------------------
     def attach_updater(self, updater: UpdateSink | None) -> None:
@@ -161,18 +221,36 @@ class AgentService:
             self.updater.start()
         self._worker = threading.Thread(target=self._work, name="agent-worker", daemon=True)
         self._worker.start()
+        self.out.start()
         self.mqtt.start()
 
+    @property
+    def connected(self) -> bool:
+        """Both connections up (events in, answers out)."""
+        return self.mqtt.connected and self.out.connected
+
     def wait_connected(self, timeout: float | None = None) -> bool:
-        return self.mqtt.wait_connected(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if not self.mqtt.wait_connected(timeout):
+            return False
+        return self.out.wait_connected(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
     def stop(self, timeout: float = 2.0) -> None:
-        """Publish the offline status, finish the worker and disconnect cleanly."""
+        """Drain, publish the offline status and disconnect cleanly.
+
+        The worker handles the events that had arrived (at most ``drain_timeout_s``) and
+        acknowledges them once their answers are acknowledged; later or unhandled events
+        stay unacknowledged, so the broker gives them to the next session.
+        """
         if self._worker is None:
             return
+        self._stop_requested = time.perf_counter()
+        self.mqtt.discard_incoming()  # what arrives from now on is the next session's
         self._stopping.set()
         self._wake()
-        self._worker.join(timeout)
+        self._worker.join(self.settings.drain_timeout_s + timeout)
+        if self._worker.is_alive():
+            _LOG.warning("worker still busy after the %.1f s drain", self.settings.drain_timeout_s)
         self._worker = None
         if self.updater is not None:
             self.updater.stop(timeout)
@@ -183,6 +261,7 @@ class AgentService:
             except MqttError as exc:
                 _LOG.warning("could not publish offline status: %s", exc)
         self.mqtt.stop()
+        self.out.stop()
         _LOG.info("agent %s stopped", self.settings.agent_id)
 
     def run_forever(self) -> None:
@@ -209,10 +288,15 @@ class AgentService:
         """One line for ``systemctl status`` (sd_notify STATUS=)."""
         snap = self.registry.current
         models = snap.model_versions if snap is not None else {}
-        link = "connected" if self.mqtt.connected else "not connected"
+        link = "connected" if self.connected else "not connected"
         return (f"broker {self.settings.host}:{self.settings.port} {link}; "
                 f"models {', '.join(f'{k} {v}' for k, v in models.items() if v) or 'none'}; "
-                f"{len(self.states)} baskets")
+                f"{len(self.states)} baskets; {self.mqtt.queue_depth} queued")
+
+    def _gauges(self) -> dict[str, int | None]:
+        """What /metrics and the status report of the MQTT link (Metrics.set_gauges)."""
+        return {"connected": int(self.connected), "queue_depth": self.mqtt.queue_depth,
+                "unacked": self.mqtt.unacked, "broker_dropped": self.mqtt.broker_dropped}
 
     def report_update(self, version: str | None, result: str, reason: str | None = None) -> None:
         """Record a model update outcome (§3.3 ``last_update``) and republish the status soon.
@@ -230,11 +314,19 @@ class AgentService:
                 "models": snap.model_versions if snap is not None else {"guest": None, "member": None},
                 "last_update": self.last_update, "stats": self.metrics.snapshot(), "ts": _now_iso()}
 
-    def _on_connected(self, first: bool) -> None:  # paho thread: flag only
+    def _on_connected(self, first: bool) -> None:  # a network thread (either connection): flags only
         if not first:
             self.metrics.reconnect()
         self._status_due.set()
         self._wake()
+
+    def _wake_if_idle(self) -> None:
+        """An answer was acknowledged: an idle worker acknowledges its event now, not in 0.5 s (a
+        crash in between would have the broker redeliver an event that was answered). A busy
+        worker settles acknowledgements after every message anyway: no wake-up then."""
+        if self._idle:
+            self._idle = False
+            self._wake()
 
     def _wake(self) -> None:
         try:
@@ -255,20 +347,22 @@ class AgentService:
         next_summary += s.summary_interval_s
         while not self._stopping.is_set():
             try:
-                msg = self.mqtt.messages.get(timeout=0.5)
+                msg = self.mqtt.messages.get_nowait()
             except queue.Empty:
-                msg = None
-            if msg is not None and msg is not _WAKE:
+                self._idle = True  # from here on an acknowledged answer wakes us (_wake_if_idle)
                 try:
-                    self.handle(msg)
-                except Exception:
-                    _LOG.exception("unexpected failure handling a message on %s", msg.topic)
-                    self.metrics.error("internal")
+                    msg = self.mqtt.messages.get(timeout=0.5)
+                except queue.Empty:
+                    msg = None
+                self._idle = False
+            if msg is not None and msg is not _WAKE:
+                self._take(msg)
+            self.mqtt.settle(self.out)
             now = time.monotonic()
             self.notifier.ping(now)  # here, not in a thread of its own: a hung worker must stop the pings
             if self._status_due.is_set() or now >= next_status:
                 self._status_due.clear()
-                if self.mqtt.connected:
+                if self.connected:  # "online" once answers can go out too
                     self._publish_status()
                 self.notifier.status(self._sd_status())
                 next_status = now + s.status_interval_s
@@ -281,10 +375,61 @@ class AgentService:
                 next_expire = now + 1.0
             if now >= next_summary:
                 st = self.metrics.snapshot()
-                _LOG.info("events %d, answered %d, errors %d, baskets %d, p50 %s ms, p99 %s ms",
-                          st["events"], st["answered"], st["errors"], len(self.states),
-                          st["p50_ms"], st["p99_ms"])
+                _LOG.info("events %d, answered %d, errors %d, baskets %d, p50 %s ms, p99 %s ms, queued %d, "
+                          "broker dropped %s", st["events"], st["answered"], st["errors"], len(self.states),
+                          st["p50_ms"], st["p99_ms"], self.mqtt.queue_depth, self.mqtt.broker_dropped)
                 next_summary = now + s.summary_interval_s
+        self._drain()
+
+    def _take(self, msg: Message) -> None:
+        """Handle one message and acknowledge it once what it caused is with the broker."""
+        if self.mqtt.redelivered(msg):
+            self.metrics.redelivered()  # the broker resends it on the current connection
+            return
+        self._last_publish = None
+        try:
+            self.handle(msg)
+        except Exception:  # acknowledged anyway: a message that breaks the agent must not come back forever
+            _LOG.exception("unexpected failure handling a message on %s", msg.topic)
+            self.metrics.error("internal")
+        try:
+            self.mqtt.ack_after(msg, self._last_publish)
+        except Exception:  # never let the worker die: unacknowledged means redelivered
+            _LOG.exception("acknowledging a message on %s failed", msg.topic)
+
+    def _drain(self) -> None:
+        """At stop: handle what had arrived before stop() (bounded), wait for the answers' PUBACKs."""
+        deadline = time.monotonic() + self.settings.drain_timeout_s
+        handled = left = 0
+        while time.monotonic() < deadline:
+            try:
+                msg = self.mqtt.messages.get_nowait()
+            except queue.Empty:
+                break
+            if msg is _WAKE:
+                continue
+            if msg.received > self._stop_requested:
+                left = 1  # arrived after stop(): the next session gets it
+                break
+            self._take(msg)
+            self.notifier.ping(time.monotonic())
+            handled += 1
+        while self.mqtt.unacked and time.monotonic() < deadline:
+            self.mqtt.settle(self.out)
+            time.sleep(0.005)
+        self.mqtt.settle(self.out)
+        left += sum(1 for m in self._queued() if m is not _WAKE) + self.mqtt.discarded
+        self.metrics.left(left)
+        _LOG.info("stopping: handled %d queued events in the drain; %d left unacknowledged for the next session"
+                  "%s", handled, left, f", {self.mqtt.unacked} answers unconfirmed" if self.mqtt.unacked else "")
+
+    def _queued(self) -> list[Message]:
+        out = []
+        while True:
+            try:
+                out.append(self.mqtt.messages.get_nowait())
+            except queue.Empty:
+                return out
 
     def handle(self, msg: Message) -> None:
         """Process one message (worker thread): a model update or a cart event."""
@@ -299,6 +444,10 @@ class AgentService:
         except EventError as exc:
             self.metrics.error("topic")
             _LOG.warning("ignored message: %s", exc)
+            return
+        if msg.retain:  # the broker replays a retained cart message on every subscribe: old state
+            self.metrics.retained()
+            _LOG.warning("basket %s: retained cart message ignored (sensors must not retain)", basket_id)
             return
         self.metrics.event()
         try:
@@ -324,7 +473,21 @@ class AgentService:
             self._publish_recommendations(basket_id, b"")
             _LOG.debug("basket %s: checkout, recommendations cleared", basket_id)
             return
+        if self._too_old(event):
+            self.metrics.aged_event()
+            _LOG.debug("basket %s: snapshot %r from %s applied, not answered (older than %g s)", basket_id,
+                       event.event_id, event.ts, self.settings.max_event_age_s)
+            return
         self._answer(basket_id, event, outcome.cart, outcome.wishlist, msg.received)
+
+    def _too_old(self, event: CartEvent) -> bool:
+        """A snapshot older than max_event_age_s (e.g. queued through a long outage): a newer one
+        replaces it anyway. Deltas are always answered; a missing or unreadable ts is answered."""
+        limit = self.settings.max_event_age_s
+        if limit <= 0 or not event.is_snapshot or event.ts is None:
+            return False
+        ts = parse_ts(event.ts)
+        return ts is not None and (datetime.now(timezone.utc) - ts).total_seconds() > limit
 
     def _answer(self, basket_id: str, event: CartEvent, cart: tuple[str, ...],
                 wishlist: tuple[str, ...], received: float) -> None:
@@ -382,7 +545,8 @@ class AgentService:
 
     def _publish(self, topic: str, payload: bytes, *, retain: bool = False) -> bool:
         try:
-            self.mqtt.publish(topic, payload, 1, retain)
+            # the event being handled is acknowledged once this publish is (ack_after)
+            self._last_publish = self.out.publish(topic, payload, 1, retain)
             return True
         except AgentError as exc:
             _LOG.error("publish to %s failed: %s", topic, exc)

@@ -2,7 +2,11 @@
 
 :class:`MosquittoBroker` runs a real Mosquitto on a free loopback port with its
 own config (``set_tcp_nodelay true``) and can be killed and restarted on the
-same port. :class:`AmqttBroker` embeds the pure-Python amqtt broker (MQTT 3.1.1
+same port; with ``persistence=True`` it keeps sessions and queued messages in
+a data directory across restarts (a graceful restart saves them, as a store's
+broker does), and :func:`store_settings` gives the queue and inflight limits of
+the shipped ``config/mosquitto.conf`` so tests run against the store's values.
+:class:`AmqttBroker` embeds the pure-Python amqtt broker (MQTT 3.1.1
 only) for machines without Mosquitto. ``MQTT_HOST`` / ``MQTT_PORT`` in the
 environment select an external broker instead (:func:`external_broker`).
 """
@@ -18,7 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = ["Broker", "MosquittoBroker", "AmqttBroker", "external_broker", "free_port", "find_mosquitto",
-           "mosquitto_available"]
+           "mosquitto_available", "store_settings", "STORE_CONFIG"]
+
+#: the broker configuration shipped for a store
+STORE_CONFIG = Path(__file__).resolve().parents[1] / "config" / "mosquitto.conf"
+# set by MosquittoBroker itself (port, files, user): never taken from the store's file
+_OWN_KEYS = frozenset({"listener", "port", "user", "pid_file", "persistence", "persistence_location",
+                       "log_dest", "include_dir", "per_listener_settings", "allow_anonymous"})
 
 _INSTALL_HINT = ("mosquitto is not installed (looked in PATH, /usr/sbin, /usr/local/sbin). "
                  "Run the project's test command (bash scripts/test.sh), which installs it, "
@@ -61,6 +71,23 @@ def external_broker() -> Broker | None:
     return Broker(host or "127.0.0.1", int(port or 1883))
 
 
+def store_settings(path: Path = STORE_CONFIG) -> tuple[str, ...]:
+    """The global settings of a store's mosquitto.conf (queues, inflight, autosave...), without
+    what a private broker sets itself (listeners, files, user); lines after the first ``listener``
+    belong to listeners and are left out."""
+    out: list[str] = []
+    for raw in path.read_text(encoding="utf-8").splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        key = line.split()[0]
+        if key == "listener":
+            break
+        if key not in _OWN_KEYS:
+            out.append(line)
+    return tuple(out)
+
+
 def _accepts(host: str, port: int) -> bool:
     try:
         with socket.create_connection((host, port), timeout=0.2):
@@ -70,20 +97,36 @@ def _accepts(host: str, port: int) -> bool:
 
 
 class MosquittoBroker:
-    """``start()`` / ``stop()`` / ``restart()`` one mosquitto process on a fixed free port."""
+    """``start()`` / ``stop()`` / ``restart()`` one mosquitto process on a fixed free port.
+
+    ``persistence``: sessions, subscriptions and queued QoS 1 messages are kept in
+    ``workdir/data`` and reloaded at start (saved at a graceful stop; a SIGKILL loses
+    what changed since the last autosave). ``extra_config`` lines come last (global
+    options, e.g. :func:`store_settings`, or more listeners).
+    """
 
     host = "127.0.0.1"
 
-    def __init__(self, workdir: Path, port: int | None = None, extra_config: tuple[str, ...] = ()) -> None:
+    def __init__(self, workdir: Path, port: int | None = None, extra_config: tuple[str, ...] = (), *,
+                 persistence: bool = False, sys_interval: int | None = None) -> None:
         self.binary = find_mosquitto()
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.config = self.workdir / "mosquitto.conf"
         self.log = self.workdir / "mosquitto.log"
+        self.data = self.workdir / "data"
+        self.persistence = persistence
         lines = [f"listener {self.port} 127.0.0.1", "allow_anonymous true", "set_tcp_nodelay true",
-                 "persistence false", "log_dest stderr", "log_type error", "log_type warning",
-                 *extra_config]
+                 "log_dest stderr", "log_type error", "log_type warning"]
+        if persistence:
+            self.data.mkdir(exist_ok=True)
+            lines += ["persistence true", f"persistence_location {self.data}/"]
+        else:
+            lines.append("persistence false")
+        lines += extra_config
+        if sys_interval is not None:  # last: the later of two values wins
+            lines.append(f"sys_interval {sys_interval}")
         if hasattr(os, "geteuid") and os.geteuid() == 0:
             lines.append("user root")  # else mosquitto drops to 'mosquitto' and may not read files
         self.config.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -123,8 +166,9 @@ class MosquittoBroker:
                 self.proc.wait(5)
         self.proc = None
 
-    def restart(self, downtime: float = 0.0) -> None:
-        self.stop(kill=True)
+    def restart(self, downtime: float = 0.0, graceful: bool = False) -> None:
+        """Kill (or, ``graceful``, SIGTERM: a persistent broker then saves its sessions) and start again."""
+        self.stop(kill=not graceful)
         if downtime:
             time.sleep(downtime)
         # The port is ours: wait for the kernel to release it if needed.

@@ -89,7 +89,7 @@ def test_oversized_lists_and_bodies_are_refused(client):
     r = client.post("/recommend", json={"user_id": "u1", "cart": ["1"], "wishlist": ["1"] * 10_000})
     assert r.status_code == 422 and "wishlist" in r.json()["error"]
     r = client.post("/recommend", content=b'{"cart": ["' + b"x" * 1_000_000 + b'"]}')
-    assert r.status_code == 422 and "exceeds" in r.json()["error"]
+    assert r.status_code == 413 and "exceeds" in r.json()["error"]  # refused before it is read (issue 8)
 
 
 def test_bad_requests_do_not_disturb_good_ones(client, trained):
