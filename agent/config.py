@@ -27,7 +27,7 @@ from .topics import validate_id, validate_prefix
 
 _LOG = logging.getLogger(__name__)
 
-__all__ = ["BrokerConfig", "UpdatesConfig", "MemberOverrides", "AgentConfig", "load_config",
+__all__ = ["BrokerConfig", "UpdatesConfig", "MemberOverrides", "AgentConfig", "load_config", "machine_agent_id",
            "parse_config", "parse_hostport", "SCHEMA_DOC"]
 
 SCHEMA_DOC = """\
@@ -43,12 +43,20 @@ broker.session_expiry_s   keep this agent's MQTT session (and the events queued 
 broker.receive_maximum    MQTT 5: unacknowledged events in flight to the agent, default 100
 broker.tls.enabled     default false; tls.ca_file, tls.cert_file, tls.key_file, tls.insecure
 prefix                 topic prefix, default "smartbasket" (e.g. smartbasket/store-17)
-agent_id               this agent's id (required; used in status topic and client id)
+agent_id               this agent's id (required; status topic, client id): unique per basket, or
+                       "auto" = "jetson-" + the first 12 hex digits of /etc/machine-id (else the host name)
 parameters             parameters directory (required)
 public_key             Ed25519 public key file (required unless allow_unsigned)
 allow_unsigned         development only: accept unsigned parameters (logs a warning)
 http.port              HTTP bridge port inside the agent; 0 = no bridge (default 0)
 http.host              bind address, default 127.0.0.1
+http.token             bearer token: every route but /health and the display page needs it
+                       (env BASKET_HTTP_TOKEN; >= 16 characters; never logged)
+http.allowed_hosts     Host names/addresses clients use; required when http.host is 0.0.0.0 or ::
+                       (env BASKET_HTTP_ALLOWED_HOSTS, comma-separated)
+http.max_connections   open HTTP connections, default 256 (+16 for the machine itself)
+http.max_connections_per_client   from one address, default 64 (0 = no limit)
+http.header_timeout_s / body_timeout_s / keepalive_timeout_s   default 10 / 10 / 5
 limits.max_payload_bytes  default 65536     limits.max_items  default 200
 limits.max_top_k          default 100       limits.default_top_k  default 10
 limits.max_event_age_s    a snapshot whose ts is older is applied, not answered; default 0
@@ -56,6 +64,8 @@ limits.max_event_age_s    a snapshot whose ts is older is applied, not answered;
 drain_timeout_s        at shutdown, longest time spent on events already received, default 5
 baskets.idle_ttl_s     forget a basket after this idle time, default 1800
 baskets.max_baskets    at most this many baskets kept, default 10000
+baskets.max_bytes      all baskets' state (carts, wishlists, remembered event ids) in bytes, default
+                       67108864 (64 MiB); beyond it the least recently used baskets are evicted
 status_interval_s      status republish period, default 30
 guest.*                guest model knobs: co_top_k_per_item, expand_top, sim_top_k,
                        sim_weight, fallback_min_candidates, fallback_weight
@@ -117,6 +127,7 @@ class AgentConfig:
     limits: EventLimits = EventLimits()
     idle_ttl_s: float = 1800.0
     max_baskets: int = 10000
+    max_bytes: int = 64 * 2**20
     status_interval_s: float = 30.0
     guest: GuestParams = GuestParams()
     member: MemberOverrides = MemberOverrides()
@@ -124,13 +135,38 @@ class AgentConfig:
     log_level: str = "INFO"
     max_event_age_s: float = 0.0
     drain_timeout_s: float = 5.0
+    http_token: str | None = field(default=None, repr=False)
+    http_allowed_hosts: tuple[str, ...] | None = None
+    http_max_connections: int = 256
+    http_max_connections_per_client: int = 64
+    http_header_timeout_s: float = 10.0
+    http_body_timeout_s: float = 10.0
+    http_keepalive_timeout_s: float = 5.0
 
     def redacted(self) -> dict[str, Any]:
         """The config as a dict with secrets masked, for logging."""
         d = dataclasses.asdict(self)
         if d["broker"].get("password"):
             d["broker"]["password"] = "***"
+        if d.get("http_token"):
+            d["http_token"] = "***"
         return d
+
+
+def machine_agent_id() -> str:
+    """``agent_id: auto``: an id two devices cannot share (the machine id, else the host name)."""
+    import socket
+
+    try:
+        mid = Path("/etc/machine-id").read_text(encoding="ascii").strip()
+    except OSError:
+        mid = ""
+    if len(mid) >= 12 and all(c in "0123456789abcdef" for c in mid[:12]):
+        agent_id = f"jetson-{mid[:12]}"
+    else:
+        agent_id = socket.gethostname().split(".")[0] or "agent"
+    _LOG.info("agent_id: auto -> %s", agent_id)
+    return agent_id
 
 
 def parse_hostport(value: str, default_port: int = 1883) -> tuple[str, int]:
@@ -219,7 +255,8 @@ def parse_config(data: Mapping[str, Any], overrides: Mapping[str, Any] | None = 
         if value is not None:
             _set_dotted(merged, key, value)
     for key, var in (("broker.host", "BASKET_MQTT_HOST"), ("broker.username", "BASKET_MQTT_USERNAME"),
-                     ("broker.password", "BASKET_MQTT_PASSWORD")):
+                     ("broker.password", "BASKET_MQTT_PASSWORD"), ("http.token", "BASKET_HTTP_TOKEN"),
+                     ("http.allowed_hosts", "BASKET_HTTP_ALLOWED_HOSTS")):
         if env.get(var) and not (overrides or {}).get(key):
             _set_dotted(merged, key, env[var])
     r = _Reader(merged)
@@ -273,6 +310,8 @@ def parse_config(data: Mapping[str, Any], overrides: Mapping[str, Any] | None = 
     except ValueError as exc:
         r.problems.append(f"prefix: {exc}")
     agent_id = r.get("agent_id", str, None, required=True)
+    if agent_id == "auto":
+        agent_id = machine_agent_id()
     if agent_id is not None:
         try:
             validate_id("agent_id", agent_id)
@@ -301,8 +340,22 @@ def parse_config(data: Mapping[str, Any], overrides: Mapping[str, Any] | None = 
     if http_port is not None and http_port > 65535:
         r.problems.append(f"http.port must be <= 65535, got {http_port}")
     http_host = r.get("http.host", str, "127.0.0.1")
+    http_token = r.get("http.token", str)
+    hosts = r.get("http.allowed_hosts", (list, str))
+    if isinstance(hosts, str):
+        hosts = hosts.split(",")
+    if hosts is not None and not all(isinstance(h, str) for h in hosts):
+        r.problems.append("http.allowed_hosts must be a list of host names")
+        hosts = None
+    http_allowed_hosts = tuple(h.strip() for h in hosts if h.strip()) if hosts else None
+    http_max_connections = r.get("http.max_connections", int, 256, minimum=1)
+    http_max_connections_per_client = r.get("http.max_connections_per_client", int, 64, minimum=0)
+    http_header_timeout_s = r.get("http.header_timeout_s", float, 10.0, minimum=0.1)
+    http_body_timeout_s = r.get("http.body_timeout_s", float, 10.0, minimum=0.1)
+    http_keepalive_timeout_s = r.get("http.keepalive_timeout_s", float, 5.0, minimum=0.1)
     idle_ttl_s = r.get("baskets.idle_ttl_s", float, 1800.0, minimum=1)
     max_baskets = r.get("baskets.max_baskets", int, 10000, minimum=1)
+    max_bytes = r.get("baskets.max_bytes", int, 64 * 2**20, minimum=2**20)
     status_interval_s = r.get("status_interval_s", float, 30.0, minimum=0.1)
     max_event_age_s = r.get("limits.max_event_age_s", float, 0.0, minimum=0)
     drain_timeout_s = r.get("drain_timeout_s", float, 5.0, minimum=0)
@@ -323,9 +376,13 @@ def parse_config(data: Mapping[str, Any], overrides: Mapping[str, Any] | None = 
         broker=broker, agent_id=agent_id, parameters=parameters,  # type: ignore[arg-type]
         public_key=public_key, allow_unsigned=allow_unsigned, prefix=prefix,
         http_host=http_host, http_port=http_port, limits=EventLimits(**limit_values), idle_ttl_s=idle_ttl_s,
-        max_baskets=max_baskets, status_interval_s=status_interval_s,
+        max_baskets=max_baskets, max_bytes=max_bytes, status_interval_s=status_interval_s,
         guest=GuestParams(**guest_kwargs), member=member, updates=updates, log_level=log_level,
-        max_event_age_s=max_event_age_s, drain_timeout_s=drain_timeout_s)
+        max_event_age_s=max_event_age_s, drain_timeout_s=drain_timeout_s, http_token=http_token,
+        http_allowed_hosts=http_allowed_hosts, http_max_connections=http_max_connections,
+        http_max_connections_per_client=http_max_connections_per_client,
+        http_header_timeout_s=http_header_timeout_s, http_body_timeout_s=http_body_timeout_s,
+        http_keepalive_timeout_s=http_keepalive_timeout_s)
 
 
 def load_config(path: str | Path | None, overrides: Mapping[str, Any] | None = None,

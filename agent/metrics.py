@@ -31,6 +31,8 @@ GAUGES = {
     "queue_depth": "Messages received and not yet handled (reading stops while the work queue is full).",
     "unacked": "Handled events whose acknowledgement waits for their answer's PUBACK.",
     "broker_dropped": "The broker's $SYS/broker/publish/messages/dropped, all clients (absent when not readable).",
+    "baskets": "Baskets whose state the agent keeps.",
+    "basket_bytes": "Bytes of basket state, as accounted against baskets.max_bytes.",
 }
 
 
@@ -78,6 +80,9 @@ class Metrics:
         self.reconnects = 0
         self.dropped = 0
         self.retained_ignored = 0
+        self.evicted = 0
+        self.unknown_fields = 0
+        self.reused_ids = 0
         self.aged = 0
         self.redelivered_skipped = 0
         self.left_unhandled = 0
@@ -125,6 +130,20 @@ class Metrics:
     def drop(self) -> None:
         with self._lock:
             self.dropped += 1
+
+    def evicted_baskets(self, n: int) -> None:
+        """Baskets dropped to stay within baskets.max_bytes / max_baskets."""
+        with self._lock:
+            self.evicted += n
+
+    def unknown_field(self, n: int) -> None:
+        with self._lock:
+            self.unknown_fields += n
+
+    def reused_id(self) -> None:
+        """An event_id repeated with other content in the same trip (a sensor bug)."""
+        with self._lock:
+            self.reused_ids += 1
 
     def retained(self) -> None:
         """A retained message on a cart topic: a replay of old state, ignored."""
@@ -220,6 +239,11 @@ class Metrics:
                     "broker's redelivery.", self.redelivered_skipped)
             counter("left_unhandled_total", "Events left unacknowledged at shutdown for the next session.",
                     self.left_unhandled)
+            counter("evicted_baskets_total", "Baskets evicted (least recently used) to stay within the memory "
+                    "budget.", self.evicted)
+            counter("unknown_fields_total", "Event fields the agent does not read (ignored).", self.unknown_fields)
+            counter("reused_event_ids_total", "Duplicates whose bytes differ from the first event with that id.",
+                    self.reused_ids)
             for key, value in gauges.items():
                 lines.append(f"# HELP {_NS}_{key} {GAUGES[key]}")
                 lines.append(f"# TYPE {_NS}_{key} gauge")

@@ -100,6 +100,7 @@ class AgentSettings:
     limits: Limits = field(default_factory=EventLimits)
     idle_ttl_s: float = 1800.0
     max_baskets: int = 10000
+    max_bytes: int = 64 * 2**20  # baskets.max_bytes: all baskets' state; least recently used evicted beyond
     recent_event_ids: int = 256  # per basket, for de-duplication
     status_interval_s: float = 30.0
     summary_interval_s: float = 60.0
@@ -124,7 +125,7 @@ class AgentSettings:
                    username=b.username, password=b.password, tls=b.tls,
                    reconnect_min_s=b.reconnect_min_s, reconnect_max_s=b.reconnect_max_s,
                    agent_id=config.agent_id, prefix=config.prefix, limits=config.limits,
-                   idle_ttl_s=config.idle_ttl_s, max_baskets=config.max_baskets,
+                   idle_ttl_s=config.idle_ttl_s, max_baskets=config.max_baskets, max_bytes=config.max_bytes,
                    status_interval_s=config.status_interval_s, session_expiry_s=b.session_expiry_s,
                    receive_maximum=b.receive_maximum, drain_timeout_s=config.drain_timeout_s,
                    max_event_age_s=config.max_event_age_s)
@@ -174,7 +175,9 @@ class AgentService:
         self.status_topic = self.topics.status(settings.agent_id)
         self.states = BasketStates(idle_ttl_s=settings.idle_ttl_s, max_baskets=settings.max_baskets,
                                    recent_ids=settings.recent_event_ids,
-                                   max_items=settings.limits.max_items)
+                                   max_items=settings.limits.max_items, max_bytes=settings.max_bytes)
+        self._quiet_until: dict[str, float] = {}  # rate-limited log lines (_log_due)
+        self._quiet_count: dict[str, int] = {}
         self.last_update: dict[str, Any] | None = None
         self.updater: UpdateSink | None = None
         self._status_due = threading.Event()
@@ -202,8 +205,12 @@ class AgentService:
             on_drop=lambda _msg: self.metrics.drop())
         # answers out, on a connection of their own: their PUBACKs (which release the events'
         # acknowledgements) must not wait behind a backlog of unread events (README "Reliability")
+        # Its user is "<username>-out" (same password): a broker that binds client ids to users
+        # (use_username_as_clientid, config/mosquitto-secure.conf) would otherwise give both
+        # connections one client id, each knocking the other off.
+        out_link = dict(link, username=f"{settings.username}-out") if settings.username else link
         self.out = MqttClient(
-            settings.host, settings.port, client_id=f"{client_id}-out", **link, max_queued_out=0,
+            settings.host, settings.port, client_id=f"{client_id}-out", **out_link, max_queued_out=0,
             track_published=True, on_connected=self._on_connected, on_published=self._wake_if_idle)
         self.metrics.set_gauges(self._gauges)
 
@@ -296,7 +303,8 @@ class AgentService:
     def _gauges(self) -> dict[str, int | None]:
         """What /metrics and the status report of the MQTT link (Metrics.set_gauges)."""
         return {"connected": int(self.connected), "queue_depth": self.mqtt.queue_depth,
-                "unacked": self.mqtt.unacked, "broker_dropped": self.mqtt.broker_dropped}
+                "unacked": self.mqtt.unacked, "broker_dropped": self.mqtt.broker_dropped,
+                "baskets": len(self.states), "basket_bytes": self.states.nbytes}
 
     def report_update(self, version: str | None, result: str, reason: str | None = None) -> None:
         """Record a model update outcome (§3.3 ``last_update``) and republish the status soon.
@@ -457,12 +465,27 @@ class AgentService:
             return
         try:
             outcome = self.states.apply(basket_id, event, time.monotonic())
-        except InvalidEvent as exc:  # e.g. an add past limits.max_items
+        except InvalidEvent as exc:  # e.g. an add past limits.max_items, or a delta to an evicted basket
             self._reject(basket_id, exc.kind, str(exc), exc.event_id)
             return
+        if outcome.evicted:
+            self._evicted(outcome.evicted)
+        if event.unknown_fields:
+            self.metrics.unknown_field(len(event.unknown_fields))
+        if outcome.unknown_fields:  # set once per basket
+            _LOG.info("basket %s: ignoring fields the agent does not read: %s (logged once per basket)",
+                      basket_id, ", ".join(outcome.unknown_fields))
         if outcome.kind == "duplicate":
             self.metrics.duplicate()
-            _LOG.debug("basket %s: duplicate event %r ignored", basket_id, event.event_id)
+            if outcome.id_reused:
+                self.metrics.reused_id()
+                n = self._log_due("reused_id")
+                if n:
+                    _LOG.warning("basket %s: event_id %r reused with other content in the same trip: ignored as a "
+                                 "duplicate (a sensor bug; %d such events since the last line)", basket_id,
+                                 event.event_id, n)
+            else:
+                _LOG.debug("basket %s: duplicate event %r ignored", basket_id, event.event_id)
             return
         if outcome.kind == "stale":
             self.metrics.stale_event()
@@ -525,6 +548,26 @@ class AgentService:
         self.metrics.error(kind)
         _LOG.warning("basket %s: event %r rejected: %s", basket_id, event_id, message)
         self._publish(self.topics.errors(basket_id), _dumps({"error": message, "event_id": event_id}))
+
+    def _evicted(self, basket_ids: tuple[str, ...]) -> None:
+        """Baskets dropped to stay within baskets.max_bytes / max_baskets: clear their displays, count, log."""
+        for gone in basket_ids:
+            self._publish_recommendations(gone, b"")
+        self.metrics.evicted_baskets(len(basket_ids))
+        n = self._log_due("evicted", len(basket_ids))
+        if n:
+            _LOG.warning("basket memory full (%d of %d bytes, %d baskets): evicted %d least recently used baskets "
+                         "since the last such line (e.g. %s); their next delta is refused until a snapshot comes",
+                         self.states.nbytes, self.states.max_bytes, len(self.states), n, basket_ids[0])
+
+    def _log_due(self, key: str, n: int = 1, every_s: float = 60.0) -> int:
+        """Rate limit for a noisy log line: 0 while it is quiet, else how many occurrences it reports."""
+        self._quiet_count[key] = self._quiet_count.get(key, 0) + n
+        now = time.monotonic()
+        if now < self._quiet_until.get(key, 0.0):
+            return 0
+        self._quiet_until[key] = now + every_s
+        return self._quiet_count.pop(key)
 
     def add_answer_listener(self, listener: Callable[[str, bytes], None]) -> None:
         """Call ``listener(basket_id, payload)`` with every recommendation published (b"" = cleared).

@@ -356,7 +356,14 @@ class VersionStore:
         for cand in installed:
             if cand.version not in keep and cand.path.name not in keep:
                 _LOG.info("pruning old version %s", cand.version)
-                _remove(cand.path)
+                # Renamed first, so a power cut mid-delete leaves a leftover cleanup() removes,
+                # never a half-deleted directory under a version's name.
+                doomed = self.versions / f"{INCOMING_PREFIX}pruned-{uuid.uuid4().hex[:12]}"
+                try:
+                    cand.path.rename(doomed)
+                except OSError:
+                    doomed = cand.path
+                _remove(doomed)
                 removed.append(cand.version)
         rejected = sorted((p for p in self.versions.iterdir() if p.name.startswith(REJECTED_PREFIX)),
                           key=lambda p: p.stat().st_mtime, reverse=True)
