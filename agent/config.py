@@ -27,8 +27,8 @@ from .topics import validate_id, validate_prefix
 
 _LOG = logging.getLogger(__name__)
 
-__all__ = ["BrokerConfig", "UpdatesConfig", "MemberOverrides", "AgentConfig", "load_config", "machine_agent_id",
-           "parse_config", "parse_hostport", "SCHEMA_DOC"]
+__all__ = ["BrokerConfig", "UpdatesConfig", "MemberOverrides", "AgentConfig", "load_config", "read_config_file",
+           "machine_agent_id", "parse_config", "parse_hostport", "SCHEMA_DOC"]
 
 SCHEMA_DOC = """\
 broker.host            MQTT broker host (required; env BASKET_MQTT_HOST)
@@ -385,27 +385,33 @@ def parse_config(data: Mapping[str, Any], overrides: Mapping[str, Any] | None = 
         http_keepalive_timeout_s=http_keepalive_timeout_s)
 
 
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A YAML config file as a mapping; ConfigError (one line, with the line number) otherwise.
+
+    The retrain server reads its config through this too.
+    """
+    import yaml
+
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {p}: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{p}{where}: not valid YAML") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: top level must be a mapping")
+    return data
+
+
 def load_config(path: str | Path | None, overrides: Mapping[str, Any] | None = None,
                 env: Mapping[str, str] | None = None) -> AgentConfig:
     """Read a YAML file (or none) and validate it with overrides; raises ConfigError."""
-    import yaml
-
-    data: Any = {}
-    base = Path.cwd()
-    if path is not None:
-        p = Path(path)
-        try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except OSError as exc:
-            raise ConfigError(f"cannot read config {p}: {exc.strerror or exc}") from None
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"{p}{where}: not valid YAML") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{p}: top level must be a mapping")
+    data = read_config_file(path) if path is not None else {}
     try:
-        return parse_config(data, overrides, env, base)
+        return parse_config(data, overrides, env, Path.cwd())
     except ValueError as exc:
         if isinstance(exc, ConfigError):
             raise

@@ -48,7 +48,7 @@ from .errors import BundleError
 
 _LOG = logging.getLogger(__name__)
 
-__all__ = ["VersionStore", "Candidate", "StartupResult", "UnsafeBundle", "safe_unpack", "one_line",
+__all__ = ["remove_path", "VersionStore", "Candidate", "StartupResult", "UnsafeBundle", "safe_unpack", "one_line",
            "validate_version", "VERSION_RE"]
 
 #: what a version string may look like (it becomes a directory name)
@@ -252,7 +252,7 @@ class VersionStore:
         for path in self.versions.iterdir():
             if path.name.startswith((INCOMING_PREFIX, DOWNLOAD_PREFIX)):
                 _LOG.info("removing leftover %s", path)
-                _remove(path)
+                remove_path(path)
 
     def load_newest(self, loader: Callable[[Path], Any]) -> StartupResult:
         """Load the newest version that verifies, falling back to older ones.
@@ -331,7 +331,7 @@ class VersionStore:
         target = self.versions / f"{REJECTED_PREFIX}{path.name}"
         try:
             if target.exists():
-                _remove(target)
+                remove_path(target)
             os.rename(path, target)
             _LOG.warning("moved %s aside to %s", path, target)
         except OSError as exc:
@@ -340,7 +340,7 @@ class VersionStore:
     def discard(self, path: Path | None) -> None:
         """Delete a temp file or directory of a failed install; never raises."""
         if path is not None and path.exists():
-            _remove(path)
+            remove_path(path)
 
     def prune(self, serving: str | None) -> list[str]:
         """Keep ``keep_versions`` versions under versions/ (the serving one always); returns removed."""
@@ -363,12 +363,12 @@ class VersionStore:
                     cand.path.rename(doomed)
                 except OSError:
                     doomed = cand.path
-                _remove(doomed)
+                remove_path(doomed)
                 removed.append(cand.version)
         rejected = sorted((p for p in self.versions.iterdir() if p.name.startswith(REJECTED_PREFIX)),
                           key=lambda p: p.stat().st_mtime, reverse=True)
         for path in rejected[1:]:
-            _remove(path)
+            remove_path(path)
         return removed
 
 
@@ -380,13 +380,16 @@ def one_line(exc: BaseException, *roots: Path) -> str:
     return " ".join(text.split())
 
 
-def _remove(path: Path) -> None:
+def remove_path(path: Path) -> bool:
+    """Delete a file or a directory tree (never following a symlink); False when nothing was removed."""
     try:
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         else:
             path.unlink()
     except FileNotFoundError:
-        pass
+        return False
     except OSError as exc:
         _LOG.warning("could not remove %s: %s", path, exc)
+        return False
+    return True

@@ -98,13 +98,9 @@ def _dsn(args: argparse.Namespace) -> str:
     if args.dsn:
         return args.dsn
     if args.config is not None:
-        import yaml
+        from .config import read_yaml
 
-        try:
-            data = yaml.safe_load(args.config.read_text(encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise ConfigError(f"cannot read config {args.config}: {exc}") from None
-        dsn = (data.get("database") or {}).get("dsn") if isinstance(data, dict) else None
+        dsn = (read_yaml(args.config).get("database") or {}).get("dsn")
         if dsn:
             return str(dsn)
     if os.environ.get("RETRAIN_DB_DSN"):

@@ -30,7 +30,7 @@ from .guest import GuestTrainingConfig
 
 _LOG = logging.getLogger(__name__)
 
-__all__ = ["RetrainConfig", "GateConfig", "load_config", "parse_config", "SCHEMA_DOC"]
+__all__ = ["RetrainConfig", "GateConfig", "load_config", "read_yaml", "parse_config", "SCHEMA_DOC"]
 
 SCHEMA_DOC = """\
 database.dsn           PostgreSQL DSN (required; env RETRAIN_DB_DSN; its password is never logged)
@@ -208,19 +208,16 @@ def parse_config(data: Mapping[str, Any], overrides: Mapping[str, Any] | None = 
 def load_config(path: str | Path | None, overrides: Mapping[str, Any] | None = None,
                 env: Mapping[str, str] | None = None) -> RetrainConfig:
     """Read a YAML file (or none) and validate it with overrides; raises ConfigError."""
-    import yaml
+    data = read_yaml(path) if path is not None else {}
+    return parse_config(data, overrides, env, Path.cwd())
 
-    data: Any = {}
-    base = Path.cwd()
-    if path is not None:
-        p = Path(path)
-        try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except OSError as exc:
-            raise ConfigError(f"cannot read config {p}: {exc.strerror or exc}") from None
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            raise ConfigError(f"{p}{f' line {mark.line + 1}' if mark else ''}: not valid YAML") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{p}: top level must be a mapping")
-    return parse_config(data, overrides, env, base)
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """The agent's config-file reader, with the retrain server's ConfigError."""
+    from agent.config import read_config_file
+    from agent.errors import ConfigError as AgentConfigError
+
+    try:
+        return read_config_file(path)
+    except AgentConfigError as exc:
+        raise ConfigError(exc.problems) from None

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import re
-import shutil
 import threading
 import time as _time
 from collections.abc import Callable, Collection
@@ -27,6 +26,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from fastapi import FastAPI
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import FileResponse, JSONResponse, Response
+
+from agent.store import remove_path
 
 from .errors import ConfigError, PublishError, RetrainError
 from .publish import BUNDLE_NAME_RE, BUNDLE_SUFFIX
@@ -298,20 +299,6 @@ class Scheduler:
 
 
 # -- pruning --------------------------------------------------------------------------------
-def _remove(path: Path) -> bool:
-    try:
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
-    except FileNotFoundError:
-        return False
-    except OSError as exc:
-        _LOG.warning("could not remove %s: %s", path, exc)
-        return False
-    return True
-
-
 def prune_bundles(bundle_dir: Path, keep: int, protect: Collection[str] = (), *,
                   stale_after_s: float = 3600.0, now: float | None = None) -> list[Path]:
     """Delete the oldest ``<version>.tar.gz`` beyond the newest ``keep``, and stale ``*.tmp``/``*.partial``.
@@ -341,13 +328,13 @@ def prune_bundles(bundle_dir: Path, keep: int, protect: Collection[str] = (), *,
         if BUNDLE_NAME_RE.match(name) and entry.is_file() and not entry.is_symlink():
             bundles.append((st.st_mtime, name, entry))
         elif name.endswith(STALE_SUFFIXES) and now - st.st_mtime > stale_after_s:
-            if _remove(entry):
+            if remove_path(entry):
                 removed.append(entry)
     bundles.sort(key=lambda b: (b[0], b[1]), reverse=True)  # newest first
     for _mtime, name, path in bundles[keep:]:
         if name[:-len(BUNDLE_SUFFIX)] in protected:
             continue
-        if _remove(path):
+        if remove_path(path):
             removed.append(path)
     if removed:
         _LOG.info("pruned %d file(s) from %s: %s", len(removed), root, ", ".join(p.name for p in removed))
