@@ -21,6 +21,7 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")  # onnxruntime sends usage telemetry otherwise
 
 import argparse
+import dataclasses
 import logging
 import queue
 import sys
@@ -31,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .bundle import load_public_key
-from .config import AgentConfig, load_config, parse_hostport
+from .config import AgentConfig, HttpConfig, load_config, parse_hostport
 from .errors import AgentError, BundleError, ConfigError
 from .metrics import Metrics
 from .registry import ModelRegistry, ModelSnapshot, load_snapshot
@@ -39,7 +40,7 @@ from .store import StartupResult, VersionStore
 from .updater import ReportFn, Updater
 
 if TYPE_CHECKING:
-    from .http import HttpSettings, Readiness
+    from .http import Readiness
     from .service import AgentService
 
 _LOG = logging.getLogger("agent")
@@ -102,7 +103,7 @@ def make_updater(cfg: AgentConfig, store: VersionStore, registry: ModelRegistry,
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .service import AgentService, AgentSettings
+    from .service import AgentService
 
     # paho's network thread and the worker share the GIL; with the default 5 ms
     # switch interval a message can wait a whole interval for the other thread.
@@ -118,6 +119,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     }
     overrides.update(_broker_overrides(args.broker))
     cfg = load_config(args.config, overrides)
+    assert cfg.service is not None  # require_broker (the default): a broker and an agent id
     _configure_logging(cfg.log_level)
     import faulthandler
 
@@ -127,7 +129,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     started = load_models(cfg, store, loader)
     registry = ModelRegistry(started.snapshot)
     metrics = Metrics()
-    service = AgentService(registry, AgentSettings.from_config(cfg), metrics=metrics)
+    service = AgentService(registry, cfg.service, metrics=metrics)
     skipped = startup_rejection(started)
     if skipped is not None:
         service.report_update(skipped[0], "rejected", skipped[1])
@@ -138,23 +140,24 @@ def _cmd_run(args: argparse.Namespace) -> int:
     else:
         _LOG.info("model updates disabled (updates.enabled: false)")
     bridge = None
-    if cfg.http_port:
+    if cfg.http.port:
         from .display import DisplayHub
         from .http import HttpBridge, create_app  # FastAPI costs ~30 MB: only when enabled
 
-        settings = _http_settings(cfg, cfg.http_host)
+        http = _http_config(cfg.http)
         # The basket display: every answer the worker publishes also goes to the page's event stream.
         # Streams get at most 3/4 of the connections, so /recommend and /health always have room.
-        hub = DisplayHub(max_baskets=cfg.max_baskets, max_subscribers=max(1, settings.max_connections * 3 // 4))
+        hub = DisplayHub(max_baskets=cfg.service.baskets.max_baskets,
+                         max_subscribers=max(1, http.max_connections * 3 // 4))
         service.add_answer_listener(hub.publish)
         app = create_app(registry, metrics, cfg.limits, display=hub, readiness=_readiness(service),
-                         settings=settings)
-        bridge = HttpBridge(app, cfg.http_host, cfg.http_port, settings)
+                         settings=http)
+        bridge = HttpBridge(app, http.host, http.port, http)
         bridge.start()
-        _LOG.info("HTTP bridge on http://%s:%d (basket display: /display/<basket id>)", cfg.http_host,
-                  cfg.http_port)
-    _LOG.info("agent %s: broker %s:%d (MQTT %s), prefix %s", cfg.agent_id, cfg.broker.host,
-              cfg.broker.port, cfg.broker.protocol, cfg.prefix)
+        _LOG.info("HTTP bridge on http://%s:%d (basket display: /display/<basket id>)", http.host, http.port)
+    b = cfg.service.broker
+    _LOG.info("agent %s: broker %s:%d (MQTT %s), prefix %s", cfg.service.agent_id, b.host, b.port, b.protocol,
+              cfg.prefix)
     try:
         service.run_forever()
     finally:
@@ -163,26 +166,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _http_settings(cfg: AgentConfig, bind_host: str) -> HttpSettings:
-    """The bridge's access rules and limits: ``http.*`` config keys where the config has them, else env.
-
-    ``BASKET_HTTP_TOKEN`` (a secret: never logged) and ``BASKET_HTTP_ALLOWED_HOSTS``
-    (comma-separated). Raises ConfigError (exit 2) for a short token or a wildcard bind
-    without allowed hosts.
+def _http_config(http: HttpConfig) -> HttpConfig:
+    """``http.*`` with the ``Host`` names to accept completed (:func:`agent.http.allowed_hosts_for`: the
+    configured ones, the bind address, the loopback names). Raises ConfigError (exit 2) for a
+    wildcard bind without configured names.
     """
-    from .http import HttpSettings, allowed_hosts_for
+    from .http import allowed_hosts_for
 
-    token = getattr(cfg, "http_token", None) or os.environ.get("BASKET_HTTP_TOKEN") or None
-    hosts = getattr(cfg, "http_allowed_hosts", None)
-    if hosts is None:
-        hosts = [h for h in os.environ.get("BASKET_HTTP_ALLOWED_HOSTS", "").split(",") if h.strip()]
-    limits: dict[str, Any] = {}
-    for name in ("max_connections", "max_connections_per_client", "header_timeout_s", "body_timeout_s",
-                 "keepalive_timeout_s"):
-        value = getattr(cfg, f"http_{name}", None)
-        if value is not None:
-            limits[name] = value
-    return HttpSettings(token=token, allowed_hosts=allowed_hosts_for(bind_host, hosts), **limits)
+    return dataclasses.replace(http, allowed_hosts=allowed_hosts_for(http.host, http.allowed_hosts or ()))
 
 
 def _readiness(service: AgentService) -> Readiness:
@@ -215,14 +206,11 @@ class _BridgeUpdates:
         from .mqtt import MqttClient
         from .topics import Topics
 
-        b = cfg.broker
+        assert cfg.broker is not None
         self.updater = updater
         self.topic = Topics(cfg.prefix).models_updated
-        self.mqtt = MqttClient(b.host, b.port, client_id=f"smartbasket-bridge-{uuid.uuid4().hex[:8]}",
-                               protocol=b.protocol, keepalive=b.keepalive, username=b.username,
-                               password=b.password, tls=b.tls, reconnect_min_s=b.reconnect_min_s,
-                               reconnect_max_s=b.reconnect_max_s, subscriptions=[(self.topic, 1)],
-                               queue_size=16)
+        self.mqtt = MqttClient.for_broker(cfg.broker, client_id=f"smartbasket-bridge-{uuid.uuid4().hex[:8]}",
+                                          subscriptions=[(self.topic, 1)], queue_size=16)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._drain, name="bridge-updates", daemon=True)
 
@@ -256,24 +244,26 @@ def _cmd_bridge(args: argparse.Namespace) -> int:
     from .http import create_app, make_server, server_config
 
     overrides: dict[str, Any] = {
-        "broker.host": "unused", "agent_id": "bridge", "parameters": str(args.parameters),
-        "public_key": str(args.public_key) if args.public_key else None,
+        "parameters": str(args.parameters), "public_key": str(args.public_key) if args.public_key else None,
         "allow_unsigned": True if args.allow_unsigned else None, "log_level": args.log_level,
-        "prefix": args.prefix, "updates.jitter_s": args.update_jitter_s}
+        "prefix": args.prefix, "updates.jitter_s": args.update_jitter_s, "http.host": args.host,
+        "http.port": args.port}
     overrides.update(_broker_overrides(args.broker))
-    cfg = load_config(None, overrides)
+    # a broker only from --broker (not from BASKET_MQTT_HOST); the credentials may come from the environment
+    env = {k: v for k, v in os.environ.items() if k != "BASKET_MQTT_HOST"}
+    cfg = load_config(None, overrides, env, require_broker=False)
     _configure_logging(cfg.log_level)
     store, loader = make_store(cfg), make_loader(cfg)
     started = load_models(cfg, store, loader)
     registry = ModelRegistry(started.snapshot)
     follower = None
-    if args.broker and cfg.updates.enabled:
+    if cfg.broker is not None and cfg.updates.enabled:
         follower = _BridgeUpdates(cfg, make_updater(cfg, store, registry, loader, _log_update))
         follower.start()
-    settings = _http_settings(cfg, args.host)
-    app = create_app(registry, Metrics(), cfg.limits, settings=settings)
+    http = _http_config(cfg.http)
+    app = create_app(registry, Metrics(), cfg.limits, settings=http)
     try:
-        make_server(server_config(app, args.host, args.port, settings)).run()
+        make_server(server_config(app, http.host, http.port, http)).run()
     finally:
         if follower is not None:
             follower.stop()

@@ -1,12 +1,27 @@
-"""The agent's configuration: one schema, validated and normalised at start-up.
+"""The agent's configuration: one schema, typed sections, validated and normalised at start-up.
 
-Every key is described in :data:`SCHEMA_DOC` (also printed in the README).
-Things that matter have no silent default: the broker host, the parameters
-directory and the public key (or an explicit ``allow_unsigned``) must be
-given, by the YAML file or by command-line flags. All problems are collected
-into one :class:`~agent.errors.ConfigError`. Secrets may come from the
-environment (``BASKET_MQTT_USERNAME``, ``BASKET_MQTT_PASSWORD``) and are
-redacted by :meth:`AgentConfig.redacted`.
+Every key is described in :data:`SCHEMA_DOC` (also printed in the README;
+tests/test_config.py keeps the parser, SCHEMA_DOC and the README equal).
+Things that matter have no silent default: the broker host, the agent id, the
+parameters directory and the public key (or an explicit ``allow_unsigned``)
+must be given, by the YAML file or by command-line flags. All problems are
+collected into one :class:`~agent.errors.ConfigError`. Secrets may come from
+the environment (``BASKET_MQTT_USERNAME``, ``BASKET_MQTT_PASSWORD``,
+``BASKET_HTTP_TOKEN``) and are redacted by :meth:`AgentConfig.redacted`.
+
+Each section is a frozen dataclass, and its field defaults are the only place a
+default is written: :func:`parse_config` takes the default of a missing key
+from the field (:func:`_default`). The sections are what the code uses, with
+no copying in between:
+
+* :class:`BrokerConfig` (``broker.*``): :meth:`agent.mqtt.MqttClient.for_broker`
+  connects to it (the retrain server's config has one too);
+* :class:`BasketsConfig` (``baskets.*``), :class:`~agent.events.EventLimits` (``limits.*``);
+* :class:`ServiceConfig`: everything :class:`agent.service.AgentService` needs;
+* :class:`HttpConfig` (``http.*``): the HTTP bridge (:mod:`agent.http`);
+* :class:`UpdatesConfig` (``updates.*``), :class:`MemberOverrides` (``member.*``),
+  :class:`~agent.recommenders.guest.GuestParams` (``guest.*``);
+* :class:`AgentConfig`: all of it, for ``basket-agent run`` and ``bridge``.
 """
 
 from __future__ import annotations
@@ -27,8 +42,9 @@ from .topics import validate_id, validate_prefix
 
 _LOG = logging.getLogger(__name__)
 
-__all__ = ["BrokerConfig", "UpdatesConfig", "MemberOverrides", "AgentConfig", "load_config", "read_config_file",
-           "machine_agent_id", "parse_config", "parse_hostport", "SCHEMA_DOC"]
+__all__ = ["BrokerConfig", "BasketsConfig", "HttpConfig", "ServiceConfig", "UpdatesConfig", "MemberOverrides",
+           "AgentConfig", "load_config", "read_config_file", "machine_agent_id", "parse_config", "parse_hostport",
+           "SCHEMA_DOC"]
 
 SCHEMA_DOC = """\
 broker.host            MQTT broker host (required; env BASKET_MQTT_HOST)
@@ -41,7 +57,9 @@ broker.reconnect_min_s / reconnect_max_s   reconnect back-off, default 0.5 / 30
 broker.session_expiry_s   keep this agent's MQTT session (and the events queued for it)
                        this long while it is away, default 86400 (0 = clean session: lost)
 broker.receive_maximum    MQTT 5: unacknowledged events in flight to the agent, default 100
-broker.tls.enabled     default false; tls.ca_file, tls.cert_file, tls.key_file, tls.insecure
+broker.tls.enabled     default false
+broker.tls.ca_file / cert_file / key_file   PEM files: the CA, this client's certificate and key
+broker.tls.insecure    development only: skip the broker certificate's host name check, default false
 prefix                 topic prefix, default "smartbasket" (e.g. smartbasket/store-17)
 agent_id               this agent's id (required; status topic, client id): unique per basket, or
                        "auto" = "jetson-" + the first 12 hex digits of /etc/machine-id (else the host name)
@@ -57,8 +75,7 @@ http.allowed_hosts     Host names/addresses clients use; required when http.host
 http.max_connections   open HTTP connections, default 256 (+16 for the machine itself)
 http.max_connections_per_client   from one address, default 64 (0 = no limit)
 http.header_timeout_s / body_timeout_s / keepalive_timeout_s   default 10 / 10 / 5
-limits.max_payload_bytes  default 65536     limits.max_items  default 200
-limits.max_top_k          default 100       limits.default_top_k  default 10
+limits.max_payload_bytes / max_items / max_top_k / default_top_k   default 65536 / 200 / 100 / 10
 limits.max_event_age_s    a snapshot whose ts is older is applied, not answered; default 0
                           (off); config/agent.yaml: 300 (sensor and Jetson clocks on NTP)
 drain_timeout_s        at shutdown, longest time spent on events already received, default 5
@@ -67,37 +84,120 @@ baskets.max_baskets    at most this many baskets kept, default 10000
 baskets.max_bytes      all baskets' state (carts, wishlists, remembered event ids) in bytes, default
                        67108864 (64 MiB); beyond it the least recently used baskets are evicted
 status_interval_s      status republish period, default 30
-guest.*                guest model knobs: co_top_k_per_item, expand_top, sim_top_k,
-                       sim_weight, fallback_min_candidates, fallback_weight
-member.*               repeat_weight, co_weight (default: the values trained into
-                       member_meta.json), threads (onnxruntime threads, default 1)
+guest.co_top_k_per_item / expand_top / sim_top_k / sim_weight / fallback_min_candidates / fallback_weight
+                       guest model knobs, default 50 / 10 / 5 / 0 / 10 / 0.5 (agent/recommenders/guest.py)
+member.repeat_weight / co_weight   default: the values trained into member_meta.json
+member.threads         onnxruntime threads, default 1
 updates.enabled        follow PREFIX/models/updated: download, verify, swap (default true)
 updates.jitter_s       longest random wait before downloading an update, default 30 (0 = none)
 updates.max_bundle_bytes   largest bundle download, default 67108864 (64 MiB); unpacked
                        contents at most 4x that, one file at most 2x
-updates.download_timeout_s connect/read timeout of a bundle download, default 30
+updates.download_timeout_s   connect/read timeout of a bundle download, default 30
 updates.keep_versions  versions kept on disk (the serving one included, >= 2), default 3
 log_level              DEBUG | INFO (default) | WARNING | ERROR
 """
 
+_TLS_PORT = 8883  # broker.port when TLS is on and no port is given
+
 
 @dataclass(frozen=True)
 class BrokerConfig:
+    """An MQTT broker and how to reach it (``broker.*``); :meth:`agent.mqtt.MqttClient.for_broker` connects.
+
+    ``session_expiry_s`` / ``receive_maximum`` apply to the agent's events connection only.
+    """
+
     host: str
     port: int = 1883
-    protocol: str = "5"
+    protocol: str = "5"  # "5" | "3.1.1"
     keepalive: int = 30
     username: str | None = None
     password: str | None = field(default=None, repr=False)
     reconnect_min_s: float = 0.5
     reconnect_max_s: float = 30.0
     tls: TLSSettings | None = None  # None: plain TCP
-    session_expiry_s: int = 86400
-    receive_maximum: int = 100
+    session_expiry_s: int = 86400  # persistent session (0 = clean: events sent while away are lost)
+    receive_maximum: int = 100  # MQTT 5: unacknowledged events the broker may send the agent at once
+
+
+@dataclass(frozen=True)
+class BasketsConfig:
+    """The agent's basket state (``baskets.*``; :class:`agent.events.BasketStates`)."""
+
+    idle_ttl_s: float = 1800.0
+    max_baskets: int = 10000
+    max_bytes: int = 64 * 2**20  # all baskets' state; the least recently used are evicted beyond it
+    recent_event_ids: int = 256  # per basket, for de-duplication (not a config key)
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    """The HTTP bridge (``http.*``): where it listens, its limits and access rules (README "Security").
+
+    ``port`` 0: no bridge inside ``basket-agent run``. ``token``: when set, every
+    route but ``/health`` and the display page needs ``Authorization: Bearer
+    <token>``. ``allowed_hosts``: accepted ``Host`` names (``*.example`` matches
+    subdomains); None = no check. The config gives the names clients use; the
+    commands complete them with :func:`agent.http.allowed_hosts_for` (the bind
+    address, the loopback names). ``max_header_bytes`` and ``docs`` (serve
+    ``/docs``, ``/redoc``, ``/openapi.json``) are not config keys.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    token: str | None = field(default=None, repr=False)
+    allowed_hosts: tuple[str, ...] | None = None
+    max_connections: int = 256
+    max_connections_per_client: int = 64  # 0 = no per-address limit
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 10.0
+    keepalive_timeout_s: float = 5.0
+    max_header_bytes: int = 16384
+    docs: bool = False
+
+    def __post_init__(self) -> None:
+        if self.token is not None and len(self.token) < 16:
+            raise ConfigError("http.token must be at least 16 characters (e.g. `openssl rand -hex 24`)")
+        if self.max_connections < 1 or self.max_connections_per_client < 0:
+            raise ConfigError("http.max_connections must be >= 1 and http.max_connections_per_client >= 0")
+        for name in ("header_timeout_s", "body_timeout_s", "keepalive_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"http.{name} must be > 0")
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """Everything the MQTT agent (:class:`agent.service.AgentService`) needs besides the models.
+
+    ``prefix`` is normalised (outer ``/`` stripped); ``agent_id`` and the broker
+    host are checked (ValueError). ``client_id`` defaults to
+    ``smartbasket-agent-{agent_id}``.
+    """
+
+    broker: BrokerConfig
+    agent_id: str
+    prefix: str = "smartbasket"
+    limits: EventLimits = EventLimits()
+    baskets: BasketsConfig = BasketsConfig()
+    status_interval_s: float = 30.0
+    summary_interval_s: float = 60.0  # not a config key
+    queue_size: int = 1000  # reading stops while this many messages wait for the worker (not a config key)
+    drain_timeout_s: float = 5.0  # at stop: longest time spent handling what had arrived
+    max_event_age_s: float = 0.0  # older snapshots are applied, not answered (0 = off: clocks may be wrong)
+    watch_broker_drops: bool = True  # read $SYS/broker/publish/messages/dropped (when allowed)
+    client_id: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "prefix", validate_prefix(self.prefix))
+        validate_id("agent_id", self.agent_id)
+        if not self.broker.host:
+            raise ValueError("MQTT host is required")
 
 
 @dataclass(frozen=True)
 class MemberOverrides:
+    """``member.*``: the serving blend weights (None: as trained) and onnxruntime threads."""
+
     repeat_weight: float | None = None
     co_weight: float | None = None
     threads: int = 1
@@ -116,40 +216,41 @@ class UpdatesConfig:
 
 @dataclass(frozen=True)
 class AgentConfig:
-    broker: BrokerConfig
-    agent_id: str
+    """The whole configuration of ``basket-agent run`` / ``basket-agent bridge``.
+
+    ``broker``, ``prefix`` and ``limits`` are what the agent and the standalone
+    bridge share; ``service`` is the MQTT agent's section and holds those very
+    objects (checked here). ``service`` is None only for a bridge
+    (:func:`parse_config` with ``require_broker=False``), whose ``broker`` is
+    None too unless it follows model updates.
+    """
+
     parameters: Path
     public_key: Path | None
+    prefix: str
+    limits: EventLimits
+    broker: BrokerConfig | None
+    service: ServiceConfig | None
     allow_unsigned: bool = False
-    prefix: str = "smartbasket"
-    http_host: str = "127.0.0.1"
-    http_port: int = 0
-    limits: EventLimits = EventLimits()
-    idle_ttl_s: float = 1800.0
-    max_baskets: int = 10000
-    max_bytes: int = 64 * 2**20
-    status_interval_s: float = 30.0
+    http: HttpConfig = HttpConfig()
     guest: GuestParams = GuestParams()
     member: MemberOverrides = MemberOverrides()
     updates: UpdatesConfig = UpdatesConfig()
     log_level: str = "INFO"
-    max_event_age_s: float = 0.0
-    drain_timeout_s: float = 5.0
-    http_token: str | None = field(default=None, repr=False)
-    http_allowed_hosts: tuple[str, ...] | None = None
-    http_max_connections: int = 256
-    http_max_connections_per_client: int = 64
-    http_header_timeout_s: float = 10.0
-    http_body_timeout_s: float = 10.0
-    http_keepalive_timeout_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        s = self.service
+        if s is not None and (s.broker, s.prefix, s.limits) != (self.broker, self.prefix, self.limits):
+            raise ValueError("AgentConfig: service.broker/prefix/limits differ from broker/prefix/limits")
 
     def redacted(self) -> dict[str, Any]:
         """The config as a dict with secrets masked, for logging."""
         d = dataclasses.asdict(self)
-        if d["broker"].get("password"):
-            d["broker"]["password"] = "***"
-        if d.get("http_token"):
-            d["http_token"] = "***"
+        for broker in (d["broker"], (d["service"] or {}).get("broker")):
+            if broker and broker.get("password"):
+                broker["password"] = "***"
+        if d["http"].get("token"):
+            d["http"]["token"] = "***"
         return d
 
 
@@ -246,9 +347,71 @@ def _kind_name(kind: type | tuple[type, ...]) -> str:
                        for k in kinds)
 
 
+def _default(cls: type, name: str) -> Any:
+    """The default of field ``name`` of dataclass ``cls``: the one place it is written."""
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            if f.default is not dataclasses.MISSING:
+                return f.default
+            if f.default_factory is not dataclasses.MISSING:
+                return f.default_factory()
+            raise TypeError(f"{cls.__name__}.{name} has no default")
+    raise TypeError(f"{cls.__name__} has no field {name!r}")
+
+
+_KINDS: dict[str, type] = {"int": int, "float": float, "bool": bool, "str": str}
+
+
+def _section(r: _Reader, section: str, cls: type, **minimum: float | None) -> dict[str, Any]:
+    """``section.NAME`` for every NAME given (with its minimum, None: none), typed (``int``, ``float``,
+    ``bool``, ``str``, optionally ``| None``) and defaulted by the field of ``cls`` of that name."""
+    kinds = {f.name: f.type if isinstance(f.type, type) else _KINDS[f.type.removesuffix(" | None")]
+             for f in dataclasses.fields(cls) if f.name in minimum}
+    prefix = f"{section}." if section else ""
+    return {name: r.get(prefix + name, kinds[name], _default(cls, name), minimum=low)
+            for name, low in minimum.items()}
+
+
+def _read_broker(r: _Reader, *, required: bool = True, agent_keys: bool = True) -> BrokerConfig | None:
+    """``broker.*``; None when the host is not given and not ``required``. ``agent_keys``: also the
+    agent's back-off and session keys (the retrain server reads the rest through this too)."""
+    tls_enabled = r.get("broker.tls.enabled", bool, False)
+    tls = TLSSettings(ca_file=r.get("broker.tls.ca_file", str), cert_file=r.get("broker.tls.cert_file", str),
+                      key_file=r.get("broker.tls.key_file", str),
+                      **_section(r, "broker.tls", TLSSettings, insecure=None))
+    for key in ("ca_file", "cert_file", "key_file"):
+        value = getattr(tls, key)
+        if tls_enabled and value and not Path(value).is_file():
+            r.problems.append(f"broker.tls.{key}: no such file {value}")
+    protocol = str(r.get("broker.protocol", (str, int, float), _default(BrokerConfig, "protocol")))
+    protocol = {"5": "5", "5.0": "5", "3.1.1": "3.1.1", "311": "3.1.1"}.get(protocol, protocol)
+    if protocol not in ("5", "3.1.1"):
+        r.problems.append(f"broker.protocol must be \"5\" or \"3.1.1\", got {protocol!r}")
+    port = r.get("broker.port", int, _TLS_PORT if tls_enabled else _default(BrokerConfig, "port"), minimum=1)
+    values: dict[str, Any] = dict(
+        port=port, protocol=protocol, username=r.get("broker.username", str),
+        password=r.get("broker.password", str), tls=tls if tls_enabled else None,
+        **_section(r, "broker", BrokerConfig, keepalive=5))
+    if agent_keys:
+        values.update(_section(r, "broker", BrokerConfig, reconnect_min_s=0.01, reconnect_max_s=0.1,
+                               session_expiry_s=0, receive_maximum=1))
+    for key, most in (("port", 65535), ("receive_maximum", 65535), ("session_expiry_s", 0xFFFFFFFF)):
+        if values.get(key) is not None and values[key] > most:
+            r.problems.append(f"broker.{key} must be <= {most}, got {values[key]}")
+    host = r.get("broker.host", str, None, required=required)
+    if host is not None and not host.strip():
+        r.problems.append("broker.host must not be empty")
+    return None if host is None else BrokerConfig(host=host, **values)
+
+
 def parse_config(data: Mapping[str, Any], overrides: Mapping[str, Any] | None = None,
-                 env: Mapping[str, str] | None = None, base_dir: Path | None = None) -> AgentConfig:
-    """Validate ``data`` (parsed YAML) with CLI ``overrides`` (dotted keys) and env."""
+                 env: Mapping[str, str] | None = None, base_dir: Path | None = None, *,
+                 require_broker: bool = True) -> AgentConfig:
+    """Validate ``data`` (parsed YAML) with CLI ``overrides`` (dotted keys) and env.
+
+    ``require_broker=False`` (the standalone bridge): ``broker.host`` and ``agent_id``
+    may be left out; then ``broker`` (without a host) and ``service`` (without either) are None.
+    """
     env = os.environ if env is None else env
     merged: dict[str, Any] = _deep_copy(data)
     for key, value in (overrides or {}).items():
@@ -266,50 +429,20 @@ def parse_config(data: Mapping[str, Any], overrides: Mapping[str, Any] | None = 
         value = r.get(key, str, required=required)
         return None if value is None else (base / value if not Path(value).is_absolute() else Path(value))
 
-    tls_enabled = r.get("broker.tls.enabled", bool, False)
-    tls = TLSSettings(
-        ca_file=r.get("broker.tls.ca_file", str), cert_file=r.get("broker.tls.cert_file", str),
-        key_file=r.get("broker.tls.key_file", str), insecure=r.get("broker.tls.insecure", bool, False))
-    protocol = str(r.get("broker.protocol", (str, int, float), "5"))
-    if protocol in ("5.0", "5"):
-        protocol = "5"
-    elif protocol not in ("3.1.1", "311"):
-        r.problems.append(f"broker.protocol must be \"5\" or \"3.1.1\", got {protocol!r}")
-    else:
-        protocol = "3.1.1"
-    port = r.get("broker.port", int, 8883 if tls_enabled else 1883, minimum=1)
-    if port is not None and port > 65535:
-        r.problems.append(f"broker.port must be <= 65535, got {port}")
-    broker = BrokerConfig(
-        host=r.get("broker.host", str, "", required=True), port=port, protocol=protocol,
-        keepalive=r.get("broker.keepalive", int, 30, minimum=5),
-        username=r.get("broker.username", str), password=r.get("broker.password", str),
-        reconnect_min_s=r.get("broker.reconnect_min_s", float, 0.5, minimum=0.01),
-        reconnect_max_s=r.get("broker.reconnect_max_s", float, 30.0, minimum=0.1),
-        tls=tls if tls_enabled else None,
-        session_expiry_s=r.get("broker.session_expiry_s", int, 86400, minimum=0),
-        receive_maximum=r.get("broker.receive_maximum", int, 100, minimum=1))
-    if broker.receive_maximum is not None and broker.receive_maximum > 65535:
-        r.problems.append(f"broker.receive_maximum must be <= 65535, got {broker.receive_maximum}")
-    if broker.session_expiry_s is not None and broker.session_expiry_s > 0xFFFFFFFF:
-        r.problems.append(f"broker.session_expiry_s must be <= {0xFFFFFFFF}, got {broker.session_expiry_s}")
-    for key in ("ca_file", "cert_file", "key_file"):
-        value = getattr(tls, key)
-        if tls_enabled and value and not Path(value).is_file():
-            r.problems.append(f"broker.tls.{key}: no such file {value}")
-    allow_unsigned = r.get("allow_unsigned", bool, False)
+    broker = _read_broker(r, required=require_broker)
+    allow_unsigned = r.get("allow_unsigned", bool, _default(AgentConfig, "allow_unsigned"))
     public_key = path("public_key", required=False)
     if public_key is None and not allow_unsigned:
         r.problems.append("public_key is required (or allow_unsigned: true for development)")
     elif public_key is not None and not public_key.is_file():
         r.problems.append(f"public_key: no such file {public_key}")
     parameters = path("parameters", required=True)
-    prefix = r.get("prefix", str, "smartbasket")
+    prefix = r.get("prefix", str, _default(ServiceConfig, "prefix"))
     try:
         prefix = validate_prefix(prefix)
     except ValueError as exc:
         r.problems.append(f"prefix: {exc}")
-    agent_id = r.get("agent_id", str, None, required=True)
+    agent_id = r.get("agent_id", str, None, required=require_broker)
     if agent_id == "auto":
         agent_id = machine_agent_id()
     if agent_id is not None:
@@ -317,72 +450,46 @@ def parse_config(data: Mapping[str, Any], overrides: Mapping[str, Any] | None = 
             validate_id("agent_id", agent_id)
         except ValueError as exc:
             r.problems.append(str(exc))
-    limit_values = {
-        "max_payload_bytes": r.get("limits.max_payload_bytes", int, 65536, minimum=64),
-        "max_items": r.get("limits.max_items", int, 200, minimum=1),
-        "max_top_k": r.get("limits.max_top_k", int, 100, minimum=1),
-        "default_top_k": r.get("limits.default_top_k", int, 10, minimum=1)}
-    if limit_values["default_top_k"] > limit_values["max_top_k"]:
-        r.problems.append(f"limits.default_top_k ({limit_values['default_top_k']}) must not exceed "
-                          f"limits.max_top_k ({limit_values['max_top_k']})")
-        limit_values["default_top_k"] = limit_values["max_top_k"]
-    guest_kwargs = {}
-    for f in dataclasses.fields(GuestParams):
-        kind = float if f.type in ("float", float) else int
-        value = r.get(f"guest.{f.name}", kind, None, minimum=0)
-        if value is not None:
-            guest_kwargs[f.name] = value
-    member = MemberOverrides(
-        repeat_weight=r.get("member.repeat_weight", float, None, minimum=0),
-        co_weight=r.get("member.co_weight", float, None, minimum=0),
-        threads=r.get("member.threads", int, 1, minimum=1))
-    http_port = r.get("http.port", int, 0, minimum=0)
-    if http_port is not None and http_port > 65535:
-        r.problems.append(f"http.port must be <= 65535, got {http_port}")
-    http_host = r.get("http.host", str, "127.0.0.1")
-    http_token = r.get("http.token", str)
+    limits = _section(r, "limits", EventLimits, max_payload_bytes=64, max_items=1, max_top_k=1, default_top_k=1)
+    if limits["default_top_k"] > limits["max_top_k"]:
+        r.problems.append(f"limits.default_top_k ({limits['default_top_k']}) must not exceed "
+                          f"limits.max_top_k ({limits['max_top_k']})")
+        limits["default_top_k"] = limits["max_top_k"]
+    timing = _section(r, "", ServiceConfig, status_interval_s=0.1, drain_timeout_s=0)
+    timing["max_event_age_s"] = r.get("limits.max_event_age_s", float, _default(ServiceConfig, "max_event_age_s"),
+                                      minimum=0)
+    baskets = _section(r, "baskets", BasketsConfig, idle_ttl_s=1, max_baskets=1, max_bytes=2**20)
+    guest = _section(r, "guest", GuestParams, **{f.name: 0 for f in dataclasses.fields(GuestParams)})
+    member = _section(r, "member", MemberOverrides, repeat_weight=0, co_weight=0, threads=1)
+    http = _section(r, "http", HttpConfig, host=None, port=0, max_connections=1, max_connections_per_client=0,
+                    header_timeout_s=0.1, body_timeout_s=0.1, keepalive_timeout_s=0.1)
+    if http["port"] is not None and http["port"] > 65535:
+        r.problems.append(f"http.port must be <= 65535, got {http['port']}")
     hosts = r.get("http.allowed_hosts", (list, str))
     if isinstance(hosts, str):
         hosts = hosts.split(",")
     if hosts is not None and not all(isinstance(h, str) for h in hosts):
         r.problems.append("http.allowed_hosts must be a list of host names")
         hosts = None
-    http_allowed_hosts = tuple(h.strip() for h in hosts if h.strip()) if hosts else None
-    http_max_connections = r.get("http.max_connections", int, 256, minimum=1)
-    http_max_connections_per_client = r.get("http.max_connections_per_client", int, 64, minimum=0)
-    http_header_timeout_s = r.get("http.header_timeout_s", float, 10.0, minimum=0.1)
-    http_body_timeout_s = r.get("http.body_timeout_s", float, 10.0, minimum=0.1)
-    http_keepalive_timeout_s = r.get("http.keepalive_timeout_s", float, 5.0, minimum=0.1)
-    idle_ttl_s = r.get("baskets.idle_ttl_s", float, 1800.0, minimum=1)
-    max_baskets = r.get("baskets.max_baskets", int, 10000, minimum=1)
-    max_bytes = r.get("baskets.max_bytes", int, 64 * 2**20, minimum=2**20)
-    status_interval_s = r.get("status_interval_s", float, 30.0, minimum=0.1)
-    max_event_age_s = r.get("limits.max_event_age_s", float, 0.0, minimum=0)
-    drain_timeout_s = r.get("drain_timeout_s", float, 5.0, minimum=0)
-    updates = UpdatesConfig(
-        enabled=r.get("updates.enabled", bool, True),
-        jitter_s=r.get("updates.jitter_s", float, 30.0, minimum=0),
-        max_bundle_bytes=r.get("updates.max_bundle_bytes", int, 64 << 20, minimum=1024),
-        download_timeout_s=r.get("updates.download_timeout_s", float, 30.0, minimum=0.1),
-        keep_versions=r.get("updates.keep_versions", int, 3, minimum=2))
-    log_level = str(r.get("log_level", str, "INFO")).upper()
+    http.update(token=r.get("http.token", str),
+                allowed_hosts=tuple(h.strip() for h in hosts if h.strip()) if hosts else None)
+    updates = _section(r, "updates", UpdatesConfig, enabled=None, jitter_s=0, max_bundle_bytes=1024,
+                       download_timeout_s=0.1, keep_versions=2)
+    log_level = str(r.get("log_level", str, _default(AgentConfig, "log_level"))).upper()
     if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         r.problems.append(f"log_level must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
     for key in r.unknown_keys():
         r.problems.append(f"unknown key {key!r}")
     if r.problems:
         raise ConfigError(r.problems)
+    event_limits = EventLimits(**limits)
     return AgentConfig(
-        broker=broker, agent_id=agent_id, parameters=parameters,  # type: ignore[arg-type]
-        public_key=public_key, allow_unsigned=allow_unsigned, prefix=prefix,
-        http_host=http_host, http_port=http_port, limits=EventLimits(**limit_values), idle_ttl_s=idle_ttl_s,
-        max_baskets=max_baskets, max_bytes=max_bytes, status_interval_s=status_interval_s,
-        guest=GuestParams(**guest_kwargs), member=member, updates=updates, log_level=log_level,
-        max_event_age_s=max_event_age_s, drain_timeout_s=drain_timeout_s, http_token=http_token,
-        http_allowed_hosts=http_allowed_hosts, http_max_connections=http_max_connections,
-        http_max_connections_per_client=http_max_connections_per_client,
-        http_header_timeout_s=http_header_timeout_s, http_body_timeout_s=http_body_timeout_s,
-        http_keepalive_timeout_s=http_keepalive_timeout_s)
+        parameters=parameters, public_key=public_key, prefix=prefix, limits=event_limits,  # type: ignore[arg-type]
+        broker=broker, allow_unsigned=allow_unsigned, http=HttpConfig(**http), guest=GuestParams(**guest),
+        member=MemberOverrides(**member), updates=UpdatesConfig(**updates), log_level=log_level,
+        service=None if broker is None or agent_id is None else ServiceConfig(
+            broker=broker, agent_id=agent_id, prefix=prefix, limits=event_limits,
+            baskets=BasketsConfig(**baskets), **timing))
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -407,11 +514,11 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
 
 def load_config(path: str | Path | None, overrides: Mapping[str, Any] | None = None,
-                env: Mapping[str, str] | None = None) -> AgentConfig:
+                env: Mapping[str, str] | None = None, *, require_broker: bool = True) -> AgentConfig:
     """Read a YAML file (or none) and validate it with overrides; raises ConfigError."""
     data = read_config_file(path) if path is not None else {}
     try:
-        return parse_config(data, overrides, env, Path.cwd())
+        return parse_config(data, overrides, env, Path.cwd(), require_broker=require_broker)
     except ValueError as exc:
         if isinstance(exc, ConfigError):
             raise

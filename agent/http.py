@@ -37,13 +37,14 @@ import resource
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import ClientDisconnect
 
+from .config import HttpConfig
 from .errors import AgentError, ConfigError
 from .events import EventLimits, InvalidEvent, parse_cart_event
 from .metrics import Metrics
@@ -57,7 +58,7 @@ if TYPE_CHECKING:
 
 _LOG = logging.getLogger(__name__)
 
-__all__ = ["create_app", "HttpBridge", "HttpSettings", "allowed_hosts_for", "server_config", "make_server",
+__all__ = ["create_app", "HttpBridge", "allowed_hosts_for", "server_config", "make_server",
            "quiet_server_logs", "LOOPBACK_NAMES", "Readiness"]
 
 GUEST = "guest"
@@ -80,35 +81,6 @@ _BACKLOG = 64
 #: connections beyond max_connections that only 127.0.0.1 / ::1 may open (local health checks)
 _LOCAL_RESERVE = 16
 _LOCAL_ADDRESSES = frozenset({"127.0.0.1", "::1", "::ffff:127.0.0.1"})
-
-
-@dataclass(frozen=True)
-class HttpSettings:
-    """The bridge's limits and access rules (config ``http.*``; README "Security").
-
-    ``token``: when set, every route but ``/health`` and the display page needs
-    ``Authorization: Bearer <token>``. ``allowed_hosts``: accepted ``Host`` names
-    (``*.example`` matches subdomains; see :func:`allowed_hosts_for`); None = no check.
-    """
-
-    token: str | None = field(default=None, repr=False)
-    allowed_hosts: tuple[str, ...] | None = None
-    max_connections: int = 256
-    max_connections_per_client: int = 64  # 0 = no per-address limit
-    header_timeout_s: float = 10.0
-    body_timeout_s: float = 10.0
-    keepalive_timeout_s: float = 5.0
-    max_header_bytes: int = 16384
-    docs: bool = False
-
-    def __post_init__(self) -> None:
-        if self.token is not None and len(self.token) < 16:
-            raise ConfigError("http.token must be at least 16 characters (e.g. `openssl rand -hex 24`)")
-        if self.max_connections < 1 or self.max_connections_per_client < 0:
-            raise ConfigError("http.max_connections must be >= 1 and http.max_connections_per_client >= 0")
-        for name in ("header_timeout_s", "body_timeout_s", "keepalive_timeout_s"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"http.{name} must be > 0")
 
 
 def allowed_hosts_for(bind_host: str, configured: Iterable[str] = ()) -> tuple[str, ...]:
@@ -171,7 +143,7 @@ class _Refused(Exception):
 
 def create_app(registry: ModelRegistry, metrics: Metrics | None = None,
                limits: EventLimits | None = None, display: DisplayHub | None = None, *,
-               readiness: Readiness | None = None, settings: HttpSettings | None = None) -> FastAPI:
+               readiness: Readiness | None = None, settings: HttpConfig | None = None) -> FastAPI:
     """The bridge app; models always come from ``registry.current``.
 
     With ``display`` (a hub the agent's answers feed) the basket display routes are
@@ -181,7 +153,7 @@ def create_app(registry: ModelRegistry, metrics: Metrics | None = None,
     """
     metrics = metrics or Metrics()
     limits = limits or EventLimits()
-    settings = settings or HttpSettings()
+    settings = settings or HttpConfig()
     docs = settings.docs
     app = FastAPI(title="Smart Basket recommendation bridge", version="1", docs_url="/docs" if docs else None,
                   redoc_url="/redoc" if docs else None, openapi_url="/openapi.json" if docs else None)
@@ -252,8 +224,7 @@ def create_app(registry: ModelRegistry, metrics: Metrics | None = None,
 
     @app.get("/metrics")
     def prometheus() -> PlainTextResponse:
-        return PlainTextResponse(metrics.render_prometheus(),
-                                 media_type="text/plain; version=0.0.4; charset=utf-8")
+        return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     # outermost of the user middlewares, inside Starlette's ServerErrorMiddleware, which would log a
     # traceback and re-raise: _Guard catches everything first.
@@ -435,7 +406,7 @@ _BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\
          b"Retry-After: 5\r\nConnection: close\r\n\r\n{\"error\": \"too many connections\"}")
 
 
-def _protocol_class(settings: HttpSettings, max_connections: int) -> type[asyncio.Protocol]:
+def _protocol_class(settings: HttpConfig, max_connections: int) -> type[asyncio.Protocol]:
     """uvicorn's h11 protocol with a connection cap at accept and a deadline for each request head.
 
     uvicorn's own ``limit_concurrency`` answers 503 only once a request head is complete,
@@ -515,7 +486,7 @@ def _protocol_class(settings: HttpSettings, max_connections: int) -> type[asynci
     return _GuardedH11
 
 
-def _effective_max_connections(settings: HttpSettings) -> int:
+def _effective_max_connections(settings: HttpConfig) -> int:
     """``max_connections``, lowered so that HTTP sockets can never exhaust the process's file handles."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     room = (min(soft if soft != resource.RLIM_INFINITY else _SELECT_FD_LIMIT, _SELECT_FD_LIMIT)
@@ -558,11 +529,11 @@ def quiet_server_logs() -> None:
         logger.addFilter(_QUIET)
 
 
-def server_config(app: FastAPI, host: str, port: int, settings: HttpSettings | None = None) -> uvicorn.Config:
+def server_config(app: FastAPI, host: str, port: int, settings: HttpConfig | None = None) -> uvicorn.Config:
     """The uvicorn configuration of a hardened bridge (limits from ``settings``)."""
     import uvicorn
 
-    settings = settings or HttpSettings()
+    settings = settings or HttpConfig()
     cap = _effective_max_connections(settings)
     quiet_server_logs()
     # Open display streams would hold a graceful shutdown forever: bounded, and HttpBridge.stop() ends them first.
@@ -591,7 +562,7 @@ def make_server(config: uvicorn.Config) -> uvicorn.Server:
 class HttpBridge:
     """Runs the app with uvicorn in a background thread (inside ``basket-agent run``)."""
 
-    def __init__(self, app: FastAPI, host: str, port: int, settings: HttpSettings | None = None) -> None:
+    def __init__(self, app: FastAPI, host: str, port: int, settings: HttpConfig | None = None) -> None:
         self.app = app
         self.host, self.port = host, port
         self.server = make_server(server_config(app, host, port, settings))

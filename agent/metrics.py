@@ -1,8 +1,18 @@
-"""Thread-safe counters and a latency reservoir, rendered for Prometheus and the status message.
+"""Thread-safe counters and latency, exposed through prometheus-client and in the status message.
 
 One :class:`Metrics` instance is shared by the MQTT worker and the HTTP bridge.
-Latency is kept as a ring buffer of the last ``reservoir_size`` observations;
-p50/p99 are computed over it on demand (a summary, not a histogram).
+Latency is kept twice, both updated under the one lock of :meth:`Metrics.answer`:
+
+- a Prometheus histogram ``smartbasket_agent_latency_seconds{model=...}`` with fixed buckets
+  (:data:`LATENCY_BUCKETS`, suited to a sub-millisecond service); buckets of many agents add up, so a
+  store's p99 is ``histogram_quantile(0.99, sum by (le) (rate(..._bucket[5m])))``;
+- a ring buffer of the last ``reservoir_size`` observations, for the p50/p99 of the status message
+  (:meth:`Metrics.snapshot`), computed on demand.
+
+Each instance has its own ``CollectorRegistry`` (:attr:`Metrics.registry`), never the global default one;
+``prometheus_client.generate_latest(metrics.registry)`` renders it. The instance itself is the registry's
+collector: the counters stay plain integers behind the lock, and families are built only when scraped
+(no ``_created`` samples).
 
 Gauges (queue depth, connected, the broker's own drop count) belong to the MQTT
 adapter; the service registers a function that reads them (:meth:`Metrics.set_gauges`),
@@ -15,13 +25,18 @@ from __future__ import annotations
 import logging
 import math
 import threading
+from bisect import bisect_left
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
 
 _LOG = logging.getLogger(__name__)
 
-__all__ = ["LatencyReservoir", "Metrics", "GAUGES"]
+__all__ = ["LatencyReservoir", "Metrics", "GAUGES", "LATENCY_BUCKETS"]
 
 _NS = "smartbasket_agent"
 
@@ -34,6 +49,34 @@ GAUGES = {
     "baskets": "Baskets whose state the agent keeps.",
     "basket_bytes": "Bytes of basket state, as accounted against baskets.max_bytes.",
 }
+
+
+#: upper bounds (seconds) of the latency histogram's buckets; +Inf is added after the last
+LATENCY_BUCKETS: tuple[float, ...] = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1,
+                                      0.25, 1.0)
+_LE = tuple(floatToGoString(b) for b in LATENCY_BUCKETS) + ("+Inf",)
+
+#: counter attribute -> (exposed name, help), in exposition order; answered/errors are labelled, see collect()
+_COUNTERS = (
+    ("events", "events_total", "Cart events received."),
+    ("duplicates", "duplicates_total", "Events ignored as repeats of a seen event_id."),
+    ("stale", "stale_total", "Events ignored because their seq was older than the last one."),
+    ("checkouts", "checkouts_total", "Checkout events (recommendations cleared)."),
+    ("unknown_product_ids", "unknown_product_ids_total", "Product ids in events that no model knows."),
+    ("reconnects", "reconnects_total", "Reconnections to the MQTT broker."),
+    ("dropped", "dropped_total",
+     "Messages the agent dropped (none by design: reading stops while the work queue is full)."),
+    ("retained_ignored", "retained_ignored_total",
+     "Retained messages on cart topics ignored (replays of old state)."),
+    ("aged", "aged_total", "Snapshot events older than limits.max_event_age_s: applied, not answered."),
+    ("redelivered_skipped", "redelivered_skipped_total",
+     "Copies of events from an earlier connection left to the broker's redelivery."),
+    ("left_unhandled", "left_unhandled_total", "Events left unacknowledged at shutdown for the next session."),
+    ("evicted", "evicted_baskets_total",
+     "Baskets evicted (least recently used) to stay within the memory budget."),
+    ("unknown_fields", "unknown_fields_total", "Event fields the agent does not read (ignored)."),
+    ("reused_ids", "reused_event_ids_total", "Duplicates whose bytes differ from the first event with that id."),
+)
 
 
 class LatencyReservoir:
@@ -89,7 +132,12 @@ class Metrics:
         self.errors: Counter[str] = Counter()
         self.by_model: Counter[str] = Counter()
         self._latency = LatencyReservoir(reservoir_size)
+        # model -> per-bucket counts (not cumulative; the last one is +Inf) followed by the sum of latencies
+        self._hist: dict[str, list[float]] = {}
         self._gauges: Callable[[], Mapping[str, float | int | None]] | None = None
+        #: this instance's own registry (never prometheus_client's global REGISTRY): generate_latest(registry)
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(self)
 
     # -- recording -------------------------------------------------------------------------
     def event(self) -> None:
@@ -102,6 +150,11 @@ class Metrics:
             self.by_model[model] += 1
             if latency_s is not None:
                 self._latency.add(latency_s)
+                h = self._hist.get(model)
+                if h is None:
+                    h = self._hist[model] = [0] * (len(LATENCY_BUCKETS) + 2)
+                h[bisect_left(LATENCY_BUCKETS, latency_s)] += 1  # the first bucket with latency <= le
+                h[-1] += latency_s
 
     def error(self, kind: str) -> None:
         with self._lock:
@@ -199,65 +252,38 @@ class Metrics:
                     "dropped": self.dropped, "retained_ignored": self.retained_ignored, "aged": self.aged,
                     **gauges}
 
-    def render_prometheus(self) -> str:
-        """All metrics in the Prometheus text exposition format (version 0.0.4)."""
+    def collect(self) -> Iterator[Metric]:
+        """The metric families, for :attr:`registry` (prometheus-client's Collector protocol)."""
         gauges = self.gauges()
         with self._lock:
-            lat = self._latency
-            q = {0.5: lat.quantile(0.5), 0.9: lat.quantile(0.9), 0.99: lat.quantile(0.99)}
-            lines: list[str] = []
+            plain = [(getattr(self, attr), name, help_) for attr, name, help_ in _COUNTERS]
+            by_model, errors = dict(self.by_model), dict(self.errors)
+            hist = {model: list(h) for model, h in self._hist.items()}
+        yield CounterMetricFamily(f"{_NS}_{plain[0][1]}", plain[0][2], value=plain[0][0])
+        answered = CounterMetricFamily(f"{_NS}_answered_total", "Recommendations published, by model.",
+                                       labels=["model"])
+        for model, n in sorted(by_model.items()):
+            answered.add_metric([model], n)
+        yield answered
+        errs = CounterMetricFamily(f"{_NS}_errors_total", "Events answered with an error message, by kind.",
+                                   labels=["kind"])
+        for kind, n in sorted(errors.items()):
+            errs.add_metric([kind], n)
+        yield errs
+        for value, name, help_ in plain[1:]:
+            yield CounterMetricFamily(f"{_NS}_{name}", help_, value=value)
+        for key, value in gauges.items():
+            yield GaugeMetricFamily(f"{_NS}_{key}", GAUGES[key], value=value)
+        latency = HistogramMetricFamily(f"{_NS}_latency_seconds",
+                                        "Cart event receipt to recommendation publish, seconds.", labels=["model"])
+        for model, h in sorted(hist.items()):
+            cumulative, buckets = 0, []
+            for le, n in zip(_LE, h):
+                cumulative += n
+                buckets.append((le, cumulative))
+            latency.add_metric([model], buckets, sum_value=h[-1])
+        yield latency
 
-            def counter(name: str, help_: str, value: float | None = None,
-                        labelled: dict[str, int] | None = None, label: str = "") -> None:
-                lines.append(f"# HELP {_NS}_{name} {help_}")
-                lines.append(f"# TYPE {_NS}_{name} counter")
-                if labelled is None:
-                    lines.append(f"{_NS}_{name} {value}")
-                else:
-                    for key, v in sorted(labelled.items()):
-                        lines.append(f'{_NS}_{name}{{{label}="{_escape(key)}"}} {v}')
-
-            counter("events_total", "Cart events received.", self.events)
-            counter("answered_total", "Recommendations published, by model.",
-                    labelled=dict(self.by_model), label="model")
-            counter("errors_total", "Events answered with an error message, by kind.",
-                    labelled=dict(self.errors), label="kind")
-            counter("duplicates_total", "Events ignored as repeats of a seen event_id.", self.duplicates)
-            counter("stale_total", "Events ignored because their seq was older than the last one.",
-                    self.stale)
-            counter("checkouts_total", "Checkout events (recommendations cleared).", self.checkouts)
-            counter("unknown_product_ids_total", "Product ids in events that no model knows.",
-                    self.unknown_product_ids)
-            counter("reconnects_total", "Reconnections to the MQTT broker.", self.reconnects)
-            counter("dropped_total", "Messages the agent dropped (none by design: reading stops while the work "
-                    "queue is full).", self.dropped)
-            counter("retained_ignored_total", "Retained messages on cart topics ignored (replays of old state).",
-                    self.retained_ignored)
-            counter("aged_total", "Snapshot events older than limits.max_event_age_s: applied, not answered.",
-                    self.aged)
-            counter("redelivered_skipped_total", "Copies of events from an earlier connection left to the "
-                    "broker's redelivery.", self.redelivered_skipped)
-            counter("left_unhandled_total", "Events left unacknowledged at shutdown for the next session.",
-                    self.left_unhandled)
-            counter("evicted_baskets_total", "Baskets evicted (least recently used) to stay within the memory "
-                    "budget.", self.evicted)
-            counter("unknown_fields_total", "Event fields the agent does not read (ignored).", self.unknown_fields)
-            counter("reused_event_ids_total", "Duplicates whose bytes differ from the first event with that id.",
-                    self.reused_ids)
-            for key, value in gauges.items():
-                lines.append(f"# HELP {_NS}_{key} {GAUGES[key]}")
-                lines.append(f"# TYPE {_NS}_{key} gauge")
-                lines.append(f"{_NS}_{key} {value}")
-            name = f"{_NS}_latency_seconds"
-            lines.append(f"# HELP {name} Cart event receipt to recommendation publish, seconds "
-                         f"(quantiles over the last {lat._size} events).")
-            lines.append(f"# TYPE {name} summary")
-            for quant, v in q.items():
-                lines.append(f'{name}{{quantile="{quant}"}} {"NaN" if v is None else repr(v)}')
-            lines.append(f"{name}_sum {lat.total!r}")
-            lines.append(f"{name}_count {lat.count}")
-        return "\n".join(lines) + "\n"
-
-
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    def render_prometheus(self) -> str:
+        """All metrics in the Prometheus text exposition format: ``generate_latest(self.registry)``."""
+        return generate_latest(self.registry).decode("utf-8")

@@ -34,7 +34,7 @@ the retained status (§3.3 ``last_update``).
 Use from code::
 
     registry = ModelRegistry(load_snapshot(...))
-    service = AgentService(registry, AgentSettings(host="localhost", agent_id="jetson-07"))
+    service = AgentService(registry, ServiceConfig(BrokerConfig("localhost"), agent_id="jetson-07"))
     service.attach_updater(Updater(store, registry, loader, service.report_update))  # optional
     service.run_forever()          # until SIGTERM/SIGINT; or start() ... stop()
 """
@@ -49,22 +49,22 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Protocol
 
+from .config import ServiceConfig
 from .errors import AgentError, EventError
-from .events import BasketStates, CartEvent, EventLimits, InvalidEvent, Limits, parse_cart_event
+from .events import BasketStates, CartEvent, InvalidEvent, parse_cart_event
 from .metrics import Metrics
-from .mqtt import Message, MqttClient, MqttError, NetworkLoop, TLSSettings, Will
+from .mqtt import Message, MqttClient, MqttError, NetworkLoop, Will
 from .recommenders.base import RecommendRequest
 from .registry import ModelRegistry
 from .sdnotify import Notifier
-from .topics import Topics, validate_id
+from .topics import Topics
 
 _LOG = logging.getLogger(__name__)
 
-__all__ = ["AgentSettings", "AgentService", "UpdateSink", "parse_ts"]
+__all__ = ["AgentService", "UpdateSink", "parse_ts"]
 
 _WAKE = Message("", b"")  # queued to wake the worker (status due, stop)
 _FRACTION = re.compile(r"\.(\d+)")
@@ -79,56 +79,6 @@ class UpdateSink(Protocol):
     def start(self) -> None: ...
 
     def stop(self, timeout: float = 5.0) -> None: ...
-
-
-@dataclass
-class AgentSettings:
-    """Everything the MQTT agent needs besides the models. See :meth:`from_config`."""
-
-    host: str
-    agent_id: str
-    port: int = 1883
-    protocol: str = "5"  # "5" | "3.1.1"
-    keepalive: int = 30
-    username: str | None = None
-    password: str | None = field(default=None, repr=False)
-    tls: TLSSettings | None = None  # None = plain TCP
-    reconnect_min_s: float = 0.5
-    reconnect_max_s: float = 30.0
-    client_id: str | None = None  # default "smartbasket-agent-{agent_id}"
-    prefix: str = "smartbasket"
-    limits: Limits = field(default_factory=EventLimits)
-    idle_ttl_s: float = 1800.0
-    max_baskets: int = 10000
-    max_bytes: int = 64 * 2**20  # baskets.max_bytes: all baskets' state; least recently used evicted beyond
-    recent_event_ids: int = 256  # per basket, for de-duplication
-    status_interval_s: float = 30.0
-    summary_interval_s: float = 60.0
-    queue_size: int = 1000  # reading stops while this many messages wait for the worker
-    session_expiry_s: int = 86400  # persistent session (0 = clean: events sent while away are lost)
-    receive_maximum: int = 100  # MQTT 5: unacknowledged events the broker may send us at once
-    drain_timeout_s: float = 5.0  # at stop: longest time spent handling what had arrived
-    max_event_age_s: float = 0.0  # older snapshots are applied, not answered (0 = off: clocks may be wrong)
-    watch_broker_drops: bool = True  # read $SYS/broker/publish/messages/dropped (when allowed)
-
-    def __post_init__(self) -> None:
-        self.prefix = Topics(self.prefix).prefix  # validates and normalises
-        validate_id("agent_id", self.agent_id)
-        if not self.host:
-            raise ValueError("MQTT host is required")
-
-    @classmethod
-    def from_config(cls, config: Any) -> AgentSettings:
-        """From an :class:`agent.config.AgentConfig`."""
-        b = config.broker
-        return cls(host=b.host, port=b.port, protocol=b.protocol, keepalive=b.keepalive,
-                   username=b.username, password=b.password, tls=b.tls,
-                   reconnect_min_s=b.reconnect_min_s, reconnect_max_s=b.reconnect_max_s,
-                   agent_id=config.agent_id, prefix=config.prefix, limits=config.limits,
-                   idle_ttl_s=config.idle_ttl_s, max_baskets=config.max_baskets, max_bytes=config.max_bytes,
-                   status_interval_s=config.status_interval_s, session_expiry_s=b.session_expiry_s,
-                   receive_maximum=b.receive_maximum, drain_timeout_s=config.drain_timeout_s,
-                   max_event_age_s=config.max_event_age_s)
 
 
 def _now_iso() -> str:
@@ -166,16 +116,16 @@ def parse_ts(value: object) -> datetime | None:
 class AgentService:
     """Serves cart events from MQTT with the registry's current snapshot."""
 
-    def __init__(self, registry: ModelRegistry, settings: AgentSettings, *,
+    def __init__(self, registry: ModelRegistry, config: ServiceConfig, *,
                  metrics: Metrics | None = None) -> None:
         self.registry = registry
-        self.settings = settings
+        self.config = config
         self.metrics = metrics or Metrics()
-        self.topics = Topics(settings.prefix)
-        self.status_topic = self.topics.status(settings.agent_id)
-        self.states = BasketStates(idle_ttl_s=settings.idle_ttl_s, max_baskets=settings.max_baskets,
-                                   recent_ids=settings.recent_event_ids,
-                                   max_items=settings.limits.max_items, max_bytes=settings.max_bytes)
+        self.topics = Topics(config.prefix)
+        self.status_topic = self.topics.status(config.agent_id)
+        b = config.baskets
+        self.states = BasketStates(idle_ttl_s=b.idle_ttl_s, max_baskets=b.max_baskets, recent_ids=b.recent_event_ids,
+                                   max_items=config.limits.max_items, max_bytes=b.max_bytes)
         self._quiet_until: dict[str, float] = {}  # rate-limited log lines (_log_due)
         self._quiet_count: dict[str, int] = {}
         self.last_update: dict[str, Any] | None = None
@@ -189,29 +139,26 @@ class AgentService:
         self._answer_listeners: list[Callable[[str, bytes], None]] = []
         self.notifier = Notifier()  # systemd Type=notify + WatchdogSec; a no-op outside systemd
         # stable: the broker keeps this agent's session (and the events queued for it) under it
-        client_id = settings.client_id or f"smartbasket-agent-{settings.agent_id}"
-        link: dict[str, Any] = dict(
-            protocol=settings.protocol, keepalive=settings.keepalive, username=settings.username,
-            password=settings.password, tls=settings.tls, reconnect_min_s=settings.reconnect_min_s,
-            reconnect_max_s=settings.reconnect_max_s, loop=NetworkLoop())  # one network thread for both
+        client_id = config.client_id or f"smartbasket-agent-{config.agent_id}"
+        broker, loop = config.broker, NetworkLoop()  # one network thread for both connections
         # events in (and the status, and the Last Will): persistent session, acknowledged when handled
-        self.mqtt = MqttClient(
-            settings.host, settings.port, client_id=client_id, **link,
+        self.mqtt = MqttClient.for_broker(
+            broker, client_id=client_id, loop=loop,
             subscriptions=[(self.topics.cart_subscription, 1), (self.topics.models_updated, 1)],
-            will=Will(self.status_topic, _dumps({"state": "offline", "agent_id": settings.agent_id})),
-            queue_size=settings.queue_size, session_expiry_s=settings.session_expiry_s,
-            receive_maximum=settings.receive_maximum, manual_ack=True,
-            watch_broker_drops=settings.watch_broker_drops, on_connected=self._on_connected,
+            will=Will(self.status_topic, _dumps({"state": "offline", "agent_id": config.agent_id})),
+            queue_size=config.queue_size, session_expiry_s=broker.session_expiry_s,
+            receive_maximum=broker.receive_maximum, manual_ack=True,
+            watch_broker_drops=config.watch_broker_drops, on_connected=self._on_connected,
             on_drop=lambda _msg: self.metrics.drop())
         # answers out, on a connection of their own: their PUBACKs (which release the events'
         # acknowledgements) must not wait behind a backlog of unread events (README "Reliability")
         # Its user is "<username>-out" (same password): a broker that binds client ids to users
         # (use_username_as_clientid, config/mosquitto-secure.conf) would otherwise give both
         # connections one client id, each knocking the other off.
-        out_link = dict(link, username=f"{settings.username}-out") if settings.username else link
-        self.out = MqttClient(
-            settings.host, settings.port, client_id=f"{client_id}-out", **out_link, max_queued_out=0,
-            track_published=True, on_connected=self._on_connected, on_published=self._wake_if_idle)
+        self.out = MqttClient.for_broker(
+            broker, client_id=f"{client_id}-out", loop=loop, max_queued_out=0, track_published=True,
+            on_connected=self._on_connected, on_published=self._wake_if_idle,
+            **({"username": f"{broker.username}-out"} if broker.username else {}))
         self.metrics.set_gauges(self._gauges)
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -255,21 +202,21 @@ class AgentService:
         self.mqtt.discard_incoming()  # what arrives from now on is the next session's
         self._stopping.set()
         self._wake()
-        self._worker.join(self.settings.drain_timeout_s + timeout)
+        self._worker.join(self.config.drain_timeout_s + timeout)
         if self._worker.is_alive():
-            _LOG.warning("worker still busy after the %.1f s drain", self.settings.drain_timeout_s)
+            _LOG.warning("worker still busy after the %.1f s drain", self.config.drain_timeout_s)
         self._worker = None
         if self.updater is not None:
             self.updater.stop(timeout)
         if self.mqtt.connected:
             try:
                 self.mqtt.publish_and_wait(self.status_topic, _dumps(
-                    {"state": "offline", "agent_id": self.settings.agent_id}), 1, True, timeout)
+                    {"state": "offline", "agent_id": self.config.agent_id}), 1, True, timeout)
             except MqttError as exc:
                 _LOG.warning("could not publish offline status: %s", exc)
         self.mqtt.stop()
         self.out.stop()
-        _LOG.info("agent %s stopped", self.settings.agent_id)
+        _LOG.info("agent %s stopped", self.config.agent_id)
 
     def run_forever(self) -> None:
         """start(), then serve until SIGTERM or SIGINT; then stop(). Call from the main thread."""
@@ -296,7 +243,7 @@ class AgentService:
         snap = self.registry.current
         models = snap.model_versions if snap is not None else {}
         link = "connected" if self.connected else "not connected"
-        return (f"broker {self.settings.host}:{self.settings.port} {link}; "
+        return (f"broker {self.config.broker.host}:{self.config.broker.port} {link}; "
                 f"models {', '.join(f'{k} {v}' for k, v in models.items() if v) or 'none'}; "
                 f"{len(self.states)} baskets; {self.mqtt.queue_depth} queued")
 
@@ -318,7 +265,7 @@ class AgentService:
     # -- status ----------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
         snap = self.registry.current
-        return {"state": "online", "agent_id": self.settings.agent_id,
+        return {"state": "online", "agent_id": self.config.agent_id,
                 "models": snap.model_versions if snap is not None else {"guest": None, "member": None},
                 "last_update": self.last_update, "stats": self.metrics.snapshot(), "ts": _now_iso()}
 
@@ -350,7 +297,7 @@ class AgentService:
 
     # -- worker ----------------------------------------------------------------------------
     def _work(self) -> None:
-        s = self.settings
+        s = self.config
         next_status = next_summary = next_expire = time.monotonic()
         next_summary += s.summary_interval_s
         while not self._stopping.is_set():
@@ -407,7 +354,7 @@ class AgentService:
 
     def _drain(self) -> None:
         """At stop: handle what had arrived before stop() (bounded), wait for the answers' PUBACKs."""
-        deadline = time.monotonic() + self.settings.drain_timeout_s
+        deadline = time.monotonic() + self.config.drain_timeout_s
         handled = left = 0
         while time.monotonic() < deadline:
             try:
@@ -459,7 +406,7 @@ class AgentService:
             return
         self.metrics.event()
         try:
-            event = parse_cart_event(msg.payload, self.settings.limits)
+            event = parse_cart_event(msg.payload, self.config.limits)
         except InvalidEvent as exc:
             self._reject(basket_id, exc.kind, str(exc), exc.event_id)
             return
@@ -499,14 +446,14 @@ class AgentService:
         if self._too_old(event):
             self.metrics.aged_event()
             _LOG.debug("basket %s: snapshot %r from %s applied, not answered (older than %g s)", basket_id,
-                       event.event_id, event.ts, self.settings.max_event_age_s)
+                       event.event_id, event.ts, self.config.max_event_age_s)
             return
         self._answer(basket_id, event, outcome.cart, outcome.wishlist, msg.received)
 
     def _too_old(self, event: CartEvent) -> bool:
         """A snapshot older than max_event_age_s (e.g. queued through a long outage): a newer one
         replaces it anyway. Deltas are always answered; a missing or unreadable ts is answered."""
-        limit = self.settings.max_event_age_s
+        limit = self.config.max_event_age_s
         if limit <= 0 or not event.is_snapshot or event.ts is None:
             return False
         ts = parse_ts(event.ts)

@@ -20,8 +20,7 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from agent.config import BrokerConfig, _deep_copy, _Reader, _set_dotted
-from agent.mqtt import TLSSettings
+from agent.config import BrokerConfig, _deep_copy, _default, _read_broker, _Reader, _section, _set_dotted
 from agent.topics import validate_prefix
 
 from .counts import Decay
@@ -131,19 +130,9 @@ def parse_config(data: Mapping[str, Any], overrides: Mapping[str, Any] | None = 
         return Path() if value is None else (Path(value) if Path(value).is_absolute() else base / value)
 
     dsn = r.get("database.dsn", str, "", required=True)
-    tls_enabled = r.get("broker.tls.enabled", bool, False)
-    tls = TLSSettings(ca_file=r.get("broker.tls.ca_file", str), cert_file=r.get("broker.tls.cert_file", str),
-                      key_file=r.get("broker.tls.key_file", str), insecure=r.get("broker.tls.insecure", bool, False))
-    protocol = str(r.get("broker.protocol", (str, int, float), "5"))
-    protocol = {"5": "5", "5.0": "5", "3.1.1": "3.1.1", "311": "3.1.1"}.get(protocol, protocol)
-    if protocol not in ("5", "3.1.1"):
-        r.problems.append(f"broker.protocol must be \"5\" or \"3.1.1\", got {protocol!r}")
-    port = r.get("broker.port", int, 8883 if tls_enabled else 1883, minimum=1)
-    broker = BrokerConfig(host=r.get("broker.host", str, "", required=True), port=port, protocol=protocol,
-                          keepalive=r.get("broker.keepalive", int, 30, minimum=5),
-                          username=r.get("broker.username", str), password=r.get("broker.password", str),
-                          tls=tls if tls_enabled else None)
-    prefix = r.get("prefix", str, "smartbasket")
+    broker = _read_broker(r, agent_keys=False)  # the agent's keys and checks, without its session keys
+    d = RetrainConfig  # the defaults: its fields'
+    prefix = r.get("prefix", str, _default(d, "prefix"))
     try:
         prefix = validate_prefix(prefix)
     except ValueError as exc:
@@ -155,46 +144,42 @@ def parse_config(data: Mapping[str, Any], overrides: Mapping[str, Any] | None = 
     public_url = r.get("public_url", str, "", required=True)
     if public_url and not re.match(r"^https?://[^/\s]+", public_url):
         r.problems.append(f"public_url must be an http(s) URL, got {public_url!r}")
-    http_port = r.get("http.port", int, 8700, minimum=0)
+    http_port = r.get("http.port", int, _default(d, "http_port"), minimum=0)
     if http_port is not None and http_port > 65535:
         r.problems.append(f"http.port must be <= 65535, got {http_port}")
-    tz = r.get("timezone", str, "Asia/Seoul")
-    sched_tz = r.get("schedule.timezone", str, "Asia/Seoul")
+    tz = r.get("timezone", str, _default(d, "timezone"))
+    sched_tz = r.get("schedule.timezone", str, _default(d, "schedule_timezone"))
     for key, value in (("timezone", tz), ("schedule.timezone", sched_tz)):
         try:
             ZoneInfo(value)
         except (ZoneInfoNotFoundError, ValueError):
             r.problems.append(f"{key}: unknown time zone {value!r}")
-    at = r.get("schedule.at", str, "03:00")
+    at = r.get("schedule.at", str, _default(d, "schedule_at"))
     if not re.match(r"^([01]\d|2[0-3]):[0-5]\d$", at or ""):
         r.problems.append(f"schedule.at must be HH:MM, got {at!r}")
-    gate = GateConfig(tolerance=r.get("gate.tolerance", float, 0.02, minimum=0),
-                      holdout_percent=r.get("gate.holdout_percent", float, 10.0, minimum=0),
-                      min_cases=r.get("gate.min_cases", int, 30, minimum=1))
+    gate = GateConfig(**_section(r, "gate", GateConfig, tolerance=0, holdout_percent=0, min_cases=1))
     if gate.holdout_percent >= 100:
         r.problems.append("gate.holdout_percent must be below 100")
-    guest_kwargs = {}
-    for f in dataclasses.fields(GuestTrainingConfig):
-        kind = float if f.type in ("float", float) else int
-        value = r.get(f"guest_training.{f.name}", kind, None, minimum=0)
-        if value is not None:
-            guest_kwargs[f.name] = value
-    defaults = Decay()
-    decay_kwargs = {name: r.get(f"decay.{name}", float, getattr(defaults, name), minimum=0)
-                    for name in ("history_half_life_days", "co_half_life_days")}
-    log_level = str(r.get("log_level", str, "INFO")).upper()
+    guest_kwargs = _section(r, "guest_training", GuestTrainingConfig,
+                            **{f.name: 0 for f in dataclasses.fields(GuestTrainingConfig)})
+    decay_kwargs = _section(r, "decay", Decay, history_half_life_days=0, co_half_life_days=0)
+    log_level = str(r.get("log_level", str, _default(d, "log_level"))).upper()
     if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         r.problems.append(f"log_level must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
     cfg_kwargs = dict(
         dsn=dsn, broker=broker, parameters=parameters, state_dir=state_dir, bundle_dir=bundle_dir,
         signing_key=signing_key, public_url=(public_url or "").rstrip("/"), prefix=prefix,
-        http_host=r.get("http.host", str, "127.0.0.1"), http_port=http_port, timezone=tz,
-        schedule_enabled=r.get("schedule.enabled", bool, True), schedule_at=at, schedule_timezone=sched_tz,
-        gate=gate, keep_bundles=r.get("bundles.keep", int, 5, minimum=1),
-        train_member=r.get("training.member", bool, True), epochs=r.get("training.epochs", int, 3, minimum=1),
-        fine_tune_epochs=r.get("training.fine_tune_epochs", int, 1, minimum=1),
-        fine_tune_learning_rate=r.get("training.fine_tune_learning_rate", float, 0.02, minimum=1e-6),
-        fine_tune_min_steps=r.get("training.fine_tune_min_steps", int, 20, minimum=1),
+        http_host=r.get("http.host", str, _default(d, "http_host")), http_port=http_port, timezone=tz,
+        schedule_enabled=r.get("schedule.enabled", bool, _default(d, "schedule_enabled")), schedule_at=at,
+        schedule_timezone=sched_tz, gate=gate,
+        keep_bundles=r.get("bundles.keep", int, _default(d, "keep_bundles"), minimum=1),
+        train_member=r.get("training.member", bool, _default(d, "train_member")),
+        epochs=r.get("training.epochs", int, _default(d, "epochs"), minimum=1),
+        fine_tune_epochs=r.get("training.fine_tune_epochs", int, _default(d, "fine_tune_epochs"), minimum=1),
+        fine_tune_learning_rate=r.get("training.fine_tune_learning_rate", float,
+                                      _default(d, "fine_tune_learning_rate"), minimum=1e-6),
+        fine_tune_min_steps=r.get("training.fine_tune_min_steps", int, _default(d, "fine_tune_min_steps"),
+                                  minimum=1),
         guest_training=GuestTrainingConfig(**guest_kwargs),
         decay=Decay(**decay_kwargs),
         log_level=log_level)

@@ -31,8 +31,9 @@ from fastapi import FastAPI
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import HTMLResponse, JSONResponse
 
+from agent.config import BrokerConfig
 from agent.errors import AgentError
-from agent.mqtt import Message, MqttClient, TLSSettings
+from agent.mqtt import Message, MqttClient
 from agent.topics import validate_prefix
 
 _LOG = logging.getLogger(__name__)
@@ -59,10 +60,14 @@ class AgentDirectory:
     ``seen_at`` is when the newest status arrived.
     """
 
-    def __init__(self, host: str, port: int = 1883, *, prefix: str = "smartbasket", protocol: str = "5",
-                 username: str | None = None, password: str | None = None, tls: TLSSettings | None = None,
-                 keepalive: int = 30, max_agents: int = 10000,
-                 clock: Callable[[], datetime] = _utc_now) -> None:
+    def __init__(self, broker: BrokerConfig | str, port: int | None = None, *, prefix: str = "smartbasket",
+                 max_agents: int = 10000, clock: Callable[[], datetime] = _utc_now, **fields: Any) -> None:
+        """``broker``: a :class:`~agent.config.BrokerConfig`, or a host name with ``port`` and other
+        BrokerConfig ``fields`` (``protocol``, ``username``, ``password``, ``tls``, ``keepalive``)."""
+        if not isinstance(broker, BrokerConfig):
+            broker = BrokerConfig(broker, **({} if port is None else {"port": port}), **fields)
+        elif port is not None or fields:
+            raise TypeError("AgentDirectory: give a BrokerConfig or a host with its fields, not both")
         self.prefix = validate_prefix(prefix)
         self.subscription = f"{self.prefix}/agent/+/status"
         self.max_agents, self.clock = max_agents, clock
@@ -70,17 +75,15 @@ class AgentDirectory:
         self._agents: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.mqtt = MqttClient(host, port, client_id=f"smartbasket-console-{secrets.token_hex(4)}",
-                               protocol=protocol, keepalive=keepalive, username=username, password=password,
-                               tls=tls, reconnect_min_s=0.5, reconnect_max_s=10.0,
-                               subscriptions=[(self.subscription, 1)], queue_size=10000)
+        # a live view: after a broker outage, retry at least every 10 s
+        self.mqtt = MqttClient.for_broker(broker, client_id=f"smartbasket-console-{secrets.token_hex(4)}",
+                                          reconnect_max_s=min(broker.reconnect_max_s, 10.0),
+                                          subscriptions=[(self.subscription, 1)], queue_size=10000)
 
     @classmethod
     def from_config(cls, cfg: Any) -> AgentDirectory:
-        """From a :class:`~retrain_server.config.RetrainConfig`: its broker settings and prefix."""
-        b = cfg.broker
-        return cls(b.host, b.port, prefix=cfg.prefix, protocol=b.protocol, username=b.username,
-                   password=b.password, tls=b.tls, keepalive=b.keepalive)
+        """From a :class:`~retrain_server.config.RetrainConfig`: its broker and prefix."""
+        return cls(cfg.broker, prefix=cfg.prefix)
 
     # -- lifecycle -------------------------------------------------------------------------
     @property

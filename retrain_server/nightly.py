@@ -352,12 +352,11 @@ class NightlyJob:
         """Check the bundle answers at its public URL, then publish the retained update message."""
         from .publish import Announcer, UpdateMessage, bundle_url
 
-        cfg, b = self.cfg, self.cfg.broker
+        cfg = self.cfg
         shipped = {k: v for k, v in metrics.items() if k.endswith("hr@10") or k == "through_day"}
         message = UpdateMessage(version=info.version, url=bundle_url(cfg.public_url, info.version),
                                 sha256=info.sha256, created_at=info.created_at, metrics=shipped, size=info.bytes)
-        Announcer(b.host, b.port, prefix=cfg.prefix, protocol=b.protocol, username=b.username, password=b.password,
-                  tls=b.tls, keepalive=b.keepalive).announce(message)
+        Announcer(cfg.broker, prefix=cfg.prefix).announce(message)
         return message.url
 
     def _prune(self, conn: Any) -> None:

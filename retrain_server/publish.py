@@ -31,8 +31,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from agent.config import BrokerConfig
 from agent.errors import AgentError
-from agent.mqtt import MqttClient, TLSSettings
+from agent.mqtt import MqttClient
 from agent.topics import Topics
 
 from .errors import ConfigError, PublishError
@@ -232,25 +233,39 @@ class Announcer:
     password is kept only to hand it to paho and appears in no log or repr.
     """
 
-    def __init__(self, host: str, port: int = 1883, *, prefix: str = "smartbasket", protocol: str = "5",
-                 username: str | None = None, password: str | None = None, tls: TLSSettings | None = None,
-                 connect_timeout: float = 10.0, ack_timeout: float = 10.0, keepalive: int = 30) -> None:
+    def __init__(self, broker: BrokerConfig | str, port: int | None = None, *, prefix: str = "smartbasket",
+                 connect_timeout: float = 10.0, ack_timeout: float = 10.0, **fields: Any) -> None:
+        """``broker``: a :class:`~agent.config.BrokerConfig` (the retrain config's), or a host name
+        with ``port`` and other BrokerConfig ``fields`` (``protocol``, ``username``, ``password``,
+        ``tls``, ``keepalive``; the rest as BrokerConfig's defaults)."""
+        if isinstance(broker, BrokerConfig):
+            if port is not None or fields:
+                raise TypeError("Announcer: give a BrokerConfig or a host with its fields, not both")
+        else:
+            broker = BrokerConfig(broker, **({} if port is None else {"port": port}), **fields)
         try:
             self.topic = Topics(prefix).models_updated
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        if protocol not in ("5", "3.1.1"):
-            raise ConfigError(f"MQTT protocol must be 5 or 3.1.1, got {protocol!r}")
-        if not isinstance(port, int) or not 0 < port < 65536:
-            raise ConfigError(f"MQTT port must be 1..65535, got {port!r}")
-        self.host, self.port, self.protocol = host, port, protocol
-        self.username, self.tls = username, tls
-        self.connect_timeout, self.ack_timeout, self.keepalive = connect_timeout, ack_timeout, keepalive
-        self.__password = password
+        if broker.protocol not in ("5", "3.1.1"):
+            raise ConfigError(f"MQTT protocol must be 5 or 3.1.1, got {broker.protocol!r}")
+        if not isinstance(broker.port, int) or not 0 < broker.port < 65536:
+            raise ConfigError(f"MQTT port must be 1..65535, got {broker.port!r}")
+        self.broker = broker  # its password is repr=False
+        self.connect_timeout, self.ack_timeout = connect_timeout, ack_timeout
+
+    @property
+    def host(self) -> str:
+        return self.broker.host
+
+    @property
+    def port(self) -> int:
+        return self.broker.port
 
     def __repr__(self) -> str:
-        return (f"Announcer(host={self.host!r}, port={self.port}, topic={self.topic!r}, "
-                f"protocol={self.protocol!r}, username={self.username!r}, tls={self.tls is not None})")
+        b = self.broker
+        return (f"Announcer(host={b.host!r}, port={b.port}, topic={self.topic!r}, "
+                f"protocol={b.protocol!r}, username={b.username!r}, tls={b.tls is not None})")
 
     def announce(self, message: UpdateMessage, *, verify: bool = True, http_timeout: float = 10.0) -> None:
         """Check the bundle is downloadable (when ``verify``), then publish and wait for the PUBACK.
@@ -267,9 +282,9 @@ class Announcer:
         self._probe(where)
         client_id = f"smartbasket-retrain-{secrets.token_hex(4)}"
         try:
-            client = MqttClient(self.host, self.port, client_id=client_id, protocol=self.protocol,
-                                keepalive=self.keepalive, username=self.username, password=self.__password,
-                                tls=self.tls, reconnect_min_s=0.5, reconnect_max_s=2.0)
+            # one announcement waits connect_timeout at most: retries within it come quickly
+            client = MqttClient.for_broker(self.broker, client_id=client_id,
+                                           reconnect_max_s=min(self.broker.reconnect_max_s, 2.0))
         except AgentError as exc:
             raise ConfigError(str(exc)) from None
         # MqttClient exposes no PUBACK hook; paho's on_publish is unused there, so it is ours.
@@ -314,7 +329,7 @@ class Announcer:
             raise PublishError(f"{where} unreachable: {_one_line(exc.strerror or exc)}") from None
 
 
-def publish_update(message: UpdateMessage, host: str, port: int = 1883, *, verify: bool = True,
-                   **settings: Any) -> None:
+def publish_update(message: UpdateMessage, host: BrokerConfig | str, port: int | None = None, *,
+                   verify: bool = True, **settings: Any) -> None:
     """One-call form of ``Announcer(host, port, **settings).announce(message, verify=verify)``."""
     Announcer(host, port, **settings).announce(message, verify=verify)

@@ -7,19 +7,24 @@ Catalogue A..F; co-purchase partners: A -> B (2.0), C (1.0); B -> A (2.0), D (1.
 C -> D; D -> E; no TF-IDF neighbours; popularity F, E, D, C, B, A. So for a guest:
 cart [A] -> [B, C]; cart [A] top_k 3 -> [B, C, F]; cart [A, B] top_k 2 -> [C, D];
 cart [A] wishlist [C] top_k 2 -> [B, F].
+
+:func:`service_config` builds an :class:`agent.config.ServiceConfig` from flat keywords.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from agent.config import BasketsConfig, BrokerConfig, ServiceConfig
 from agent.recommenders.guest import GuestRecommender
 from agent.registry import ModelRegistry, ModelSnapshot
 
@@ -37,8 +42,26 @@ def tiny_snapshot() -> ModelSnapshot:
     return ModelSnapshot(version=VERSION, guest=guest, names=NAMES)
 
 
+_SECTIONS = (BrokerConfig, BasketsConfig, ServiceConfig)
+#: every keyword :func:`service_config` takes
+CONFIG_FIELDS = frozenset(f.name for cls in _SECTIONS for f in dataclasses.fields(cls)) - {"broker", "baskets"}
+
+
+def service_config(**kw: Any) -> ServiceConfig:
+    """A ServiceConfig from flat keywords (``host=``, ``port=``, ``agent_id=``, ``idle_ttl_s=``, ...): each
+    goes to the section with a field of that name (BrokerConfig, BasketsConfig, ServiceConfig)."""
+    parts: dict[type, dict[str, Any]] = {cls: {} for cls in _SECTIONS}
+    for key, value in kw.items():
+        owner = next((cls for cls in _SECTIONS if key in {f.name for f in dataclasses.fields(cls)}), None)
+        if owner is None or key in ("broker", "baskets"):
+            raise TypeError(f"service_config: no field {key!r}")
+        parts[owner][key] = value
+    return ServiceConfig(broker=BrokerConfig(**parts[BrokerConfig]), baskets=BasketsConfig(**parts[BasketsConfig]),
+                         **parts[ServiceConfig])
+
+
 def main() -> None:
-    from agent.service import AgentService, AgentSettings
+    from agent.service import AgentService
 
     p = argparse.ArgumentParser()
     p.add_argument("--host", default="127.0.0.1")
@@ -48,9 +71,9 @@ def main() -> None:
     p.add_argument("--protocol", default="5")
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = AgentSettings(host=a.host, port=a.port, prefix=a.prefix, agent_id=a.agent_id,
-                             protocol=a.protocol, reconnect_min_s=0.1, reconnect_max_s=1.0)
-    AgentService(ModelRegistry(tiny_snapshot()), settings).run_forever()
+    config = service_config(host=a.host, port=a.port, prefix=a.prefix, agent_id=a.agent_id, protocol=a.protocol,
+                            reconnect_min_s=0.1, reconnect_max_s=1.0)
+    AgentService(ModelRegistry(tiny_snapshot()), config).run_forever()
 
 
 if __name__ == "__main__":

@@ -24,11 +24,11 @@ from typing import Any
 
 import paho.mqtt.client as paho
 import pytest
-from _agent_proc import NAMES, VERSION, tiny_snapshot
+from _agent_proc import NAMES, VERSION, service_config, tiny_snapshot
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.registry import ModelRegistry
-from agent.service import AgentService, AgentSettings
+from agent.service import AgentService
 from scripts.brokers import Broker, MosquittoBroker, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,7 +131,7 @@ def make_agent(topic_prefix: str) -> Iterator[Callable[..., tuple[AgentService, 
         agent_id = f"agent-{uuid.uuid4().hex[:6]}"
         svc = AgentService(
             registry if registry is not None else ModelRegistry(tiny_snapshot()),
-            AgentSettings(host=broker.host, port=broker.port, protocol=protocol, prefix=topic_prefix,
+            service_config(host=broker.host, port=broker.port, protocol=protocol, prefix=topic_prefix,
                           agent_id=agent_id, reconnect_min_s=0.1, reconnect_max_s=0.5, **settings))
         svc.start()
         started.append((svc, probe))
@@ -317,7 +317,7 @@ def test_broker_restart_reconnects(restartable_broker: MosquittoBroker, protocol
     restartable_broker.restart(downtime=0.3)
     # the agent reconnects, resubscribes and announces itself again (the restarted broker
     # lost all retained messages: this status is a fresh one)
-    probe.wait_status("online", svc.settings.agent_id, timeout=10)
+    probe.wait_status("online", svc.config.agent_id, timeout=10)
     deadline = time.monotonic() + 5
     while probe.connected < 2 and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -381,17 +381,17 @@ def test_periodic_status_and_metrics(mqtt_broker: Broker, make_agent: Any) -> No
     probe.get("recommendations")
     probe.send("b", b"nope")
     probe.get("errors")
-    status = probe.wait_status("online", svc.settings.agent_id, timeout=3)
+    status = probe.wait_status("online", svc.config.agent_id, timeout=3)
     while status["stats"]["events"] < 2:
-        status = probe.wait_status("online", svc.settings.agent_id, timeout=3)
+        status = probe.wait_status("online", svc.config.agent_id, timeout=3)
     assert status["stats"]["errors"] == 1 and status["stats"]["p99_ms"] > 0
     text = svc.metrics.render_prometheus()
     assert 'smartbasket_agent_answered_total{model="guest"} 1' in text
     assert 'smartbasket_agent_errors_total{kind="json"} 1' in text
 
 
-def test_settings_from_config(tmp_path: Path) -> None:
-    from agent.config import parse_config
+def test_service_config_from_the_config_file(tmp_path: Path) -> None:
+    from agent.config import BrokerConfig, ServiceConfig, parse_config
     from agent.events import parse_cart_event
 
     cfg = parse_config({"broker": {"host": "mqtt.local", "port": 1884, "protocol": "3.1.1",
@@ -399,14 +399,19 @@ def test_settings_from_config(tmp_path: Path) -> None:
                         "agent_id": "jetson-07", "prefix": "smartbasket/store-17/",
                         "parameters": str(tmp_path), "allow_unsigned": True,
                         "limits": {"max_items": 3}, "baskets": {"idle_ttl_s": 60}}, env={})
-    s = AgentSettings.from_config(cfg)
-    assert (s.host, s.port, s.protocol, s.username, s.password) == ("mqtt.local", 1884, "3.1.1", "u", "secret")
-    assert (s.prefix, s.agent_id, s.idle_ttl_s, s.tls) == ("smartbasket/store-17", "jetson-07", 60.0, None)
-    assert "secret" not in repr(s)
+    s = cfg.service
+    assert s is not None and s.broker is cfg.broker
+    b = s.broker
+    assert (b.host, b.port, b.protocol, b.username, b.password) == ("mqtt.local", 1884, "3.1.1", "u", "secret")
+    assert (s.prefix, s.agent_id, s.baskets.idle_ttl_s, b.tls) == ("smartbasket/store-17", "jetson-07", 60.0, None)
+    assert "secret" not in repr(s) and "secret" not in repr(cfg)
     with pytest.raises(Exception, match="limit of 3"):
         parse_cart_event(b'{"cart": ["a", "b", "c", "d"]}', s.limits)
     with pytest.raises(ValueError):
-        AgentSettings(host="h", agent_id="a/b")
+        ServiceConfig(BrokerConfig("h"), agent_id="a/b")
+    with pytest.raises(ValueError, match="host"):
+        ServiceConfig(BrokerConfig(""), agent_id="a")
+    assert ServiceConfig(BrokerConfig("h"), agent_id="a", prefix="/x/y/").prefix == "x/y"
 
 
 def _make_tls_files(d: Path) -> tuple[Path, Path, Path]:

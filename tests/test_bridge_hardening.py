@@ -26,10 +26,11 @@ from typing import Any
 import pytest
 
 import agent.http as bridge_http
+from agent.config import HttpConfig
 from agent.display import DisplayHub
 from agent.errors import ConfigError
 from agent.events import EventLimits
-from agent.http import HttpBridge, HttpSettings, allowed_hosts_for, create_app
+from agent.http import HttpBridge, allowed_hosts_for, create_app
 from agent.metrics import Metrics
 from agent.registry import ModelRegistry
 from scripts.brokers import MosquittoBroker, free_port
@@ -65,7 +66,7 @@ def _tiny_registry() -> ModelRegistry:
 
 
 @contextmanager
-def running_bridge(settings: HttpSettings | None = None, readiness: Any = None) -> Iterator[tuple[int, Any]]:
+def running_bridge(settings: HttpConfig | None = None, readiness: Any = None) -> Iterator[tuple[int, Any]]:
     hub = DisplayHub()
     hub.publish("b-1", b'{"basket_id": "b-1", "recommendations": ["B"]}')
     app = create_app(_tiny_registry(), Metrics(), EventLimits(), display=hub, readiness=readiness,
@@ -125,7 +126,7 @@ def test_a_streamed_body_is_cut_at_the_limit():
 
 
 def test_a_slow_body_times_out():
-    with running_bridge(HttpSettings(body_timeout_s=0.5)) as (port, _):
+    with running_bridge(HttpConfig(body_timeout_s=0.5)) as (port, _):
         with _connect(port) as s:
             s.sendall(b"POST /recommend HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\n{\"cart\"")
             t0 = time.monotonic()
@@ -137,7 +138,7 @@ def test_a_slow_body_times_out():
 # --- connections -----------------------------------------------------------------------------
 @pytest.mark.parametrize("opening", [b"", b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: a"])
 def test_a_silent_or_slow_request_head_is_closed(opening):
-    with running_bridge(HttpSettings(header_timeout_s=0.5)) as (port, _):
+    with running_bridge(HttpConfig(header_timeout_s=0.5)) as (port, _):
         with _connect(port) as s:
             s.sendall(opening)
             t0 = time.monotonic()
@@ -153,7 +154,7 @@ def test_a_silent_or_slow_request_head_is_closed(opening):
 
 
 def test_a_kept_alive_connection_cannot_be_held_by_dripping_bytes():
-    with running_bridge(HttpSettings(header_timeout_s=0.6, keepalive_timeout_s=5)) as (port, _):
+    with running_bridge(HttpConfig(header_timeout_s=0.6, keepalive_timeout_s=5)) as (port, _):
         with _connect(port) as s:
             s.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             s.settimeout(2)
@@ -170,7 +171,7 @@ def test_a_kept_alive_connection_cannot_be_held_by_dripping_bytes():
 
 
 def test_connections_are_capped_per_client_and_in_all_with_room_for_local_checks():
-    settings = HttpSettings(max_connections=8, max_connections_per_client=3, header_timeout_s=30)
+    settings = HttpConfig(max_connections=8, max_connections_per_client=3, header_timeout_s=30)
     with running_bridge(settings) as (port, _):
         held = [_connect(port, "127.0.0.2") for _ in range(3)]
         time.sleep(0.2)
@@ -193,7 +194,7 @@ def test_limits_never_exceed_what_the_file_handles_allow():
     import resource
 
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    cap = bridge_http._effective_max_connections(HttpSettings(max_connections=100_000))
+    cap = bridge_http._effective_max_connections(HttpConfig(max_connections=100_000))
     assert cap + bridge_http._LOCAL_RESERVE + 3 * bridge_http._BACKLOG < min(soft, 1024)
 
 
@@ -213,7 +214,7 @@ def test_api_docs_are_off_unless_asked_for():
 
     off = TestClient(create_app(_tiny_registry()))
     assert [off.get(p).status_code for p in ("/docs", "/redoc", "/openapi.json")] == [404, 404, 404]
-    on = TestClient(create_app(_tiny_registry(), settings=HttpSettings(docs=True)))
+    on = TestClient(create_app(_tiny_registry(), settings=HttpConfig(docs=True)))
     assert [on.get(p).status_code for p in ("/docs", "/redoc", "/openapi.json")] == [200, 200, 200]
 
 
@@ -222,7 +223,7 @@ def test_a_token_guards_everything_but_health_and_the_display_page():
 
     token = "t0ken-" + uuid.uuid4().hex
     hub = DisplayHub()
-    client = TestClient(create_app(_tiny_registry(), display=hub, settings=HttpSettings(token=token)))
+    client = TestClient(create_app(_tiny_registry(), display=hub, settings=HttpConfig(token=token)))
     good = {"Authorization": f"Bearer {token}"}
     for method, path in (("POST", "/recommend"), ("GET", "/metrics"), ("GET", "/display")):
         for headers in ({}, {"Authorization": "Bearer nope-nope-nope-nope"}, {"Authorization": token}):
@@ -232,12 +233,12 @@ def test_a_token_guards_everything_but_health_and_the_display_page():
     assert client.get("/health").status_code == 200
     assert client.get("/display/b-1").status_code == 200
     with pytest.raises(ConfigError, match="16 characters"):
-        HttpSettings(token="short")
+        HttpConfig(token="short")
 
 
 def test_the_display_event_stream_needs_no_token():
     token = "t0ken-" + uuid.uuid4().hex
-    with running_bridge(HttpSettings(token=token)) as (port, _):
+    with running_bridge(HttpConfig(token=token)) as (port, _):
         with _connect(port) as s:
             s.sendall(b"GET /display/b-1/events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             s.settimeout(3)
@@ -263,7 +264,7 @@ def test_allowed_hosts_follow_the_bind_address():
                                      ("evil.example", False), ("evil.example:8080", False), ("", False),
                                      ("basket-7.store.evil.example", False)])
 def test_host_header_is_checked(host, ok):
-    settings = HttpSettings(allowed_hosts=allowed_hosts_for("0.0.0.0", ["basket-7.store", "*.basket-7.store"]))
+    settings = HttpConfig(allowed_hosts=allowed_hosts_for("0.0.0.0", ["basket-7.store", "*.basket-7.store"]))
     with running_bridge(settings) as (port, _):
         headers = {"Host": host} if host else {}
         raw = (b"GET /health HTTP/1.0\r\n" + (f"Host: {host}\r\n".encode() if host else b"") + b"\r\n")

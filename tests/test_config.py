@@ -2,10 +2,30 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
+from pathlib import Path
+
 import pytest
 
-from agent.config import load_config, parse_config, parse_hostport
+import agent.config as config_module
+from agent.config import (
+    SCHEMA_DOC,
+    AgentConfig,
+    BasketsConfig,
+    BrokerConfig,
+    HttpConfig,
+    ServiceConfig,
+    UpdatesConfig,
+    load_config,
+    parse_config,
+    parse_hostport,
+)
 from agent.errors import ConfigError
+from agent.events import EventLimits
+from agent.recommenders.guest import GuestParams
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -25,7 +45,7 @@ def base(pub, **extra):
 def test_minimal_config_gets_documented_defaults(pub):
     cfg = parse_config(base(pub), env={})
     assert cfg.broker.port == 1883 and cfg.broker.protocol == "5"
-    assert cfg.prefix == "smartbasket" and cfg.http_port == 0
+    assert cfg.prefix == "smartbasket" and cfg.http.port == 0
     assert cfg.limits.max_items == 200 and cfg.guest.co_top_k_per_item == 50
 
 
@@ -97,7 +117,7 @@ def test_shipped_config_is_valid(pub):
 
     shipped = Path(__file__).resolve().parents[1] / "config" / "agent.yaml"
     cfg = load_config(shipped, overrides={"public_key": str(pub)}, env={})
-    assert cfg.agent_id
+    assert cfg.service is not None and cfg.service.agent_id
 
 
 @pytest.mark.parametrize("value,expected", [
@@ -112,3 +132,117 @@ def test_parse_hostport(value, expected):
 def test_parse_hostport_rejects(value):
     with pytest.raises(ValueError):
         parse_hostport(value)
+
+
+# --- one typed configuration path ---------------------------------------------------------------
+def test_defaults_come_from_the_sections(pub):
+    """A minimal config is every section's dataclass defaults: parse_config restates none of them."""
+    cfg = parse_config(base(pub), env={})
+    s = cfg.service
+    assert s is not None and s.broker is cfg.broker and s.prefix == cfg.prefix and s.limits is cfg.limits
+    assert cfg.broker == BrokerConfig(host="127.0.0.1")
+    assert s.baskets == BasketsConfig() and cfg.limits == EventLimits() and cfg.guest == GuestParams()
+    assert cfg.updates == UpdatesConfig() and cfg.http == HttpConfig()
+    assert s == ServiceConfig(broker=cfg.broker, agent_id="jetson-1")
+    assert cfg.log_level == AgentConfig.__dataclass_fields__["log_level"].default
+
+
+def test_every_key_reaches_its_section(pub):
+    cfg = parse_config(base(pub, broker={"host": "h", "reconnect_min_s": 1, "reconnect_max_s": 9, "keepalive": 60},
+                            baskets={"idle_ttl_s": 60, "max_baskets": 7, "max_bytes": 2**21},
+                            http={"port": 8080, "host": "0.0.0.0", "allowed_hosts": ["basket-7"],
+                                  "max_connections": 9, "header_timeout_s": 2},
+                            limits={"max_event_age_s": 300, "max_top_k": 20}, status_interval_s=5,
+                            drain_timeout_s=1, guest={"sim_weight": 0.25}, member={"threads": 2},
+                            updates={"keep_versions": 5}), env={"BASKET_HTTP_TOKEN": "t" * 16})
+    s = cfg.service
+    assert s is not None
+    assert (s.broker.reconnect_min_s, s.broker.reconnect_max_s, s.broker.keepalive) == (1.0, 9.0, 60)
+    assert s.baskets == BasketsConfig(idle_ttl_s=60.0, max_baskets=7, max_bytes=2**21)
+    assert (s.max_event_age_s, s.status_interval_s, s.drain_timeout_s, s.limits.max_top_k) == (300.0, 5.0, 1.0, 20)
+    assert cfg.http == HttpConfig(host="0.0.0.0", port=8080, token="t" * 16, allowed_hosts=("basket-7",),
+                                  max_connections=9, header_timeout_s=2.0)
+    assert (cfg.guest.sim_weight, cfg.member.threads, cfg.updates.keep_versions) == (0.25, 2, 5)
+    shown = str(cfg.redacted())
+    assert "t" * 16 not in repr(cfg) and "t" * 16 not in shown and "***" in shown
+
+
+def test_tls_moves_the_default_port(pub, tmp_path):
+    ca = tmp_path / "ca.crt"
+    ca.write_text("x")
+    cfg = parse_config(base(pub, broker={"host": "h", "tls": {"enabled": True, "ca_file": str(ca)}}), env={})
+    assert cfg.broker is not None and cfg.broker.port == 8883 and cfg.broker.tls is not None
+    assert cfg.broker.tls.ca_file == str(ca) and not cfg.broker.tls.insecure
+
+
+def test_a_short_http_token_is_a_config_error(pub):
+    with pytest.raises(ConfigError, match="at least 16"):
+        parse_config(base(pub), env={"BASKET_HTTP_TOKEN": "short"})
+
+
+def test_the_bridge_needs_no_broker_and_no_agent_id(pub):
+    d = {"parameters": "params", "public_key": str(pub), "http": {"port": 8080}}
+    with pytest.raises(ConfigError, match="broker.host is required"):
+        parse_config(d, env={})
+    cfg = parse_config(d, env={"BASKET_MQTT_USERNAME": "u"}, require_broker=False)
+    assert cfg.broker is None and cfg.service is None and cfg.http.port == 8080 and cfg.limits == EventLimits()
+    cfg = parse_config({**d, "broker": {"host": "mqtt.local", "port": 1884}, "prefix": "s/store-1"},
+                       env={"BASKET_MQTT_USERNAME": "u"}, require_broker=False)
+    assert cfg.service is None and cfg.prefix == "s/store-1"
+    assert cfg.broker == BrokerConfig(host="mqtt.local", port=1884, username="u")
+    with pytest.raises(ConfigError, match="broker.port must be an integer"):  # still checked
+        parse_config({**d, "broker": {"port": "x"}}, env={}, require_broker=False)
+
+
+def test_service_and_shared_sections_cannot_differ(pub):
+    cfg = parse_config(base(pub), env={})
+    with pytest.raises(ValueError, match="differ"):
+        dataclasses.replace(cfg, prefix="elsewhere")
+
+
+def _parser_keys(monkeypatch, pub) -> set[str]:
+    """Every key parse_config reads (it reads each one whether or not the config has it)."""
+    readers: list[config_module._Reader] = []
+
+    class Recording(config_module._Reader):
+        def __init__(self, data):  # type: ignore[no-untyped-def]
+            super().__init__(data)
+            readers.append(self)
+
+    monkeypatch.setattr(config_module, "_Reader", Recording)
+    parse_config(base(pub), env={})
+    (reader,) = readers
+    return set(reader.used)
+
+
+def _documented_keys(doc: str) -> set[str]:
+    """The keys in the first column of a schema table: ``a.b / c / d`` is a.b, a.c, a.d."""
+    keys = set()
+    for line in doc.splitlines():
+        if not line or line[0].isspace():
+            continue  # a continuation line
+        first, *more = re.match(r"\S+(?: / \S+)*", line).group(0).split(" / ")
+        parent = first.rpartition(".")[0]
+        keys.add(first)
+        keys.update(k if "." in k or not parent else f"{parent}.{k}" for k in more)
+    return keys
+
+
+def test_the_readme_table_is_the_parsers_schema(monkeypatch, pub):
+    parsed = _parser_keys(monkeypatch, pub)
+    documented = _documented_keys(SCHEMA_DOC)
+    assert parsed - documented == set(), "keys parse_config accepts but SCHEMA_DOC does not describe"
+    assert documented - parsed == set(), "keys SCHEMA_DOC describes but parse_config does not accept"
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Configuration"):]
+    block = section[section.index("```\n") + 4:]
+    assert block[:block.index("```")] == SCHEMA_DOC, "README's configuration table differs from SCHEMA_DOC"
+    shipped = set(_flatten(__import__("yaml").safe_load((ROOT / "config" / "agent.yaml").read_text("utf-8"))))
+    assert shipped <= parsed
+
+
+def _flatten(d: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k, v in d.items():
+        out += _flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}"]
+    return out

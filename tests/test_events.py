@@ -319,9 +319,10 @@ def test_metrics_threads_and_render() -> None:
     assert "smartbasket_agent_events_total 4000" in text
     assert 'smartbasket_agent_errors_total{kind="json"} 2' in text
     assert 'smartbasket_agent_answered_total{model="guest"} 4000' in text
-    assert "# TYPE smartbasket_agent_latency_seconds summary" in text
-    assert "smartbasket_agent_latency_seconds_count 4000" in text
-    sample = re.compile(r'^[a-zA-Z_:][a-zA-Z0-9_:]*(\{[a-zA-Z_][a-zA-Z0-9_]*="[^"]*"\})? \S+$')
+    assert "# TYPE smartbasket_agent_latency_seconds histogram" in text
+    assert 'smartbasket_agent_latency_seconds_count{model="guest"} 4000' in text
+    label = r'[a-zA-Z_][a-zA-Z0-9_]*="[^"]*"'
+    sample = re.compile(rf'^[a-zA-Z_:][a-zA-Z0-9_:]*(\{{{label}(,{label})*\}})? \S+$')
     for line in text.splitlines():
         assert line.startswith(("# HELP ", "# TYPE ")) or sample.match(line), line
 
@@ -329,7 +330,9 @@ def test_metrics_threads_and_render() -> None:
 def test_metrics_empty() -> None:
     m = Metrics()
     assert m.snapshot()["p99_ms"] is None
-    assert 'smartbasket_agent_latency_seconds{quantile="0.99"} NaN' in m.render_prometheus()
+    text = m.render_prometheus()
+    assert "# TYPE smartbasket_agent_latency_seconds histogram" in text
+    assert "smartbasket_agent_latency_seconds_bucket" not in text  # no answers yet: no series
 
 
 # -- issue 7: state bounded in bytes -------------------------------------------------------------

@@ -30,6 +30,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import agent.http
+from agent.config import HttpConfig
 from agent.events import (
     ACTIONS,
     CHECKOUT_GRACE_S,
@@ -42,7 +43,7 @@ from agent.events import (
     event_from_obj,
     parse_cart_event,
 )
-from agent.http import HttpSettings, create_app
+from agent.http import create_app
 from agent.metrics import Metrics
 from agent.registry import ModelRegistry
 
@@ -537,7 +538,7 @@ def test_http_bridge_from_its_openapi_schema(mode: str) -> None:
     from schemathesis import GenerationMode
 
     # the schema is served only when asked for (issue 8: /docs, /redoc, /openapi.json off by default)
-    app = create_app(ModelRegistry(tiny_snapshot()), Metrics(), settings=HttpSettings(docs=True))
+    app = create_app(ModelRegistry(tiny_snapshot()), Metrics(), settings=HttpConfig(docs=True))
     doc = app.openapi()
     op = doc["paths"]["/recommend"]["post"]
     op["requestBody"] = {"required": True, "content": {"application/json": {"schema": RECOMMEND_BODY}}}

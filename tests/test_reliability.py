@@ -11,7 +11,6 @@ figures (``pytest -s``) for the README.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import queue
@@ -144,7 +143,7 @@ class Console:
 
 # --- the agent as a process ------------------------------------------------------------------
 class AgentProc:
-    """``AgentService`` on the tiny catalogue in its own process; settings as AgentSettings keywords."""
+    """``AgentService`` on the tiny catalogue in its own process; settings as ``service_config`` keywords."""
 
     def __init__(self, broker: Broker, prefix: str, workdir: Path, **settings: Any) -> None:
         self.agent_id = settings.pop("agent_id", f"rel-{uuid.uuid4().hex[:6]}")
@@ -445,23 +444,23 @@ def test_reconnect_after_broker_outage_is_prompt_with_default_backoff(
 @pytest.fixture
 def in_process(persistent_broker: MosquittoBroker, topic_prefix: str) -> Iterator[Any]:
     """``make(**settings)`` -> (AgentService, Console) on the persistent broker, stopped afterwards."""
-    from _agent_proc import tiny_snapshot
+    from _agent_proc import service_config, tiny_snapshot
 
     from agent.registry import ModelRegistry
-    from agent.service import AgentService, AgentSettings
+    from agent.service import AgentService
 
     made: list[tuple[Any, Console]] = []
 
     def make(**settings: Any) -> tuple[Any, Console]:
         broker = persistent_broker.broker
         console = Console(broker, topic_prefix)
-        svc = AgentService(ModelRegistry(tiny_snapshot()), AgentSettings(
+        svc = AgentService(ModelRegistry(tiny_snapshot()), service_config(
             host=broker.host, port=broker.port, prefix=topic_prefix, agent_id=f"ip-{uuid.uuid4().hex[:6]}",
             reconnect_min_s=0.1, reconnect_max_s=0.5, **settings))
         made.append((svc, console))
         svc.start()
         assert svc.wait_connected(10)
-        console.wait_status("online", svc.settings.agent_id)
+        console.wait_status("online", svc.config.agent_id)
         return svc, console
 
     yield make
@@ -514,16 +513,16 @@ def test_event_ts_is_read_leniently(text: Any, expected: Any) -> None:
 def test_the_agent_reports_what_the_broker_dropped_for_it(tmp_path: Path, topic_prefix: str) -> None:
     """A broker whose per-client queue is too small (10) for what arrives while the agent is away: the
     agent cannot see those events, but reports the broker's count in its status and /metrics."""
-    from _agent_proc import tiny_snapshot
+    from _agent_proc import service_config, tiny_snapshot
 
     from agent.registry import ModelRegistry
-    from agent.service import AgentService, AgentSettings
+    from agent.service import AgentService
 
     broker = MosquittoBroker(tmp_path / "small-queue", extra_config=("max_queued_messages 10",), sys_interval=1)
     broker.start()
     console = Console(broker.broker, topic_prefix)
-    settings = AgentSettings(host=broker.host, port=broker.port, prefix=topic_prefix, agent_id="drops",
-                             reconnect_min_s=0.1, reconnect_max_s=0.5, status_interval_s=0.5)
+    settings = service_config(host=broker.host, port=broker.port, prefix=topic_prefix, agent_id="drops",
+                              reconnect_min_s=0.1, reconnect_max_s=0.5, status_interval_s=0.5)
     svc = AgentService(ModelRegistry(tiny_snapshot()), settings)
     try:
         svc.start()
@@ -578,16 +577,18 @@ def test_broker_drops_are_absent_when_sys_is_forbidden(tmp_path: Path, topic_pre
 def test_reliability_config_keys(tmp_path: Path) -> None:
     from agent.config import parse_config
     from agent.errors import ConfigError
-    from agent.service import AgentSettings
 
     base = {"broker": {"host": "h"}, "agent_id": "j-1", "parameters": str(tmp_path), "allow_unsigned": True}
     cfg = parse_config(base, env={})
-    assert (cfg.broker.session_expiry_s, cfg.broker.receive_maximum, cfg.drain_timeout_s,
-            cfg.max_event_age_s) == (86400, 100, 5.0, 0.0)
+    assert cfg.service is not None
+    assert (cfg.broker.session_expiry_s, cfg.broker.receive_maximum, cfg.service.drain_timeout_s,
+            cfg.service.max_event_age_s) == (86400, 100, 5.0, 0.0)
     cfg = parse_config({**base, "broker": {"host": "h", "session_expiry_s": 0, "receive_maximum": 20},
                         "drain_timeout_s": 1.5, "limits": {"max_event_age_s": 300}}, env={})
-    s = AgentSettings.from_config(cfg)
-    assert (s.session_expiry_s, s.receive_maximum, s.drain_timeout_s, s.max_event_age_s) == (0, 20, 1.5, 300.0)
+    s = cfg.service
+    assert s is not None
+    assert (s.broker.session_expiry_s, s.broker.receive_maximum, s.drain_timeout_s, s.max_event_age_s) == (
+        0, 20, 1.5, 300.0)
     with pytest.raises(ConfigError) as err:
         parse_config({**base, "broker": {"host": "h", "session_expiry_s": -1, "receive_maximum": 70000},
                       "drain_timeout_s": -2, "limits": {"max_event_age_s": "old"}}, env={})
@@ -887,22 +888,21 @@ def test_power_loss_during_an_update_never_leaves_a_half_written_version(
 
 # --- the agent as a process (run by AgentProc) -------------------------------------------------
 def _serve(settings_json: str) -> None:
-    """Run AgentService on the tiny catalogue with these AgentSettings keywords (unknown ones ignored)."""
+    """Run AgentService on the tiny catalogue with these ``service_config`` keywords (unknown ones ignored)."""
     import logging
 
-    from _agent_proc import tiny_snapshot
+    from _agent_proc import CONFIG_FIELDS, service_config, tiny_snapshot
 
     from agent.registry import ModelRegistry
-    from agent.service import AgentService, AgentSettings
+    from agent.service import AgentService
 
     sys.setswitchinterval(0.0005)  # as basket-agent run does
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     wanted = json.loads(settings_json)
-    known = {f.name for f in dataclasses.fields(AgentSettings)}
-    ignored = sorted(set(wanted) - known)
+    ignored = sorted(set(wanted) - CONFIG_FIELDS)
     if ignored:
         logging.getLogger("reliability").warning("settings this agent does not know: %s", ignored)
-    settings = AgentSettings(**{k: v for k, v in wanted.items() if k in known})
+    settings = service_config(**{k: v for k, v in wanted.items() if k in CONFIG_FIELDS})
     AgentService(ModelRegistry(tiny_snapshot()), settings).run_forever()
 
 

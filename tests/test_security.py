@@ -32,9 +32,9 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.mqtt import MqttClient, TLSSettings
+from agent.mqtt import TLSSettings
 from agent.registry import ModelRegistry
-from agent.service import AgentService, AgentSettings
+from agent.service import AgentService
 from retrain_server.errors import PublishError
 from retrain_server.publish import Announcer, UpdateMessage
 from scripts.broker_credentials import render_acl, store_users, write_store
@@ -225,22 +225,14 @@ def _tiny_registry() -> ModelRegistry:
 
 
 def secure_agent(store: Store, agent_id: str = "j1") -> AgentService:
-    """An agent logging in as agent-ID (events, status) and agent-ID-out (answers), over TLS with its certificate.
+    """An agent logging in as agent-ID (events, status) and agent-ID-out (answers), over TLS with its certificate."""
+    from _agent_proc import service_config
 
-    Until agent/service.py gives the answers' connection the ``-out`` user (the lines are in the
-    issue 8 note), the test builds that connection itself, exactly as the service would.
-    """
     user = f"agent-{agent_id}"
-    settings = AgentSettings(host="127.0.0.1", port=store.tls_port, agent_id=agent_id, prefix=store.prefix,
-                             username=user, password=store.passwords[user], tls=store.tls(user),
-                             reconnect_min_s=0.1, reconnect_max_s=1.0)
-    service = AgentService(_tiny_registry(), settings)
-    if getattr(service.out._client, "_username", None) == user.encode():
-        service.out = MqttClient(settings.host, settings.port, client_id=f"smartbasket-agent-{agent_id}-out",
-                                 protocol=settings.protocol, keepalive=settings.keepalive, username=f"{user}-out",
-                                 password=settings.password, tls=settings.tls, reconnect_min_s=0.1,
-                                 reconnect_max_s=1.0, max_queued_out=0, track_published=True,
-                                 on_connected=service._on_connected)
+    service = AgentService(_tiny_registry(), service_config(
+        host="127.0.0.1", port=store.tls_port, agent_id=agent_id, prefix=store.prefix, username=user,
+        password=store.passwords[user], tls=store.tls(user), reconnect_min_s=0.1, reconnect_max_s=1.0))
+    assert getattr(service.out._client, "_username", None) == f"{user}-out".encode()
     return service
 
 
@@ -287,9 +279,11 @@ def test_finding_on_an_anonymous_broker_anyone_reads_every_cart_and_forges_answe
 
 
 def test_finding_on_an_anonymous_broker_a_stolen_client_id_knocks_the_agent_off(mqtt_broker, topic_prefix):
-    service = AgentService(_tiny_registry(), AgentSettings(host=mqtt_broker.host, port=mqtt_broker.port,
-                                                           agent_id="victim", prefix=topic_prefix,
-                                                           reconnect_min_s=0.1, reconnect_max_s=0.5))
+    from _agent_proc import service_config
+
+    service = AgentService(_tiny_registry(), service_config(host=mqtt_broker.host, port=mqtt_broker.port,
+                                                            agent_id="victim", prefix=topic_prefix,
+                                                            reconnect_min_s=0.1, reconnect_max_s=0.5))
     service.start()
     try:
         assert service.wait_connected(5)

@@ -472,18 +472,18 @@ def test_a_hung_worker_stops_the_watchdog_pings(mqtt_broker: Broker, topic_prefi
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """The pings come from the worker loop: while it is stuck in a message, systemd hears nothing."""
     import paho.mqtt.client as paho
-    from _agent_proc import tiny_snapshot
+    from _agent_proc import service_config, tiny_snapshot
     from paho.mqtt.enums import CallbackAPIVersion
 
     from agent.registry import ModelRegistry
-    from agent.service import AgentService, AgentSettings
+    from agent.service import AgentService
 
     sent: list[tuple[float, str, str]] = []  # (time, thread, datagram)
     monkeypatch.setattr(sdnotify, "notify", lambda state: sent.append(
         (time.monotonic(), threading.current_thread().name, state)) or True)
     monkeypatch.setenv("NOTIFY_SOCKET", "@unused")
     monkeypatch.setenv("WATCHDOG_USEC", "200000")  # ping every 0.1 s; the idle worker wakes every 0.5 s
-    service = AgentService(ModelRegistry(tiny_snapshot()), AgentSettings(
+    service = AgentService(ModelRegistry(tiny_snapshot()), service_config(
         host=mqtt_broker.host, port=mqtt_broker.port, prefix=topic_prefix, agent_id="sd-hang"))
     entered, release = threading.Event(), threading.Event()
     handle = service.handle
