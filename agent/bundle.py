@@ -5,12 +5,21 @@ size; ``manifest.sig`` is an Ed25519 signature of the exact bytes of
 ``manifest.json`` (base64 text, or 64 raw bytes). Only after the signature
 and every hash check out are arrays loaded, never unpickled.
 
-What is loaded is exactly what was hashed: each file the edge loads is read
-once into memory, hashed, and later parsed from those bytes (arrays are
-zero-copy views of them), so a file swapped on disk after verification is
-never served. An ``.npy`` header is checked against the bytes that follow it
-before anything is allocated: a header claiming four billion rows is a
-one-line :class:`BundleError`, not a crash.
+What is loaded is exactly what was hashed: each file the edge loads is opened
+once, hashed, and later parsed from those same bytes (arrays are zero-copy
+views of them), so a file swapped on disk after verification is never served.
+An ``.npy`` header is checked against the bytes that follow it before anything
+is allocated: a header claiming four billion rows is a one-line
+:class:`BundleError`, not a crash.
+
+Read-only files are memory-mapped instead of read: a file with no write
+permission bits (the agent's store writes every installed version that way,
+see :func:`agent.store.safe_unpack`) is mapped, hashed through the mapping and
+served from it, so start-up and swaps copy nothing, resident memory counts only
+the pages requests touch, and agents on one machine share the page cache. A
+file that anyone may still write (a seed directory someone copies into) is read
+into private memory as before: a mapping would see such writes after the hash
+was checked. ``chmod -R a-w`` a seed directory to have it mapped too.
 """
 
 from __future__ import annotations
@@ -21,6 +30,9 @@ import hashlib
 import io
 import json
 import logging
+import mmap
+import os
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,8 +62,8 @@ class Manifest:
     metrics: Mapping[str, Any]
     models: Mapping[str, Any]
     signed: bool
-    #: the verified bytes of every file the edge loads (relpath -> bytes)
-    blobs: Mapping[str, bytes] = field(default_factory=dict, repr=False, compare=False)
+    #: the verified bytes of every file the edge loads (relpath -> bytes, or a read-only mmap)
+    blobs: Mapping[str, bytes | mmap.mmap] = field(default_factory=dict, repr=False, compare=False)
 
     def has(self, relpath: str) -> bool:
         return relpath in self.files
@@ -68,6 +80,14 @@ class Manifest:
 
     def read_bytes(self, relpath: str) -> bytes:
         """The verified bytes of a file the edge loads (never re-read from disk)."""
+        return bytes(self._blob(relpath))
+
+    @property
+    def mapped(self) -> list[str]:
+        """The files served from a memory mapping (read-only on disk)."""
+        return sorted(rel for rel, blob in self.blobs.items() if isinstance(blob, mmap.mmap))
+
+    def _blob(self, relpath: str) -> bytes | mmap.mmap:
         self.path(relpath)  # refuses unlisted files
         try:
             return self.blobs[relpath]
@@ -167,13 +187,7 @@ def verify_parameters(root: str | Path, public_key: Any | None, *,
             if file_sha256(path) != info.get("sha256"):
                 raise BundleError(f"{rel}: sha256 does not match the manifest")
             continue
-        try:
-            with path.open("rb") as fh:
-                data = fh.read(size + 1)
-        except OSError as exc:
-            raise BundleError(f"cannot read {rel}: {exc.strerror or exc}") from exc
-        if len(data) != size:
-            raise BundleError(f"{rel}: size {len(data) if len(data) <= size else 'over'} != manifest {size}")
+        data = _open_verified(path, rel, size)
         if hashlib.sha256(data).hexdigest() != info.get("sha256"):
             raise BundleError(f"{rel}: sha256 does not match the manifest")
         blobs[rel] = data
@@ -182,19 +196,44 @@ def verify_parameters(root: str | Path, public_key: Any | None, *,
                     signed=signed, blobs=blobs)
 
 
+_WRITABLE = stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH
+
+
+def _open_verified(path: Path, rel: str, size: int) -> bytes | mmap.mmap:
+    """The file's bytes to hash and serve: a read-only mapping when nobody may write the
+    file (mode without write bits), else a private copy. Raises BundleError on a size mismatch."""
+    try:
+        with path.open("rb") as fh:
+            st = os.fstat(fh.fileno())
+            if size and not st.st_mode & _WRITABLE and stat.S_ISREG(st.st_mode):
+                if st.st_size != size:
+                    raise BundleError(f"{rel}: size {st.st_size} != manifest {size}")
+                return mmap.mmap(fh.fileno(), size, access=mmap.ACCESS_READ)
+            data = fh.read(size + 1)
+    except OSError as exc:
+        raise BundleError(f"cannot read {rel}: {exc.strerror or exc}") from exc
+    if len(data) != size:
+        raise BundleError(f"{rel}: size {len(data) if len(data) <= size else 'over'} != manifest {size}")
+    return data
+
+
 def load_array(manifest: Manifest, relpath: str) -> np.ndarray:
-    """A verified ``.npy`` file as an array over its verified bytes, never unpickling."""
-    return array_from_bytes(manifest.read_bytes(relpath), relpath)
+    """A verified ``.npy`` file as an array over its verified bytes (or mapping), never unpickling."""
+    return array_from_bytes(manifest._blob(relpath), relpath)
 
 
-def array_from_bytes(data: bytes, what: str = "array") -> np.ndarray:
+def array_from_bytes(data: bytes | mmap.mmap, what: str = "array") -> np.ndarray:
     """Parse ``.npy`` bytes without pickle, checking the header against the data before allocating.
 
-    The result is a read-only view of ``data`` (no copy).
+    The result is a read-only view of ``data`` (no copy; over a mapping it stays mapped).
     """
     from numpy.lib import format as npy
 
-    fh = io.BytesIO(data)
+    # only the header is copied: 10 bytes of preamble, then at most 2**32 of header (v2)
+    pre = bytes(data[:12])
+    hlen = int.from_bytes(pre[8:10], "little") + 10 if pre[6:7] == b"\x01" else int.from_bytes(
+        pre[8:12], "little") + 12
+    fh = io.BytesIO(bytes(data[:hlen]))
     try:
         major, _minor = npy.read_magic(fh)
         if major == 1:

@@ -12,7 +12,7 @@ import dataclasses
 import json
 import logging
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,19 @@ class ProductNames(Mapping[str, str]):
 
     def __getitem__(self, product_id: str) -> str:
         return str(self._names[self._index[product_id]])
+
+    def get(self, product_id: str, default: Any = None) -> Any:  # Mapping.get's try/except is slower
+        i = self._index.get(product_id)
+        return default if i is None else str(self._names[i])
+
+    def names_of(self, product_ids: Sequence[str]) -> list[str]:
+        """Display names of known ids (unknown ids name themselves), in one array lookup."""
+        get = self._index.get
+        idx = [get(p, -1) for p in product_ids]
+        if not idx or not len(self._names):
+            return list(product_ids)
+        names = self._names[idx].tolist()
+        return [n if i >= 0 else p for n, i, p in zip(names, idx, product_ids)]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._index)
@@ -82,6 +95,12 @@ class ModelSnapshot:
 
     def name(self, product_id: str) -> str:
         return self.names.get(product_id, product_id)
+
+    def names_of(self, product_ids: Sequence[str]) -> list[str]:
+        """Display names for ``product_ids`` (an id without a name stands for itself)."""
+        if isinstance(self.names, ProductNames):
+            return self.names.names_of(product_ids)
+        return [self.names.get(p, p) for p in product_ids]
 
     def smoke_test(self) -> None:
         """Ask every model once; raises BundleError when an answer is malformed."""
@@ -175,7 +194,8 @@ def _member_table(source: layout.Source, paths: Mapping[str, str], values: str) 
     if not all(source.has(p) for p in paths.values()):
         return None
     t = {name: source.array(path) for name, path in paths.items()}
-    indptr, items, vals = t["indptr"].astype(np.int64), t["items"].astype(np.int32), t[values].astype(np.float32)
+    indptr, items, vals = (t["indptr"].astype(np.int64, copy=False), t["items"].astype(np.int32, copy=False),
+                           t[values].astype(np.float32, copy=False))
     if indptr.ndim != 1 or not len(indptr) or indptr[0] != 0 or np.any(np.diff(indptr) < 0) \
             or indptr[-1] != len(items) or len(items) != len(vals):
         raise BundleError(f"{paths['indptr']}: malformed per-member table")

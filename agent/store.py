@@ -143,7 +143,8 @@ def safe_unpack(archive: Path, dest: Path, *, max_file_bytes: int, max_total_byt
 
     Does not use ``tarfile.extractall`` (its ``filter=`` needs Python 3.12):
     every member is checked here and written with ``O_EXCL | O_NOFOLLOW`` and
-    modes 0644/0755. Raises UnsafeBundle (or BundleError for a broken archive).
+    modes 0444 (files: never changed again, so :mod:`agent.bundle` maps them) and
+    0755 (directories). Raises UnsafeBundle (or BundleError for a broken archive).
     """
     import gzip
     import zlib
@@ -177,7 +178,9 @@ def safe_unpack(archive: Path, dest: Path, *, max_file_bytes: int, max_total_byt
                     src = tf.extractfile(member)
                     if src is None:  # cannot happen for a regular file
                         raise UnsafeBundle(f"tar member {name!r} has no data")
-                    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+                    # read-only from birth: a version is never changed once written, and files
+                    # without write bits are what agent.bundle memory-maps
+                    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o444)
                     with os.fdopen(fd, "wb") as out:
                         left = member.size
                         while left > 0:

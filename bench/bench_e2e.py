@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import paho.mqtt.client as paho
-from common import ROOT, large_parameters, plot_results, print_table, rss_mb, sample_carts, write_json
+from common import ROOT, large_parameters, plot_results, print_table, read_only_copy, rss_mb, sample_carts, write_json
 from paho.mqtt.enums import CallbackAPIVersion
 
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -320,12 +320,15 @@ def run_kind(kind: str, broker_port: int, workdir: Path, sensor: paho.Client, di
         users = [users[k] for k in rng.permutation(len(users))]
     prefix = f"bench-e2e/{kind}-{uuid.uuid4().hex[:6]}"
     load = Load(carts, users, prefix, "{prefix}/basket/b-{b}/cart")
-    agent = Agent(broker_port, params, prefix, workdir)
+    served = params
+    if not args.copied:  # as the agent's store installs versions: read-only files, memory-mapped
+        served = read_only_copy(params, workdir / f"{params.name}-read-only")
+    agent = Agent(broker_port, served, prefix, workdir)
     rows: list[dict] = []
     try:
         startup_s = agent.start()
         pid = agent.proc.pid
-        mem = {"params": params.name, "startup_s": round(startup_s, 2),
+        mem = {"params": served.name, "startup_s": round(startup_s, 2),
                "rss_loaded_mb": rss_mb(pid)}
         print(f"[{kind}] agent online in {startup_s:.1f} s, RSS {mem['rss_loaded_mb']} MB", file=sys.stderr)
         pids = {"agent": pid, "broker": 0, "bench": os.getpid()}
@@ -359,6 +362,8 @@ def main() -> None:
     ap.add_argument("--member", action="store_true", help="member events only")
     ap.add_argument("--skip-member", action="store_true", help="guest events only")
     ap.add_argument("--skip-baseline", action="store_true", help="no broker-only baseline row")
+    ap.add_argument("--copied", action="store_true",
+                    help="serve writable parameter files (read into memory) instead of read-only, mapped ones")
     args = ap.parse_args()
     if args.seconds * args.rate > 1_000_000:
         ap.error("--seconds * --rate is capped at 1,000,000 events")

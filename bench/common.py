@@ -59,6 +59,19 @@ def large_parameters(member: bool, products: int = 50_000) -> Path:
     return out
 
 
+def read_only_copy(params: Path, dest: Path) -> Path:
+    """A copy of a parameters dir with read-only files, as the agent's store installs versions:
+    :mod:`agent.bundle` memory-maps those instead of reading them into private memory."""
+    import shutil
+
+    if not dest.exists():
+        shutil.copytree(params, dest)
+        for p in dest.rglob("*"):
+            if p.is_file():
+                p.chmod(0o444)
+    return dest
+
+
 def sample_carts(params: Path, n: int, size: int = 10, seed: int = 0) -> list[tuple[str, ...]]:
     """Carts of ``size`` products drawn from the store's own baskets' families."""
     ids = np.load(params / "guest_model" / "item_ids.npy")

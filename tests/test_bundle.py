@@ -221,3 +221,57 @@ def test_an_array_header_claiming_billions_of_rows_is_a_clean_error(params, keys
     assert r.returncode == 3, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "header claims shape" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def _make_read_only(root) -> None:
+    for p in root.rglob("*"):
+        if p.is_file():
+            p.chmod(0o444)
+
+
+def test_read_only_files_are_memory_mapped_and_serve_the_same(params, keys):
+    """Files without write bits are mapped (no private copy); writable ones are read; answers agree."""
+    import mmap
+
+    from agent.layout import GUEST_ARRAYS, is_edge_file
+
+    key = load_public_key(keys[1])
+    copied = verify_parameters(params, key)
+    assert copied.mapped == []
+    copied_snap = load_snapshot(params, key)
+    _make_read_only(params)
+    mapped = verify_parameters(params, key)
+    edge = sorted(rel for rel in mapped.files if is_edge_file(rel))
+    assert mapped.mapped == edge and edge  # every edge file, nothing server-only
+    co = mapped.array(GUEST_ARRAYS["co_neighbors"])
+    assert not co.flags.writeable and not co.flags.owndata
+    base = co
+    while isinstance(base, np.ndarray):  # the array's memory is the mapping itself
+        base = base.base
+    assert isinstance(base.obj if isinstance(base, memoryview) else base, mmap.mmap)
+    snap = load_snapshot(params, key)
+    for item in snap.guest.item_ids_[:20].tolist():
+        req = RecommendRequest(cart=(item,), top_k=10)
+        assert snap.recommend(req).ids == copied_snap.recommend(req).ids
+
+
+def test_a_mapped_file_that_does_not_match_its_hash_is_refused(params, keys):
+    from agent.layout import GUEST_ARRAYS
+
+    path = params / GUEST_ARRAYS["co_scores"]
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    _make_read_only(params)
+    with pytest.raises(BundleError, match="sha256 does not match"):
+        verify_parameters(params, load_public_key(keys[1]))
+
+
+def test_a_mapped_file_of_the_wrong_size_is_refused(params, keys):
+    from agent.layout import GUEST_ARRAYS
+
+    path = params / GUEST_ARRAYS["popular"]
+    path.write_bytes(path.read_bytes() + b"\0" * 8)
+    _make_read_only(params)
+    with pytest.raises(BundleError, match="size"):
+        verify_parameters(params, load_public_key(keys[1]))

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import paho.mqtt.client as paho
 import pytest
+from _agent_proc import service_config
 from _bundles import (
     BundleServer,
     flip_byte,
@@ -45,7 +46,7 @@ from agent.bundle import load_public_key
 from agent.config import parse_config
 from agent.errors import BundleError, ConfigError
 from agent.registry import ModelRegistry, ModelSnapshot, load_snapshot
-from agent.service import AgentService, AgentSettings
+from agent.service import AgentService
 from agent.store import UnsafeBundle, VersionStore, safe_unpack
 from agent.updater import InvalidUpdate, Updater, parse_update
 from scripts.brokers import Broker, free_port
@@ -188,7 +189,7 @@ class InProcessAgent:
         self.store = VersionStore(self.params, keep_versions=updater_kw.pop("keep_versions", 3))
         self.registry = ModelRegistry(self.store.load_newest(self.loader).snapshot)
         self.agent_id = f"agent-{uuid.uuid4().hex[:6]}"
-        self.service = AgentService(self.registry, AgentSettings(
+        self.service = AgentService(self.registry, service_config(
             host=broker.host, port=broker.port, prefix=prefix, agent_id=self.agent_id,
             reconnect_min_s=0.1, reconnect_max_s=0.5))
         updater_kw.setdefault("jitter_s", 0.0)
@@ -775,7 +776,8 @@ def test_unsafe_members_are_refused(tmp_path: Path, member: tuple, reason: str) 
 def test_unpack_limits_and_duplicates(tmp_path: Path) -> None:
     out = _unpack(tmp_path, [tar_member("d/", kind=tarfile.DIRTYPE), tar_member("d/a.npy", b"12345")])
     assert (out / "d" / "a.npy").read_bytes() == b"12345"
-    assert oct((out / "d" / "a.npy").stat().st_mode & 0o777) == oct(0o644)
+    # read-only from birth: an installed version never changes, and agent.bundle maps such files
+    assert oct((out / "d" / "a.npy").stat().st_mode & 0o777) == oct(0o444)
     with pytest.raises(UnsafeBundle, match="is 5 bytes"):
         _unpack(tmp_path, [tar_member("a", b"12345")], file=4)
     with pytest.raises(UnsafeBundle, match="contents exceed 8 bytes"):
