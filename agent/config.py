@@ -38,7 +38,7 @@ from .errors import ConfigError
 from .events import EventLimits
 from .mqtt import TLSSettings
 from .recommenders.guest import GuestParams
-from .topics import validate_id, validate_prefix
+from .topics import validate_id, validate_prefix, validate_shared_group
 
 _LOG = logging.getLogger(__name__)
 
@@ -57,6 +57,9 @@ broker.reconnect_min_s / reconnect_max_s   reconnect back-off, default 0.5 / 30
 broker.session_expiry_s   keep this agent's MQTT session (and the events queued for it)
                        this long while it is away, default 86400 (0 = clean session: lost)
 broker.receive_maximum    MQTT 5: unacknowledged events in flight to the agent, default 100
+broker.shared_group    share this store's cart events with the other agents of this group: each event
+                       goes to one of them ($share/<group>/PREFIX/basket/+/cart; snapshot sensors only,
+                       README "Scaling out"); [A-Za-z0-9_-]{1,64}; default none: every agent gets every event
 broker.tls.enabled     default false
 broker.tls.ca_file / cert_file / key_file   PEM files: the CA, this client's certificate and key
 broker.tls.insecure    development only: skip the broker certificate's host name check, default false
@@ -171,7 +174,9 @@ class ServiceConfig:
 
     ``prefix`` is normalised (outer ``/`` stripped); ``agent_id`` and the broker
     host are checked (ValueError). ``client_id`` defaults to
-    ``smartbasket-agent-{agent_id}``.
+    ``smartbasket-agent-{agent_id}``. ``shared_group`` (config key ``broker.shared_group``):
+    subscribe to the carts as a member of this MQTT shared-subscription group
+    (:meth:`agent.topics.Topics.cart_subscription_for`); None: a plain subscription.
     """
 
     broker: BrokerConfig
@@ -186,10 +191,13 @@ class ServiceConfig:
     max_event_age_s: float = 0.0  # older snapshots are applied, not answered (0 = off: clocks may be wrong)
     watch_broker_drops: bool = True  # read $SYS/broker/publish/messages/dropped (when allowed)
     client_id: str | None = None
+    shared_group: str | None = None  # each cart event goes to one agent of the group (snapshots only)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "prefix", validate_prefix(self.prefix))
         validate_id("agent_id", self.agent_id)
+        if self.shared_group is not None:
+            validate_shared_group(self.shared_group)
         if not self.broker.host:
             raise ValueError("MQTT host is required")
 
@@ -458,6 +466,12 @@ def parse_config(data: Mapping[str, Any], overrides: Mapping[str, Any] | None = 
     timing = _section(r, "", ServiceConfig, status_interval_s=0.1, drain_timeout_s=0)
     timing["max_event_age_s"] = r.get("limits.max_event_age_s", float, _default(ServiceConfig, "max_event_age_s"),
                                       minimum=0)
+    shared_group = r.get("broker.shared_group", str, _default(ServiceConfig, "shared_group"))
+    if shared_group is not None:
+        try:
+            validate_shared_group(shared_group)
+        except ValueError as exc:
+            r.problems.append(f"broker.shared_group: {exc}")
     baskets = _section(r, "baskets", BasketsConfig, idle_ttl_s=1, max_baskets=1, max_bytes=2**20)
     guest = _section(r, "guest", GuestParams, **{f.name: 0 for f in dataclasses.fields(GuestParams)})
     member = _section(r, "member", MemberOverrides, repeat_weight=0, co_weight=0, threads=1)
@@ -489,7 +503,7 @@ def parse_config(data: Mapping[str, Any], overrides: Mapping[str, Any] | None = 
         member=MemberOverrides(**member), updates=UpdatesConfig(**updates), log_level=log_level,
         service=None if broker is None or agent_id is None else ServiceConfig(
             broker=broker, agent_id=agent_id, prefix=prefix, limits=event_limits,
-            baskets=BasketsConfig(**baskets), **timing))
+            baskets=BasketsConfig(**baskets), shared_group=shared_group, **timing))
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:

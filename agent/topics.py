@@ -9,23 +9,32 @@ Pure: no I/O, no paho. ``PREFIX`` is configurable (``smartbasket/store-17``)::
     PREFIX/agent/{agent_id}/status              agent -> ops (retained, Last Will)
 
 Ids (basket, agent) are one topic level: non-empty, no ``/``, ``+``, ``#`` or NUL.
+
+Several agents may share one store's carts through a shared subscription
+(``$share/{group}/PREFIX/basket/+/cart``, :meth:`Topics.cart_subscription_for`): the
+broker gives each event to one member of the group, under its real topic.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 
 from .errors import EventError
 
 _LOG = logging.getLogger(__name__)
 
-__all__ = ["Topics", "BasketTopic", "validate_prefix", "validate_id", "BASKET_KINDS"]
+__all__ = ["Topics", "BasketTopic", "validate_prefix", "validate_id", "validate_shared_group", "BASKET_KINDS",
+           "SHARED_GROUP_RULE"]
 
 #: the per-basket topic kinds
 BASKET_KINDS = ("cart", "recommendations", "errors")
 _FORBIDDEN = ("/", "+", "#", "\x00")
 _MAX_ID_LENGTH = 256
+_SHARED_GROUP = re.compile(r"[A-Za-z0-9_-]{1,64}")
+#: what a shared subscription's group name may be (``broker.shared_group``)
+SHARED_GROUP_RULE = "1 to 64 characters from A-Z, a-z, 0-9, '_' and '-' ([A-Za-z0-9_-]{1,64})"
 
 
 def validate_id(what: str, value: object) -> str:
@@ -37,6 +46,13 @@ def validate_id(what: str, value: object) -> str:
     if len(value) > _MAX_ID_LENGTH:
         raise ValueError(f"{what} is longer than {_MAX_ID_LENGTH} characters")
     return value
+
+
+def validate_shared_group(group: object) -> str:
+    """Return ``group`` when it is a usable shared-subscription group name; raises ValueError otherwise."""
+    if not isinstance(group, str) or not _SHARED_GROUP.fullmatch(group):
+        raise ValueError(f"shared group must be {SHARED_GROUP_RULE}, got {group!r}")
+    return group
 
 
 def validate_prefix(prefix: object) -> str:
@@ -97,6 +113,15 @@ class Topics:
     def cart_subscription(self) -> str:
         """The filter the agent subscribes to: every basket's cart topic."""
         return f"{self.prefix}/basket/+/cart"
+
+    def cart_subscription_for(self, shared_group: str | None) -> str:
+        """:attr:`cart_subscription`, or with ``shared_group`` the shared subscription
+        ``$share/{group}/PREFIX/basket/+/cart``: the broker gives each event to one member of the
+        group (MQTT 5; Mosquitto 2.0 also for MQTT 3.1.1 clients). Messages still arrive under their
+        real topic (``PREFIX/basket/b-1/cart``), so :meth:`parse_cart` reads them as usual."""
+        if shared_group is None:
+            return self.cart_subscription
+        return f"$share/{validate_shared_group(shared_group)}/{self.cart_subscription}"
 
     def parse_basket(self, topic: str) -> BasketTopic:
         """``PREFIX/basket/{id}/{kind}`` -> BasketTopic; raises EventError for anything else."""

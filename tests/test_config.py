@@ -246,3 +246,39 @@ def _flatten(d: dict, prefix: str = "") -> list[str]:
     for k, v in d.items():
         out += _flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}"]
     return out
+
+
+# --- broker.shared_group (README "Scaling out within a store, and beyond one broker") -------------
+def test_shared_group_defaults_to_a_plain_subscription(pub):
+    service = parse_config(base(pub), env={}).service
+    assert service is not None and service.shared_group is None
+    from agent.topics import Topics
+    assert Topics("s/store-1").cart_subscription_for(None) == "s/store-1/basket/+/cart"
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])  # Mosquitto 2.0.11 shares with 3.1.1 clients too
+def test_shared_group_is_carried_into_the_service_config(pub, protocol):
+    cfg = parse_config(base(pub, prefix="s/store-1",
+                            broker={"host": "h", "protocol": protocol, "shared_group": "store-1_agents"}), env={})
+    assert cfg.service is not None and cfg.service.shared_group == "store-1_agents"
+    from agent.topics import Topics
+    assert (Topics(cfg.service.prefix).cart_subscription_for(cfg.service.shared_group)
+            == "$share/store-1_agents/s/store-1/basket/+/cart")
+
+
+@pytest.mark.parametrize("group", ["", "a/b", "a+b", "a#", "store 1", "g" * 65, "$share", "ü"])
+def test_a_bad_shared_group_is_a_config_error_naming_the_rule(pub, group):
+    with pytest.raises(ConfigError) as err:
+        parse_config(base(pub, broker={"host": "h", "shared_group": group}), env={})
+    assert "broker.shared_group" in str(err.value) and "[A-Za-z0-9_-]{1,64}" in str(err.value)
+
+
+def test_a_shared_group_must_be_a_string(pub):
+    with pytest.raises(ConfigError, match="broker.shared_group must be a string"):
+        parse_config(base(pub, broker={"host": "h", "shared_group": 7}), env={})
+
+
+def test_service_config_checks_the_shared_group_itself():
+    with pytest.raises(ValueError, match=r"\[A-Za-z0-9_-\]\{1,64\}"):
+        ServiceConfig(BrokerConfig("h"), agent_id="a", shared_group="a/b")
+    assert ServiceConfig(BrokerConfig("h"), agent_id="a", shared_group="g-1").shared_group == "g-1"
