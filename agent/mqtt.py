@@ -746,28 +746,37 @@ class NetworkLoop:
             clients = list(self._clients)
         now = time.monotonic()
         timeout = 1.0
-        rlist: list[Any] = [wake_r]
-        wlist: list[Any] = []
-        ready: list[tuple[MqttClient, Any, int]] = []
+        # poll(), not select(): select() cannot watch a descriptor numbered 1024 or more, and the
+        # HTTP bridge in the same process may hold that many connections
+        poller = select.poll()
+        poller.register(wake_r, select.POLLIN)
+        ready: list[tuple[MqttClient, Any, int, int]] = []
         for cl in clients:
             sock, read, due = cl._prepare(now)
             if due is not None:
                 timeout = min(timeout, max(0.0, due))
             if sock is None:
                 continue
-            ready.append((cl, sock, read))
-            if read:
-                rlist.append(sock)
-            if cl._client.want_write() or getattr(sock, "unsent", 0):
-                wlist.append(sock)
+            try:
+                fd = sock.fileno()
+            except (OSError, ValueError):  # closed meanwhile
+                continue
+            mask = (select.POLLIN if read else 0) | (
+                select.POLLOUT if cl._client.want_write() or getattr(sock, "unsent", 0) else 0)
+            ready.append((cl, sock, read, fd))
+            if mask and fd >= 0:
+                poller.register(fd, mask)
         try:
-            readable, writable, _ = select.select(rlist, wlist, [], timeout)
+            events = dict(poller.poll(timeout * 1000))
         except (OSError, ValueError, TypeError):  # a socket was closed meanwhile
             return
-        if wake_r in readable:
+        if events.get(wake_r.fileno()):
             try:
                 wake_r.recv(4096)
             except OSError:
                 pass
-        for cl, sock, read in ready:
-            cl._service(sock, read == 2 or (read == 1 and sock in readable), sock in writable)
+        for cl, sock, read, fd in ready:
+            ev = events.get(fd, 0)
+            # errors and hang-ups count as readable: paho's read then sees the closed connection
+            readable = bool(ev & (select.POLLIN | select.POLLERR | select.POLLHUP))
+            cl._service(sock, read == 2 or (read == 1 and readable), bool(ev & select.POLLOUT))

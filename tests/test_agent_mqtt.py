@@ -489,3 +489,37 @@ def test_idle_basket_expiry_clears_its_retained_recommendation(mqtt_broker: Brok
     assert cleared.topic.endswith("/idle/recommendations") and cleared.payload == b""
     assert "idle" not in svc.states
     assert retained(mqtt_broker, f"{probe.prefix}/basket/idle/recommendations", "5") == []
+
+
+def test_agent_serves_with_more_than_1024_descriptors_open(mqtt_broker: Broker, topic_prefix: str) -> None:
+    """The network loop polls: its sockets may be numbered beyond select()'s 1,024 (an HTTP bridge
+    holding many connections in the same process)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"the hard open-files limit ({hard}) is below 1200")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200) if hard == resource.RLIM_INFINITY
+                                                else min(max(soft, 1200), hard), hard))
+    probe = Probe(mqtt_broker, topic_prefix, "5")  # paho's own loop selects: keep its socket low
+    held: list[int] = []
+    svc = None
+    try:
+        while not held or held[-1] < 1030:  # fill the low numbers: the agent's sockets get high ones
+            held.append(os.open(os.devnull, os.O_RDONLY))
+        svc = AgentService(ModelRegistry(tiny_snapshot()), service_config(
+            host=mqtt_broker.host, port=mqtt_broker.port, prefix=topic_prefix, agent_id="many-fds",
+            reconnect_min_s=0.1, reconnect_max_s=0.5))
+        svc.start()
+        assert svc.wait_connected(5)
+        assert svc.mqtt._client.socket().fileno() > 1024
+        probe.wait_status("online", "many-fds")
+        probe.send("b-1", {"event_id": "fd-1", "cart": ["A"], "top_k": 2})
+        assert probe.get_json("recommendations")["recommendations"] == ["B", "C"]
+    finally:
+        if svc is not None:
+            svc.stop()
+        probe.close()
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
