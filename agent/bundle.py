@@ -12,14 +12,16 @@ An ``.npy`` header is checked against the bytes that follow it before anything
 is allocated: a header claiming four billion rows is a one-line
 :class:`BundleError`, not a crash.
 
-Read-only files are memory-mapped instead of read: a file with no write
-permission bits (the agent's store writes every installed version that way,
-see :func:`agent.store.safe_unpack`) is mapped, hashed through the mapping and
-served from it, so start-up and swaps copy nothing, resident memory counts only
-the pages requests touch, and agents on one machine share the page cache. A
-file that anyone may still write (a seed directory someone copies into) is read
-into private memory as before: a mapping would see such writes after the hash
-was checked. ``chmod -R a-w`` a seed directory to have it mapped too.
+Versions the agent installed itself are memory-mapped instead of read
+(``map_files=True``, which the agent passes for directories under its store's
+``versions/``): each file without write permission bits (the store writes every
+installed file 0444, see :func:`agent.store.safe_unpack`, and never changes it
+again) is mapped, hashed through the mapping and served from it, so start-up and
+swaps copy nothing, resident memory counts only the pages requests touch, and
+agents on one machine share the page cache. Anything else, such as a seed
+directory an operator may copy into (root ignores write bits), is read into
+private memory: a mapping would see a later in-place write that the hash never
+checked, and a truncation would crash the process (SIGBUS).
 """
 
 from __future__ import annotations
@@ -133,11 +135,12 @@ def _decode_signature(raw: bytes) -> bytes:
 
 
 def verify_parameters(root: str | Path, public_key: Any | None, *,
-                      allow_unsigned: bool = False) -> Manifest:
+                      allow_unsigned: bool = False, map_files: bool = False) -> Manifest:
     """Check signature, then every listed file's size and sha256.
 
     ``public_key`` None is only accepted with ``allow_unsigned`` (development);
-    a present but wrong signature is refused even then.
+    a present but wrong signature is refused even then. ``map_files``: ``root`` is a
+    version nobody rewrites (the agent's own store): its read-only files are mapped.
     """
     from cryptography.exceptions import InvalidSignature
 
@@ -187,7 +190,7 @@ def verify_parameters(root: str | Path, public_key: Any | None, *,
             if file_sha256(path) != info.get("sha256"):
                 raise BundleError(f"{rel}: sha256 does not match the manifest")
             continue
-        data = _open_verified(path, rel, size)
+        data = _open_verified(path, rel, size, map_files)
         if hashlib.sha256(data).hexdigest() != info.get("sha256"):
             raise BundleError(f"{rel}: sha256 does not match the manifest")
         blobs[rel] = data
@@ -199,13 +202,13 @@ def verify_parameters(root: str | Path, public_key: Any | None, *,
 _WRITABLE = stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH
 
 
-def _open_verified(path: Path, rel: str, size: int) -> bytes | mmap.mmap:
-    """The file's bytes to hash and serve: a read-only mapping when nobody may write the
-    file (mode without write bits), else a private copy. Raises BundleError on a size mismatch."""
+def _open_verified(path: Path, rel: str, size: int, map_file: bool) -> bytes | mmap.mmap:
+    """The file's bytes to hash and serve: with ``map_file``, a read-only mapping of a file without
+    write bits, else a private copy. Raises BundleError on a size mismatch."""
     try:
         with path.open("rb") as fh:
             st = os.fstat(fh.fileno())
-            if size and not st.st_mode & _WRITABLE and stat.S_ISREG(st.st_mode):
+            if map_file and size and not st.st_mode & _WRITABLE and stat.S_ISREG(st.st_mode):
                 if st.st_size != size:
                     raise BundleError(f"{rel}: size {st.st_size} != manifest {size}")
                 return mmap.mmap(fh.fileno(), size, access=mmap.ACCESS_READ)

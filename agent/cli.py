@@ -63,9 +63,12 @@ def make_loader(cfg: AgentConfig) -> Callable[[Path], ModelSnapshot]:
     overrides = {"repeat_weight": cfg.member.repeat_weight, "co_weight": cfg.member.co_weight,
                  "threads": cfg.member.threads}
 
+    store = make_store(cfg)
+
     def load(root: Path) -> ModelSnapshot:
-        return load_snapshot(root, key, allow_unsigned=cfg.allow_unsigned,
-                             guest_params=cfg.guest, member_overrides=overrides)
+        # versions the store installed are never rewritten: their files are memory-mapped
+        return load_snapshot(root, key, allow_unsigned=cfg.allow_unsigned, guest_params=cfg.guest,
+                             member_overrides=overrides, map_files=store.owns(root))
 
     return load
 
@@ -177,11 +180,13 @@ def _http_config(http: HttpConfig) -> HttpConfig:
 
 
 def _readiness(service: AgentService) -> Readiness:
-    """What /health reports of the MQTT side; not ready (503) unless both connections are up."""
+    """What /health reports of the MQTT side; not ready (503) unless both connections are up and the
+    broker granted every subscription (a refused cart subscription would leave the agent idle)."""
     def ready() -> dict[str, Any]:
         events, answers = service.mqtt, service.out
-        return {"ready": events.connected and answers.connected,
+        return {"ready": events.connected and answers.connected and not events.refused,
                 "mqtt": {"connected": events.connected and answers.connected, "events_connection": events.connected,
+                         "refused_subscriptions": list(events.refused),
                          "answers_connection": answers.connected, "queue_depth": events.queue_depth,
                          "unacked": events.unacked, "reading_paused": events.paused,
                          "broker_dropped": events.broker_dropped}}

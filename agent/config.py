@@ -485,8 +485,14 @@ def parse_config(data: Mapping[str, Any], overrides: Mapping[str, Any] | None = 
     if hosts is not None and not all(isinstance(h, str) for h in hosts):
         r.problems.append("http.allowed_hosts must be a list of host names")
         hosts = None
-    http.update(token=r.get("http.token", str),
-                allowed_hosts=tuple(h.strip() for h in hosts if h.strip()) if hosts else None)
+    token = r.get("http.token", str)
+    if token is not None and len(token) < 16:
+        if http["port"] or not require_broker:  # a bridge will run: its token must be usable
+            r.problems.append("http.token must be at least 16 characters (e.g. `openssl rand -hex 24`)")
+        else:
+            _LOG.warning("http.token ignored: it is too short, and no HTTP bridge runs (http.port 0)")
+        token = None
+    http.update(token=token, allowed_hosts=tuple(h.strip() for h in hosts if h.strip()) if hosts else None)
     updates = _section(r, "updates", UpdatesConfig, enabled=None, jitter_s=0, max_bundle_bytes=1024,
                        download_timeout_s=0.1, keep_versions=2)
     log_level = str(r.get("log_level", str, _default(AgentConfig, "log_level"))).upper()

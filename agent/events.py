@@ -521,12 +521,17 @@ class BasketStates:
     trip's); ``max_bytes`` bounds the total (baskets plus remembered evictions);
     ``remember_evicted`` / ``evicted_bytes`` (default ``max_bytes // 16``) bound the evicted
     baskets remembered so that their next delta can be refused.
+
+    ``shared`` (the agent is one of a shared subscription group): other agents of the group see
+    some of a basket's events, the checkout included, so this agent's ``seq`` and event ids of a
+    basket may belong to a trip that already ended. Then only byte-identical redeliveries are
+    duplicates and ``seq`` never makes an event stale (the service takes only snapshots then).
     """
 
     def __init__(self, *, idle_ttl_s: float = 1800.0, max_baskets: int = 10000,
                  recent_ids: int = 256, max_items: int = 200, max_bytes: int = 64 * 2**20,
                  recent_bytes: int = 32 * 2**10, remember_evicted: int = 10000,
-                 evicted_bytes: int | None = None) -> None:
+                 evicted_bytes: int | None = None, shared: bool = False) -> None:
         if evicted_bytes is None:
             evicted_bytes = max_bytes // 16
         if (idle_ttl_s <= 0 or max_baskets < 1 or recent_ids < 1 or max_items < 1 or max_bytes < 1
@@ -541,6 +546,7 @@ class BasketStates:
         self.recent_bytes = recent_bytes
         self.remember_evicted = remember_evicted
         self.evicted_bytes = evicted_bytes
+        self.shared = shared
         self.evictions = 0  # baskets evicted so far (budget or max_baskets), for metrics
         self._baskets: OrderedDict[str, BasketState] = OrderedDict()  # least recently touched first
         self._evicted: OrderedDict[str, float] = OrderedDict()  # evicted with items -> when
@@ -578,10 +584,11 @@ class BasketStates:
             if state.closed_at is not None and now - state.closed_at >= CHECKOUT_GRACE_S:
                 state.closed, state.closed_bytes, state.closed_at = _NO_IDS, 0, None
                 self._account(basket_id, state)
-            seen = self._seen(state, event)
+            seen = self._seen_bytes(state, event) if self.shared else self._seen(state, event)
             if seen is not None:
                 return seen
-            if event.seq is not None and state.last_seq is not None and event.seq < state.last_seq:
+            if (not self.shared and event.seq is not None and state.last_seq is not None
+                    and event.seq < state.last_seq):
                 return Outcome("stale")
         if state is None:
             state = self._new(basket_id)
@@ -615,6 +622,16 @@ class BasketStates:
         if state.closed and (event_id is not None or event.seq is not None):
             if (digest if digest is not None else event_id) in state.closed:
                 return Outcome("duplicate")  # byte-identical to an event of a trip just finished
+        return None
+
+    @staticmethod
+    def _seen_bytes(state: BasketState, event: CartEvent) -> Outcome | None:
+        """``shared``: a duplicate only when byte-identical to a remembered event (a QoS 1 redelivery)."""
+        digest = event.digest
+        if digest is None:
+            return None
+        if digest in state.closed or any(d == digest for d in state.recent.values()):
+            return Outcome("duplicate")
         return None
 
     def _check_evicted(self, basket_id: str, event: CartEvent, now: float) -> None:

@@ -71,10 +71,10 @@ _Scope = MutableMapping[str, Any]
 _Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 _Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
-# agent/mqtt.py waits with select(), which cannot watch a descriptor >= 1024: the bridge must
-# never hold so many sockets that a reconnecting MQTT client gets one (README "Security").
-_SELECT_FD_LIMIT = 1024
-_FD_RESERVE = 160  # the agent's own files, threads, MQTT sockets, a bundle download
+# The bridge must never hold so many sockets that the agent runs out of file handles (a reconnecting
+# MQTT client, a bundle download, a model file to map need one; README "Security").
+_NO_LIMIT_FDS = 65536  # what "no limit" counts as
+_FD_RESERVE = 160  # the agent's own files, threads, MQTT sockets, a bundle download, ~15 mapped files per version
 # listen() backlog, and also how many connections asyncio accepts in one go before any of them
 # reaches _GuardedH11's cap (uvicorn's default, 2048, exhausted 1,024 file handles in one burst)
 _BACKLOG = 64
@@ -489,12 +489,12 @@ def _protocol_class(settings: HttpConfig, max_connections: int) -> type[asyncio.
 def _effective_max_connections(settings: HttpConfig) -> int:
     """``max_connections``, lowered so that HTTP sockets can never exhaust the process's file handles."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    room = (min(soft if soft != resource.RLIM_INFINITY else _SELECT_FD_LIMIT, _SELECT_FD_LIMIT)
+    room = ((soft if soft != resource.RLIM_INFINITY else _NO_LIMIT_FDS)
             - _FD_RESERVE - _LOCAL_RESERVE - 3 * _BACKLOG)  # accepted, not yet refused and closed
     cap = max(8, min(settings.max_connections, room))
     if cap < settings.max_connections:
-        _LOG.warning("http.max_connections %d lowered to %d (file-handle limit %d; agent/mqtt.py's select() "
-                     "needs descriptors below %d)", settings.max_connections, cap, soft, _SELECT_FD_LIMIT)
+        _LOG.warning("http.max_connections %d lowered to %d (file-handle limit %d, of which %d are kept for the "
+                     "agent itself)", settings.max_connections, cap, soft, _FD_RESERVE)
     return cap
 
 

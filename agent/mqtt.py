@@ -25,7 +25,7 @@ inflight window of unacknowledged messages (MQTT 5: our Receive Maximum; 3.1.1:
 its ``max_inflight_messages``), but Mosquitto 2.0.11 does not hold to it when the
 client acknowledges more slowly than events arrive (measured: thousands in
 flight with a window of 20). So the network loop is our own (paho's
-``loop_read``/``loop_write``/``loop_misc`` around ``select``, with paho's
+``loop_read``/``loop_write``/``loop_misc`` around ``poll``, with paho's
 back-off behaviour) and simply stops reading the socket while ``queue_size``
 messages wait for the worker; the backlog stays in TCP buffers and at the broker
 (whose drops, e.g. of a full ``max_queued_messages`` queue for an absent client,
@@ -79,7 +79,6 @@ _MAX_SESSION_EXPIRY = 0xFFFFFFFF
 _FORGET_S = 1.0
 _READ_AHEAD = 65536  # BufferedSocket: bytes asked of the kernel per recv
 _WRITE_HIGH_WATER = 262144  # BufferedSocket: flush early beyond this many buffered bytes
-_CLOSE_FLUSH_S = 1.0  # BufferedSocket.close: longest wait for the last bytes (the DISCONNECT)
 _READ_BURST = 64  # packets read per pass while more are already buffered
 
 
@@ -171,6 +170,7 @@ class MqttClient:
         self.manual_ack = manual_ack
         self.persistent = session_expiry_s > 0
         self.watch_broker_drops = watch_broker_drops
+        self.refused: list[str] = []  # see _on_subscribe
         #: the broker's $SYS/broker/publish/messages/dropped; None until read (or when refused)
         self.broker_dropped: int | None = None
         #: acknowledgements sent, and not sent because their connection was gone (redelivered instead)
@@ -327,7 +327,7 @@ class MqttClient:
         self._loop.wake()
 
     def _prepare(self, now: float) -> tuple[Any, int, float | None]:
-        """Before select(): (socket or None, 0 = do not read / 1 = read when readable / 2 = read now,
+        """Before poll(): (socket or None, 0 = do not read / 1 = read when readable / 2 = read now,
         seconds until this client needs the loop again or None)."""
         c = self._client
         sock = c.socket()
@@ -361,13 +361,13 @@ class MqttClient:
                            self.queue_size)
         if paused:
             return sock, 0, 0.02  # look again soon: the worker is taking messages
-        pending = getattr(sock, "pending", None)  # TLS bytes already decrypted: select would not see them
+        pending = getattr(sock, "pending", None)  # bytes already read or decrypted: poll would not see them
         if pending is not None and pending():
             return sock, 2, 0.0
         return sock, 1, None
 
     def _service(self, sock: Any, readable: bool, writable: bool) -> None:
-        """After select(): read, write and keep alive this client's connection.
+        """After poll(): read, write and keep alive this client's connection.
 
         Reads every packet already received (up to a bound, and not past ``queue_size``
         waiting messages); what paho wrote meanwhile leaves in one ``send``.
@@ -521,6 +521,8 @@ class MqttClient:
         codes = list(reason_codes)
         failed = [(topic, rc) for (topic, _), rc in zip(self.subscriptions, codes)
                   if getattr(rc, "is_failure", False)]
+        #: topic filters the broker refused on the last connect (e.g. an ACL, or no $share support)
+        self.refused = [topic for topic, _ in failed]
         if failed:
             _LOG.error("broker refused subscriptions: %s", ", ".join(f"{t} ({rc})" for t, rc in failed))
         if self.watch_broker_drops and len(codes) > len(self.subscriptions):
@@ -594,10 +596,10 @@ class BufferedSocket:
     64 KiB read-ahead, and ``send`` only appends: :meth:`flush` (called by the network
     loop after each pass, and by :meth:`close`) writes everything in one call. Bytes
     read ahead are reported by :meth:`pending` (as an SSL socket reports decrypted
-    bytes), so the loop reads them without waiting for ``select``. Network thread only.
+    bytes), so the loop reads them without waiting for ``poll``. Network thread only.
     """
 
-    __slots__ = ("_sock", "_rbuf", "_rpos", "_wbuf", "_failed")
+    __slots__ = ("_sock", "_rbuf", "_rpos", "_wbuf", "_failed", "_write_waits_for_read")
 
     def __init__(self, sock: Any) -> None:
         self._sock = sock
@@ -605,11 +607,13 @@ class BufferedSocket:
         self._rpos = 0
         self._wbuf = bytearray()
         self._failed: OSError | None = None
+        self._write_waits_for_read = False  # TLS wants to read (renegotiation) before it can write
 
     def recv(self, bufsize: int) -> bytes:
         if self._rpos >= len(self._rbuf):
             if self._failed is not None:
                 raise self._failed
+            self._write_waits_for_read = False
             self._rbuf = self._sock.recv(max(bufsize, _READ_AHEAD))  # BlockingIOError etc. go to paho
             self._rpos = 0
         end = self._rpos + bufsize
@@ -627,7 +631,8 @@ class BufferedSocket:
 
     @property
     def unsent(self) -> int:
-        return len(self._wbuf)
+        """Bytes waiting for the socket to become writable (0 while TLS first waits to read)."""
+        return 0 if self._write_waits_for_read else len(self._wbuf)
 
     def pending(self) -> int:
         inner = getattr(self._sock, "pending", None)
@@ -638,8 +643,11 @@ class BufferedSocket:
         while self._wbuf and self._failed is None:
             try:
                 n = self._sock.send(self._wbuf)
-            except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError, InterruptedError):
-                return  # the loop selects for writing while unsent > 0
+            except ssl.SSLWantReadError:  # polling for writing would spin: wait for the next read
+                self._write_waits_for_read = True
+                return
+            except (BlockingIOError, ssl.SSLWantWriteError, InterruptedError):
+                return  # the loop polls for writing while unsent > 0
             except OSError as exc:  # the connection is gone: paho notices at its next recv
                 self._failed = exc
                 self._wbuf.clear()
@@ -651,14 +659,10 @@ class BufferedSocket:
             del self._wbuf[:n]
 
     def close(self) -> None:
-        """Flush (a DISCONNECT must reach the broker, or it publishes our Will), then close."""
-        if self._wbuf and self._failed is None:
-            try:
-                self._sock.settimeout(_CLOSE_FLUSH_S)
-                self._sock.sendall(bytes(self._wbuf))
-            except (OSError, ValueError):
-                pass
-            self._wbuf.clear()
+        """Flush what the socket takes now (a DISCONNECT must reach the broker, or it publishes our
+        Will; it fits in any send buffer), then close. Never blocks the shared network thread."""
+        self.flush()
+        self._wbuf.clear()
         self._sock.close()
 
     def fileno(self) -> int:
@@ -670,7 +674,7 @@ class BufferedSocket:
 
 class NetworkLoop:
     """One thread doing the network work of one or more :class:`MqttClient` s (paho's ``loop_read``,
-    ``loop_write``, ``loop_misc`` around one ``select``), in place of paho's ``loop_start``.
+    ``loop_write``, ``loop_misc`` around one ``poll``), in place of paho's ``loop_start``.
 
     Why not paho's thread: a client must be able to stop reading while its queue is full
     (module docstring), and the agent's two connections share this one thread (a thread

@@ -37,6 +37,8 @@ class ProductNames(Mapping[str, str]):
     def __init__(self, index: Mapping[str, int], names: np.ndarray) -> None:
         if len(names) != len(index):
             raise BundleError("item_names.npy and item_ids.npy differ in length")
+        if names.dtype.kind != "U":  # names go into JSON answers as text
+            raise BundleError(f"item_names.npy must hold text (numpy unicode), not {names.dtype}")
         self._index, self._names = index, names
 
     def __getitem__(self, product_id: str) -> str:
@@ -120,18 +122,21 @@ class ModelSnapshot:
 
 def load_snapshot(root: str | Path, public_key: Any | None, *, allow_unsigned: bool = False,
                   guest_params: GuestParams | None = None,
-                  member_overrides: Mapping[str, Any] | None = None) -> ModelSnapshot:
+                  member_overrides: Mapping[str, Any] | None = None, map_files: bool = False) -> ModelSnapshot:
     """Verify ``root`` (signature + hashes), then load and smoke-test its models.
 
     The member model's serving weights come from its ``member_meta.json``;
     ``member_overrides`` (MemberParams field -> value, None = keep) replace some.
+    ``map_files``: ``root`` is a version the agent's store installed (never rewritten):
+    its arrays are served from memory mappings (:mod:`agent.bundle`).
     """
-    manifest = verify_parameters(root, public_key, allow_unsigned=allow_unsigned)
+    manifest = verify_parameters(root, public_key, allow_unsigned=allow_unsigned, map_files=map_files)
     snap = snapshot_from_source(manifest, manifest.version, guest_params=guest_params,
                                 member_overrides=member_overrides, metrics=manifest.metrics)
-    _LOG.info("loaded models %s from %s (guest: %d items, member: %s, signed: %s)",
+    _LOG.info("loaded models %s from %s (guest: %d items, member: %s, signed: %s, %d files mapped)",
               manifest.version, root, snap.guest.n_items,
-              f"{len(snap.member.item_ids_)} items" if snap.member else "absent", manifest.signed)
+              f"{len(snap.member.item_ids_)} items" if snap.member else "absent", manifest.signed,
+              len(manifest.mapped))
     return snap
 
 

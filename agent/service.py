@@ -90,8 +90,9 @@ def _now_iso() -> str:
 def _dumps(obj: Any) -> bytes:
     """Compact UTF-8 JSON. orjson (one C pass, ~15x faster than ``json`` for an answer) writes the
     same bytes as ``json.dumps(ensure_ascii=False, separators=(",", ":"))`` for strings, integers,
-    lists and objects (floats may differ in form, e.g. ``1e-07`` / ``1e-7``); what it refuses
-    (integers beyond 64 bits, non-string keys, lone surrogates) goes through ``json``."""
+    lists and objects (floats may differ in form, e.g. ``1e-07`` / ``1e-7``; NaN becomes null);
+    what it refuses (integers beyond 64 bits, non-string keys) goes through ``json``. Lone
+    surrogates never get here: the parser refuses them in every echoed field."""
     try:
         return orjson.dumps(obj)
     except TypeError:
@@ -134,7 +135,8 @@ class AgentService:
         self.status_topic = self.topics.status(config.agent_id)
         b = config.baskets
         self.states = BasketStates(idle_ttl_s=b.idle_ttl_s, max_baskets=b.max_baskets, recent_ids=b.recent_event_ids,
-                                   max_items=config.limits.max_items, max_bytes=b.max_bytes)
+                                   max_items=config.limits.max_items, max_bytes=b.max_bytes,
+                                   shared=config.shared_group is not None)
         self._quiet_until: dict[str, float] = {}  # rate-limited log lines (_log_due)
         self._quiet_count: dict[str, int] = {}
         self.last_update: dict[str, Any] | None = None

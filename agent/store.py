@@ -238,6 +238,11 @@ class VersionStore:
                     found.append(cand)
         return sorted(found, key=lambda c: c.sort_key, reverse=True)
 
+    def owns(self, path: str | Path) -> bool:
+        """True for a directory under ``versions/``: written by this store, read-only, never rewritten
+        (so its files may be memory-mapped; a seed directory may be copied over in place)."""
+        return self.versions.resolve() in Path(path).resolve().parents
+
     def path_of(self, version: str) -> Path:
         return self.versions / validate_version(version)
 

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import paho.mqtt.client as paho
-from common import ROOT, large_parameters, plot_results, print_table, read_only_copy, rss_mb, sample_carts, write_json
+from common import ROOT, installed_copy, large_parameters, plot_results, print_table, rss_mb, sample_carts, write_json
 from paho.mqtt.enums import CallbackAPIVersion
 
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -321,8 +321,8 @@ def run_kind(kind: str, broker_port: int, workdir: Path, sensor: paho.Client, di
     prefix = f"bench-e2e/{kind}-{uuid.uuid4().hex[:6]}"
     load = Load(carts, users, prefix, "{prefix}/basket/b-{b}/cart")
     served = params
-    if not args.copied:  # as the agent's store installs versions: read-only files, memory-mapped
-        served = read_only_copy(params, workdir / f"{params.name}-read-only")
+    if not args.copied:  # as a version the agent's store installed: read-only files, memory-mapped
+        served = installed_copy(params, workdir / f"{params.name}-installed")
     agent = Agent(broker_port, served, prefix, workdir)
     rows: list[dict] = []
     try:
@@ -363,7 +363,8 @@ def main() -> None:
     ap.add_argument("--skip-member", action="store_true", help="guest events only")
     ap.add_argument("--skip-baseline", action="store_true", help="no broker-only baseline row")
     ap.add_argument("--copied", action="store_true",
-                    help="serve writable parameter files (read into memory) instead of read-only, mapped ones")
+                    help="serve the parameters as a seed directory (read into memory) instead of as a version "
+                         "the store installed (read-only, memory-mapped)")
     args = ap.parse_args()
     if args.seconds * args.rate > 1_000_000:
         ap.error("--seconds * --rate is capped at 1,000,000 events")

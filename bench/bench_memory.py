@@ -6,8 +6,8 @@ Loads the 50,000-product guest + member parameters the way the agent does
 
 * **copied**: the parameters' files are writable, so :mod:`agent.bundle` reads them
   into private memory (what every version loaded before memory mapping);
-* **mapped**: the same files without write permission (as the agent's store writes
-  installed versions), so they are mapped and served from the page cache.
+* **mapped**: the same files without write permission, loaded as a version the agent's
+  store installed (``map_files=True``), so they are mapped and served from the page cache.
 
 For each mode, ``--processes`` processes load the same directory, each answers
 ``--requests`` guest and member requests (touching the pages a store's traffic
@@ -48,9 +48,9 @@ def rollup():
             out[parts[0][:-1]] = int(parts[1]) / 1024
     return out
 
-first, second, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+first, second, n, mapped = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "mapped"
 base = rollup()
-snap = load_snapshot(first, None, allow_unsigned=True)
+snap = load_snapshot(first, None, allow_unsigned=True, map_files=mapped)
 ids = snap.guest.item_ids_
 users = list(snap.member.user_index_)[:500] if snap.member is not None else []
 rng = np.random.default_rng(os.getpid())
@@ -62,7 +62,7 @@ def traffic(s):
             s.recommend(RecommendRequest(cart=cart, top_k=10, user_id=users[i % len(users)]))
 traffic(snap)
 loaded = rollup()
-snap2 = load_snapshot(second, None, allow_unsigned=True)  # the swap: both held for a moment
+snap2 = load_snapshot(second, None, allow_unsigned=True, map_files=mapped)  # the swap: both held for a moment
 traffic(snap2)
 swapped = rollup()
 print(json.dumps({{"base": base, "loaded": loaded, "swapped": swapped}}), flush=True)
@@ -78,9 +78,9 @@ def copy_of(src: Path, dst: Path, writable: bool) -> Path:
     return dst
 
 
-def run_mode(first: Path, second: Path, processes: int, requests: int) -> list[dict]:
+def run_mode(mode: str, first: Path, second: Path, processes: int, requests: int) -> list[dict]:
     code = CHILD.format(root=str(ROOT))
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(first), str(second), str(requests)],
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(first), str(second), str(requests), mode],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
              for _ in range(processes)]
     try:
@@ -109,7 +109,7 @@ def main() -> None:
                 for p in d.rglob("*.npy"):
                     p.read_bytes()
             t0 = time.perf_counter()
-            res = run_mode(first, second, args.processes, args.requests)
+            res = run_mode(mode, first, second, args.processes, args.requests)
             one = res[0]
             pss_loaded = sum(r["loaded"]["Pss"] for r in res)
             pss_swapped = sum(r["swapped"]["Pss"] for r in res)

@@ -60,16 +60,23 @@ def large_parameters(member: bool, products: int = 50_000) -> Path:
 
 
 def read_only_copy(params: Path, dest: Path) -> Path:
-    """A copy of a parameters dir with read-only files, as the agent's store installs versions:
-    :mod:`agent.bundle` memory-maps those instead of reading them into private memory."""
+    """A copy of a parameters dir with read-only files, as the agent's store installs versions."""
     import shutil
 
     if not dest.exists():
-        shutil.copytree(params, dest)
+        shutil.copytree(params, dest, ignore=shutil.ignore_patterns("versions"))
         for p in dest.rglob("*"):
             if p.is_file():
                 p.chmod(0o444)
     return dest
+
+
+def installed_copy(params: Path, parameters_dir: Path) -> Path:
+    """A parameters dir holding ``params`` as a version its store installed (``versions/<version>/``,
+    read-only files): what a basket serves after its first update, memory-mapped (agent.bundle)."""
+    version = json.loads((params / "manifest.json").read_text())["version"]
+    read_only_copy(params, parameters_dir / "versions" / version)
+    return parameters_dir
 
 
 def sample_carts(params: Path, n: int, size: int = 10, seed: int = 0) -> list[tuple[str, ...]]:

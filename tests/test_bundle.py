@@ -229,18 +229,20 @@ def _make_read_only(root) -> None:
             p.chmod(0o444)
 
 
-def test_read_only_files_are_memory_mapped_and_serve_the_same(params, keys):
-    """Files without write bits are mapped (no private copy); writable ones are read; answers agree."""
+def test_store_versions_are_memory_mapped_and_serve_the_same(params, keys):
+    """In a version the store installed (map_files) read-only files are mapped (no private copy);
+    writable files, and any file outside the store (a seed), are read; the answers agree."""
     import mmap
 
     from agent.layout import GUEST_ARRAYS, is_edge_file
 
     key = load_public_key(keys[1])
-    copied = verify_parameters(params, key)
-    assert copied.mapped == []
+    copied = verify_parameters(params, key, map_files=True)
+    assert copied.mapped == []  # writable files are never mapped
     copied_snap = load_snapshot(params, key)
     _make_read_only(params)
-    mapped = verify_parameters(params, key)
+    assert verify_parameters(params, key).mapped == []  # a read-only seed: still read (root may rewrite it)
+    mapped = verify_parameters(params, key, map_files=True)
     edge = sorted(rel for rel in mapped.files if is_edge_file(rel))
     assert mapped.mapped == edge and edge  # every edge file, nothing server-only
     co = mapped.array(GUEST_ARRAYS["co_neighbors"])
@@ -249,7 +251,7 @@ def test_read_only_files_are_memory_mapped_and_serve_the_same(params, keys):
     while isinstance(base, np.ndarray):  # the array's memory is the mapping itself
         base = base.base
     assert isinstance(base.obj if isinstance(base, memoryview) else base, mmap.mmap)
-    snap = load_snapshot(params, key)
+    snap = load_snapshot(params, key, map_files=True)
     for item in snap.guest.item_ids_[:20].tolist():
         req = RecommendRequest(cart=(item,), top_k=10)
         assert snap.recommend(req).ids == copied_snap.recommend(req).ids
@@ -264,7 +266,7 @@ def test_a_mapped_file_that_does_not_match_its_hash_is_refused(params, keys):
     path.write_bytes(bytes(raw))
     _make_read_only(params)
     with pytest.raises(BundleError, match="sha256 does not match"):
-        verify_parameters(params, load_public_key(keys[1]))
+        verify_parameters(params, load_public_key(keys[1]), map_files=True)
 
 
 def test_a_mapped_file_of_the_wrong_size_is_refused(params, keys):
@@ -274,4 +276,34 @@ def test_a_mapped_file_of_the_wrong_size_is_refused(params, keys):
     path.write_bytes(path.read_bytes() + b"\0" * 8)
     _make_read_only(params)
     with pytest.raises(BundleError, match="size"):
-        verify_parameters(params, load_public_key(keys[1]))
+        verify_parameters(params, load_public_key(keys[1]), map_files=True)
+
+
+def test_the_agent_maps_only_versions_its_store_installed(tmp_path, keys, guest_model, caplog):
+    """basket-agent's loader: versions/* (written 0444 by the store) mapped, the seed read."""
+    import shutil
+
+    from agent.cli import make_loader
+    from agent.config import parse_config
+    from agent.store import VersionStore
+
+    root = tmp_path / "parameters"
+    write_parameters(root, guest_model, signing_key=keys[0])
+    version = json.loads((root / "manifest.json").read_text())["version"]
+    installed = root / "versions" / version
+    shutil.copytree(root, installed, ignore=shutil.ignore_patterns("versions"))
+    _make_read_only(installed)
+    _make_read_only(root / "guest_model")  # even a read-only seed is not mapped
+    cfg = parse_config({"broker": {"host": "localhost"}, "agent_id": "t", "parameters": str(root),
+                        "public_key": str(keys[1])})
+    store = VersionStore(root)
+    assert store.owns(installed) and not store.owns(root)
+    load = make_loader(cfg)
+    mapped = {}
+    for path in (installed, root):
+        caplog.clear()
+        with caplog.at_level("INFO", logger="agent.registry"):
+            assert load(path).recommend(RecommendRequest(cart=("x",))).ids  # both serve
+        line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("loaded models"))
+        mapped[path] = int(line.rsplit(", ", 1)[1].split()[0])
+    assert mapped[installed] > 0 and mapped[root] == 0

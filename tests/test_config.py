@@ -175,9 +175,13 @@ def test_tls_moves_the_default_port(pub, tmp_path):
     assert cfg.broker.tls.ca_file == str(ca) and not cfg.broker.tls.insecure
 
 
-def test_a_short_http_token_is_a_config_error(pub):
+def test_a_short_http_token_is_a_config_error_where_a_bridge_runs(pub):
     with pytest.raises(ConfigError, match="at least 16"):
-        parse_config(base(pub), env={"BASKET_HTTP_TOKEN": "short"})
+        parse_config({**base(pub), "http": {"port": 8080}}, env={"BASKET_HTTP_TOKEN": "short"})
+    with pytest.raises(ConfigError, match="at least 16"):  # the standalone bridge
+        parse_config(base(pub), env={"BASKET_HTTP_TOKEN": "short"}, require_broker=False)
+    # no bridge (http.port 0): a stray short token in the environment does not stop the agent
+    assert parse_config(base(pub), env={"BASKET_HTTP_TOKEN": "short"}).http.token is None
 
 
 def test_the_bridge_needs_no_broker_and_no_agent_id(pub):

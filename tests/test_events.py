@@ -675,3 +675,20 @@ def test_unknown_fields_are_counted_and_reported_once_per_basket() -> None:
     assert apply(s, cart=[], extension=2).unknown_fields == ()       # once per basket
     assert apply(s, basket="other", cart=[], extension=1).unknown_fields == ("extension",)
     assert apply(s, basket="other", cart=[]).unknown_fields == ()
+
+
+def test_shared_states_take_a_new_trip_whose_checkout_another_agent_saw() -> None:
+    """In a shared group the checkout may reach another agent: a new trip restarting seq and ids
+    must still be answered here; only byte-identical redeliveries are duplicates."""
+    def ev(payload: dict) -> CartEvent:
+        return parse_cart_event(json.dumps(payload).encode())
+
+    for shared, expected in ((False, ["duplicate", "stale"]), (True, ["answer", "answer"])):
+        s = BasketStates(shared=shared)
+        first = json.dumps({"event_id": "e-1", "seq": 5, "cart": ["A"]}).encode()
+        assert s.apply("b", parse_cart_event(first), 0.0).kind == "answer"
+        assert s.apply("b", parse_cart_event(first), 0.1).kind == "duplicate"  # a QoS 1 redelivery
+        # (the checkout of that trip went to another agent of the group) the next trip starts over:
+        got = [s.apply("b", ev({"event_id": "e-1", "seq": 1, "cart": ["B"]}), 1.0).kind,
+               s.apply("b", ev({"event_id": "e-2", "seq": 0, "cart": ["C"]}), 2.0).kind]
+        assert got == expected
