@@ -189,6 +189,8 @@ def safe_unpack(archive: Path, dest: Path, *, max_file_bytes: int, max_total_byt
                                 raise BundleError(f"tar member {name!r} is truncated")
                             out.write(chunk)
                             left -= len(chunk)
+                        out.flush()
+                        os.fsync(out.fileno())  # on disk before the rename that makes it a version
     except BundleError:
         raise
     except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
@@ -329,7 +331,9 @@ class VersionStore:
         if final.exists():  # an older, broken copy of the same version
             self.set_aside(final)
         try:
+            _fsync_tree(incoming)  # a power cut after the rename must find complete files under the name
             os.rename(incoming, final)
+            _fsync_dir(self.versions)  # ... and the rename itself
         except OSError as exc:
             raise BundleError(f"cannot install {version}: {exc.strerror or exc}") from exc
         return final
@@ -378,6 +382,20 @@ class VersionStore:
         for path in rejected[1:]:
             remove_path(path)
         return removed
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Directory entries of an unpacked version (its files were synced as they were written)."""
+    for dirpath, _dirs, _files in os.walk(root):
+        _fsync_dir(Path(dirpath))
 
 
 def one_line(exc: BaseException, *roots: Path) -> str:
