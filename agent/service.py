@@ -83,8 +83,18 @@ class UpdateSink(Protocol):
     def stop(self, timeout: float = 5.0) -> None: ...
 
 
+_local_zone: list[Any] = [float("-inf"), None]  # [refresh after (time.time()), this machine's UTC offset]
+
+
 def _now_iso() -> str:
-    return datetime.now().astimezone().isoformat(timespec="milliseconds")
+    """Local time with offset, to the millisecond. The offset is looked up once a minute:
+    ``astimezone()`` asks the C library, which re-reads /etc/localtime's metadata each time
+    (3 % of the agent's CPU at saturation)."""
+    now = time.time()
+    if now >= _local_zone[0]:
+        _local_zone[1] = datetime.fromtimestamp(now).astimezone().tzinfo
+        _local_zone[0] = now + 60.0
+    return datetime.fromtimestamp(now, _local_zone[1]).isoformat(timespec="milliseconds")
 
 
 def _dumps(obj: Any) -> bytes:
