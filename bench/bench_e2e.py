@@ -259,8 +259,8 @@ def saturate(sensor: paho.Client, display: Display, load: Load, tag: str, second
 
 # -- agent process --------------------------------------------------------------------------
 class Agent:
-    def __init__(self, port: int, params: Path, prefix: str, workdir: Path) -> None:
-        self.port, self.params, self.prefix = port, params, prefix
+    def __init__(self, port: int, params: Path, prefix: str, workdir: Path, protocol: str = "5") -> None:
+        self.port, self.params, self.prefix, self.protocol = port, params, prefix, protocol
         self.log = workdir / f"agent-{prefix.rsplit('/', 1)[-1]}.log"
         self.proc: subprocess.Popen | None = None
 
@@ -273,7 +273,7 @@ class Agent:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "agent.cli", "run", "--broker", f"127.0.0.1:{self.port}",
                  "--prefix", self.prefix, "--agent-id", "bench", "--parameters", str(self.params),
-                 "--allow-unsigned", "--http-port", "0", "--log-level", "WARNING"],
+                 "--allow-unsigned", "--http-port", "0", "--log-level", "WARNING", "--protocol", self.protocol],
                 cwd=ROOT, stdout=logf, stderr=logf)
         try:
             deadline = time.monotonic() + timeout
@@ -323,7 +323,7 @@ def run_kind(kind: str, broker_port: int, workdir: Path, sensor: paho.Client, di
     served = params
     if not args.copied:  # as a version the agent's store installed: read-only files, memory-mapped
         served = installed_copy(params, workdir / f"{params.name}-installed")
-    agent = Agent(broker_port, served, prefix, workdir)
+    agent = Agent(broker_port, served, prefix, workdir, args.protocol)
     rows: list[dict] = []
     try:
         startup_s = agent.start()
@@ -362,6 +362,7 @@ def main() -> None:
     ap.add_argument("--member", action="store_true", help="member events only")
     ap.add_argument("--skip-member", action="store_true", help="guest events only")
     ap.add_argument("--skip-baseline", action="store_true", help="no broker-only baseline row")
+    ap.add_argument("--protocol", choices=["5", "3.1.1"], default="5", help="the agent's MQTT protocol")
     ap.add_argument("--copied", action="store_true",
                     help="serve the parameters as a seed directory (read into memory) instead of as a version "
                          "the store installed (read-only, memory-mapped)")
