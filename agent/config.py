@@ -11,7 +11,7 @@ the environment (``BASKET_MQTT_USERNAME``, ``BASKET_MQTT_PASSWORD``,
 
 Each section is a frozen dataclass, and its field defaults are the only place a
 default is written: :func:`parse_config` takes the default of a missing key
-from the field (:func:`_default`). The sections are what the code uses, with
+from the field (:func:`field_default`). The sections are what the code uses, with
 no copying in between:
 
 * :class:`BrokerConfig` (``broker.*``): :meth:`agent.mqtt.MqttClient.for_broker`
@@ -44,7 +44,9 @@ _LOG = logging.getLogger(__name__)
 
 __all__ = ["BrokerConfig", "BasketsConfig", "HttpConfig", "ServiceConfig", "UpdatesConfig", "MemberOverrides",
            "AgentConfig", "load_config", "read_config_file", "machine_agent_id", "parse_config", "parse_hostport",
-           "SCHEMA_DOC"]
+           "SCHEMA_DOC",
+           # the building blocks the retrain server's config reader shares (retrain_server/config.py)
+           "ConfigReader", "field_default", "read_section", "read_broker", "deep_copy", "set_dotted"]
 
 SCHEMA_DOC = """\
 broker.host            MQTT broker host (required; env BASKET_MQTT_HOST)
@@ -295,7 +297,7 @@ def parse_hostport(value: str, default_port: int = 1883) -> tuple[str, int]:
     return host, int(port)
 
 
-class _Reader:
+class ConfigReader:
     """Pulls typed values out of nested dicts, collecting every problem."""
 
     def __init__(self, data: Mapping[str, Any]) -> None:
@@ -355,7 +357,7 @@ def _kind_name(kind: type | tuple[type, ...]) -> str:
                        for k in kinds)
 
 
-def _default(cls: type, name: str) -> Any:
+def field_default(cls: type, name: str) -> Any:
     """The default of field ``name`` of dataclass ``cls``: the one place it is written."""
     for f in dataclasses.fields(cls):
         if f.name == name:
@@ -370,38 +372,38 @@ def _default(cls: type, name: str) -> Any:
 _KINDS: dict[str, type] = {"int": int, "float": float, "bool": bool, "str": str}
 
 
-def _section(r: _Reader, section: str, cls: type, **minimum: float | None) -> dict[str, Any]:
+def read_section(r: ConfigReader, section: str, cls: type, **minimum: float | None) -> dict[str, Any]:
     """``section.NAME`` for every NAME given (with its minimum, None: none), typed (``int``, ``float``,
     ``bool``, ``str``, optionally ``| None``) and defaulted by the field of ``cls`` of that name."""
     kinds = {f.name: f.type if isinstance(f.type, type) else _KINDS[f.type.removesuffix(" | None")]
              for f in dataclasses.fields(cls) if f.name in minimum}
     prefix = f"{section}." if section else ""
-    return {name: r.get(prefix + name, kinds[name], _default(cls, name), minimum=low)
+    return {name: r.get(prefix + name, kinds[name], field_default(cls, name), minimum=low)
             for name, low in minimum.items()}
 
 
-def _read_broker(r: _Reader, *, required: bool = True, agent_keys: bool = True) -> BrokerConfig | None:
+def read_broker(r: ConfigReader, *, required: bool = True, agent_keys: bool = True) -> BrokerConfig | None:
     """``broker.*``; None when the host is not given and not ``required``. ``agent_keys``: also the
     agent's back-off and session keys (the retrain server reads the rest through this too)."""
     tls_enabled = r.get("broker.tls.enabled", bool, False)
     tls = TLSSettings(ca_file=r.get("broker.tls.ca_file", str), cert_file=r.get("broker.tls.cert_file", str),
                       key_file=r.get("broker.tls.key_file", str),
-                      **_section(r, "broker.tls", TLSSettings, insecure=None))
+                      **read_section(r, "broker.tls", TLSSettings, insecure=None))
     for key in ("ca_file", "cert_file", "key_file"):
         value = getattr(tls, key)
         if tls_enabled and value and not Path(value).is_file():
             r.problems.append(f"broker.tls.{key}: no such file {value}")
-    protocol = str(r.get("broker.protocol", (str, int, float), _default(BrokerConfig, "protocol")))
+    protocol = str(r.get("broker.protocol", (str, int, float), field_default(BrokerConfig, "protocol")))
     protocol = {"5": "5", "5.0": "5", "3.1.1": "3.1.1", "311": "3.1.1"}.get(protocol, protocol)
     if protocol not in ("5", "3.1.1"):
         r.problems.append(f"broker.protocol must be \"5\" or \"3.1.1\", got {protocol!r}")
-    port = r.get("broker.port", int, _TLS_PORT if tls_enabled else _default(BrokerConfig, "port"), minimum=1)
+    port = r.get("broker.port", int, _TLS_PORT if tls_enabled else field_default(BrokerConfig, "port"), minimum=1)
     values: dict[str, Any] = dict(
         port=port, protocol=protocol, username=r.get("broker.username", str),
         password=r.get("broker.password", str), tls=tls if tls_enabled else None,
-        **_section(r, "broker", BrokerConfig, keepalive=5))
+        **read_section(r, "broker", BrokerConfig, keepalive=5))
     if agent_keys:
-        values.update(_section(r, "broker", BrokerConfig, reconnect_min_s=0.01, reconnect_max_s=0.1,
+        values.update(read_section(r, "broker", BrokerConfig, reconnect_min_s=0.01, reconnect_max_s=0.1,
                                session_expiry_s=0, receive_maximum=1))
     for key, most in (("port", 65535), ("receive_maximum", 65535), ("session_expiry_s", 0xFFFFFFFF)):
         if values.get(key) is not None and values[key] > most:
@@ -421,31 +423,31 @@ def parse_config(data: Mapping[str, Any], overrides: Mapping[str, Any] | None = 
     may be left out; then ``broker`` (without a host) and ``service`` (without either) are None.
     """
     env = os.environ if env is None else env
-    merged: dict[str, Any] = _deep_copy(data)
+    merged: dict[str, Any] = deep_copy(data)
     for key, value in (overrides or {}).items():
         if value is not None:
-            _set_dotted(merged, key, value)
+            set_dotted(merged, key, value)
     for key, var in (("broker.host", "BASKET_MQTT_HOST"), ("broker.username", "BASKET_MQTT_USERNAME"),
                      ("broker.password", "BASKET_MQTT_PASSWORD"), ("http.token", "BASKET_HTTP_TOKEN"),
                      ("http.allowed_hosts", "BASKET_HTTP_ALLOWED_HOSTS")):
         if env.get(var) and not (overrides or {}).get(key):
-            _set_dotted(merged, key, env[var])
-    r = _Reader(merged)
+            set_dotted(merged, key, env[var])
+    r = ConfigReader(merged)
     base = base_dir or Path.cwd()
 
     def path(key: str, required: bool) -> Path | None:
         value = r.get(key, str, required=required)
         return None if value is None else (base / value if not Path(value).is_absolute() else Path(value))
 
-    broker = _read_broker(r, required=require_broker)
-    allow_unsigned = r.get("allow_unsigned", bool, _default(AgentConfig, "allow_unsigned"))
+    broker = read_broker(r, required=require_broker)
+    allow_unsigned = r.get("allow_unsigned", bool, field_default(AgentConfig, "allow_unsigned"))
     public_key = path("public_key", required=False)
     if public_key is None and not allow_unsigned:
         r.problems.append("public_key is required (or allow_unsigned: true for development)")
     elif public_key is not None and not public_key.is_file():
         r.problems.append(f"public_key: no such file {public_key}")
     parameters = path("parameters", required=True)
-    prefix = r.get("prefix", str, _default(ServiceConfig, "prefix"))
+    prefix = r.get("prefix", str, field_default(ServiceConfig, "prefix"))
     try:
         prefix = validate_prefix(prefix)
     except ValueError as exc:
@@ -458,24 +460,24 @@ def parse_config(data: Mapping[str, Any], overrides: Mapping[str, Any] | None = 
             validate_id("agent_id", agent_id)
         except ValueError as exc:
             r.problems.append(str(exc))
-    limits = _section(r, "limits", EventLimits, max_payload_bytes=64, max_items=1, max_top_k=1, default_top_k=1)
+    limits = read_section(r, "limits", EventLimits, max_payload_bytes=64, max_items=1, max_top_k=1, default_top_k=1)
     if limits["default_top_k"] > limits["max_top_k"]:
         r.problems.append(f"limits.default_top_k ({limits['default_top_k']}) must not exceed "
                           f"limits.max_top_k ({limits['max_top_k']})")
         limits["default_top_k"] = limits["max_top_k"]
-    timing = _section(r, "", ServiceConfig, status_interval_s=0.1, drain_timeout_s=0)
-    timing["max_event_age_s"] = r.get("limits.max_event_age_s", float, _default(ServiceConfig, "max_event_age_s"),
+    timing = read_section(r, "", ServiceConfig, status_interval_s=0.1, drain_timeout_s=0)
+    timing["max_event_age_s"] = r.get("limits.max_event_age_s", float, field_default(ServiceConfig, "max_event_age_s"),
                                       minimum=0)
-    shared_group = r.get("broker.shared_group", str, _default(ServiceConfig, "shared_group"))
+    shared_group = r.get("broker.shared_group", str, field_default(ServiceConfig, "shared_group"))
     if shared_group is not None:
         try:
             validate_shared_group(shared_group)
         except ValueError as exc:
             r.problems.append(f"broker.shared_group: {exc}")
-    baskets = _section(r, "baskets", BasketsConfig, idle_ttl_s=1, max_baskets=1, max_bytes=2**20)
-    guest = _section(r, "guest", GuestParams, **{f.name: 0 for f in dataclasses.fields(GuestParams)})
-    member = _section(r, "member", MemberOverrides, repeat_weight=0, co_weight=0, threads=1)
-    http = _section(r, "http", HttpConfig, host=None, port=0, max_connections=1, max_connections_per_client=0,
+    baskets = read_section(r, "baskets", BasketsConfig, idle_ttl_s=1, max_baskets=1, max_bytes=2**20)
+    guest = read_section(r, "guest", GuestParams, **{f.name: 0 for f in dataclasses.fields(GuestParams)})
+    member = read_section(r, "member", MemberOverrides, repeat_weight=0, co_weight=0, threads=1)
+    http = read_section(r, "http", HttpConfig, host=None, port=0, max_connections=1, max_connections_per_client=0,
                     header_timeout_s=0.1, body_timeout_s=0.1, keepalive_timeout_s=0.1)
     if http["port"] is not None and http["port"] > 65535:
         r.problems.append(f"http.port must be <= 65535, got {http['port']}")
@@ -493,9 +495,9 @@ def parse_config(data: Mapping[str, Any], overrides: Mapping[str, Any] | None = 
             _LOG.warning("http.token ignored: it is too short, and no HTTP bridge runs (http.port 0)")
         token = None
     http.update(token=token, allowed_hosts=tuple(h.strip() for h in hosts if h.strip()) if hosts else None)
-    updates = _section(r, "updates", UpdatesConfig, enabled=None, jitter_s=0, max_bundle_bytes=1024,
+    updates = read_section(r, "updates", UpdatesConfig, enabled=None, jitter_s=0, max_bundle_bytes=1024,
                        download_timeout_s=0.1, keep_versions=2)
-    log_level = str(r.get("log_level", str, _default(AgentConfig, "log_level"))).upper()
+    log_level = str(r.get("log_level", str, field_default(AgentConfig, "log_level"))).upper()
     if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         r.problems.append(f"log_level must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
     for key in r.unknown_keys():
@@ -545,11 +547,11 @@ def load_config(path: str | Path | None, overrides: Mapping[str, Any] | None = N
         raise ConfigError(str(exc)) from None
 
 
-def _deep_copy(d: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: _deep_copy(v) if isinstance(v, Mapping) else v for k, v in d.items()}
+def deep_copy(d: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: deep_copy(v) if isinstance(v, Mapping) else v for k, v in d.items()}
 
 
-def _set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
+def set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
     parts = key.split(".")
     for part in parts[:-1]:
         if not isinstance(d.get(part), dict):

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from agent.config import BrokerConfig, _deep_copy, _default, _read_broker, _Reader, _section, _set_dotted
+from agent.config import BrokerConfig, ConfigReader, deep_copy, field_default, read_broker, read_section, set_dotted
 from agent.topics import validate_prefix
 
 from .counts import Decay
@@ -114,15 +114,15 @@ def parse_config(data: Mapping[str, Any], overrides: Mapping[str, Any] | None = 
                  env: Mapping[str, str] | None = None, base_dir: Path | None = None) -> RetrainConfig:
     """Validate ``data`` (parsed YAML) with CLI ``overrides`` (dotted keys) and the environment."""
     env = os.environ if env is None else env
-    merged: dict[str, Any] = _deep_copy(data)
+    merged: dict[str, Any] = deep_copy(data)
     for key, value in (overrides or {}).items():
         if value is not None:
-            _set_dotted(merged, key, value)
+            set_dotted(merged, key, value)
     for key, var in (("database.dsn", "RETRAIN_DB_DSN"), ("broker.host", "RETRAIN_MQTT_HOST"),
                      ("broker.username", "RETRAIN_MQTT_USERNAME"), ("broker.password", "RETRAIN_MQTT_PASSWORD")):
         if env.get(var) and not (overrides or {}).get(key):
-            _set_dotted(merged, key, env[var])
-    r = _Reader(merged)
+            set_dotted(merged, key, env[var])
+    r = ConfigReader(merged)
     base = base_dir or Path.cwd()
 
     def path(key: str) -> Path:
@@ -130,9 +130,9 @@ def parse_config(data: Mapping[str, Any], overrides: Mapping[str, Any] | None = 
         return Path() if value is None else (Path(value) if Path(value).is_absolute() else base / value)
 
     dsn = r.get("database.dsn", str, "", required=True)
-    broker = _read_broker(r, agent_keys=False)  # the agent's keys and checks, without its session keys
+    broker = read_broker(r, agent_keys=False)  # the agent's keys and checks, without its session keys
     d = RetrainConfig  # the defaults: its fields'
-    prefix = r.get("prefix", str, _default(d, "prefix"))
+    prefix = r.get("prefix", str, field_default(d, "prefix"))
     try:
         prefix = validate_prefix(prefix)
     except ValueError as exc:
@@ -144,41 +144,41 @@ def parse_config(data: Mapping[str, Any], overrides: Mapping[str, Any] | None = 
     public_url = r.get("public_url", str, "", required=True)
     if public_url and not re.match(r"^https?://[^/\s]+", public_url):
         r.problems.append(f"public_url must be an http(s) URL, got {public_url!r}")
-    http_port = r.get("http.port", int, _default(d, "http_port"), minimum=0)
+    http_port = r.get("http.port", int, field_default(d, "http_port"), minimum=0)
     if http_port is not None and http_port > 65535:
         r.problems.append(f"http.port must be <= 65535, got {http_port}")
-    tz = r.get("timezone", str, _default(d, "timezone"))
-    sched_tz = r.get("schedule.timezone", str, _default(d, "schedule_timezone"))
+    tz = r.get("timezone", str, field_default(d, "timezone"))
+    sched_tz = r.get("schedule.timezone", str, field_default(d, "schedule_timezone"))
     for key, value in (("timezone", tz), ("schedule.timezone", sched_tz)):
         try:
             ZoneInfo(value)
         except (ZoneInfoNotFoundError, ValueError):
             r.problems.append(f"{key}: unknown time zone {value!r}")
-    at = r.get("schedule.at", str, _default(d, "schedule_at"))
+    at = r.get("schedule.at", str, field_default(d, "schedule_at"))
     if not re.match(r"^([01]\d|2[0-3]):[0-5]\d$", at or ""):
         r.problems.append(f"schedule.at must be HH:MM, got {at!r}")
-    gate = GateConfig(**_section(r, "gate", GateConfig, tolerance=0, holdout_percent=0, min_cases=1))
+    gate = GateConfig(**read_section(r, "gate", GateConfig, tolerance=0, holdout_percent=0, min_cases=1))
     if gate.holdout_percent >= 100:
         r.problems.append("gate.holdout_percent must be below 100")
-    guest_kwargs = _section(r, "guest_training", GuestTrainingConfig,
+    guest_kwargs = read_section(r, "guest_training", GuestTrainingConfig,
                             **{f.name: 0 for f in dataclasses.fields(GuestTrainingConfig)})
-    decay_kwargs = _section(r, "decay", Decay, history_half_life_days=0, co_half_life_days=0)
-    log_level = str(r.get("log_level", str, _default(d, "log_level"))).upper()
+    decay_kwargs = read_section(r, "decay", Decay, history_half_life_days=0, co_half_life_days=0)
+    log_level = str(r.get("log_level", str, field_default(d, "log_level"))).upper()
     if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         r.problems.append(f"log_level must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
     cfg_kwargs = dict(
         dsn=dsn, broker=broker, parameters=parameters, state_dir=state_dir, bundle_dir=bundle_dir,
         signing_key=signing_key, public_url=(public_url or "").rstrip("/"), prefix=prefix,
-        http_host=r.get("http.host", str, _default(d, "http_host")), http_port=http_port, timezone=tz,
-        schedule_enabled=r.get("schedule.enabled", bool, _default(d, "schedule_enabled")), schedule_at=at,
+        http_host=r.get("http.host", str, field_default(d, "http_host")), http_port=http_port, timezone=tz,
+        schedule_enabled=r.get("schedule.enabled", bool, field_default(d, "schedule_enabled")), schedule_at=at,
         schedule_timezone=sched_tz, gate=gate,
-        keep_bundles=r.get("bundles.keep", int, _default(d, "keep_bundles"), minimum=1),
-        train_member=r.get("training.member", bool, _default(d, "train_member")),
-        epochs=r.get("training.epochs", int, _default(d, "epochs"), minimum=1),
-        fine_tune_epochs=r.get("training.fine_tune_epochs", int, _default(d, "fine_tune_epochs"), minimum=1),
+        keep_bundles=r.get("bundles.keep", int, field_default(d, "keep_bundles"), minimum=1),
+        train_member=r.get("training.member", bool, field_default(d, "train_member")),
+        epochs=r.get("training.epochs", int, field_default(d, "epochs"), minimum=1),
+        fine_tune_epochs=r.get("training.fine_tune_epochs", int, field_default(d, "fine_tune_epochs"), minimum=1),
         fine_tune_learning_rate=r.get("training.fine_tune_learning_rate", float,
-                                      _default(d, "fine_tune_learning_rate"), minimum=1e-6),
-        fine_tune_min_steps=r.get("training.fine_tune_min_steps", int, _default(d, "fine_tune_min_steps"),
+                                      field_default(d, "fine_tune_learning_rate"), minimum=1e-6),
+        fine_tune_min_steps=r.get("training.fine_tune_min_steps", int, field_default(d, "fine_tune_min_steps"),
                                   minimum=1),
         guest_training=GuestTrainingConfig(**guest_kwargs),
         decay=Decay(**decay_kwargs),

@@ -206,14 +206,14 @@ def test_service_and_shared_sections_cannot_differ(pub):
 
 def _parser_keys(monkeypatch, pub) -> set[str]:
     """Every key parse_config reads (it reads each one whether or not the config has it)."""
-    readers: list[config_module._Reader] = []
+    readers: list[config_module.ConfigReader] = []
 
-    class Recording(config_module._Reader):
+    class Recording(config_module.ConfigReader):
         def __init__(self, data):  # type: ignore[no-untyped-def]
             super().__init__(data)
             readers.append(self)
 
-    monkeypatch.setattr(config_module, "_Reader", Recording)
+    monkeypatch.setattr(config_module, "ConfigReader", Recording)
     parse_config(base(pub), env={})
     (reader,) = readers
     return set(reader.used)
