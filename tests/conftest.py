@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -124,3 +127,36 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
                          "--purchases", str(t.data / "purchase_history.jsonl"),
                          "--out", str(t.parameters), "--signing-key", str(t.signing_key)]) == 0
     return t
+
+
+# --- a browser (tests/test_display.py, tests/test_console.py) --------------------------------------
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[Any]:
+    """Headless system Chromium; fails (never skips) when it is missing: bootstrap.sh installs it."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail("playwright is not installed (pip install -e '.[test]')", pytrace=False)
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} not found: apt-get install chromium fonts-noto-cjk (scripts/bootstrap.sh)",
+                    pytrace=False)
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+@pytest.fixture
+def screenshot_path(tmp_path: Path) -> Callable[[str], Path]:
+    """``screenshot_path("x.png")``: in $SCREENSHOT_DIR when set (docs/ screenshots), else tmp_path."""
+    def where(name: str) -> Path:
+        d = Path(os.environ.get("SCREENSHOT_DIR") or tmp_path)
+        d.mkdir(parents=True, exist_ok=True)
+        return d / name
+
+    return where

@@ -10,7 +10,6 @@ Screenshots go to ``$SCREENSHOT_DIR`` (default: the test's temp dir).
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -18,7 +17,6 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -33,33 +31,8 @@ from retrain_server.serve import create_app
 from scripts.brokers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 CONTRACT_AGENT_KEYS = {"agent_id", "state", "models", "last_update", "stats", "seen_at"}
 CONTRACT_MODEL_KEYS = {"version", "created_at", "published", "reason", "metrics", "timings", "bundle_bytes"}
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    """Headless system Chromium; fails (never skips) when it is missing: bootstrap.sh installs it."""
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.fail("playwright is not installed (pip install -e '.[test]')", pytrace=False)
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} not found: apt-get install chromium fonts-noto-cjk (scripts/bootstrap.sh)",
-                    pytrace=False)
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        try:
-            yield b
-        finally:
-            b.close()
-
-
-def screenshot_path(tmp_path: Path, name: str) -> Path:
-    d = Path(os.environ.get("SCREENSHOT_DIR") or tmp_path)
-    d.mkdir(parents=True, exist_ok=True)
-    return d / name
 
 
 class Clock:
@@ -222,7 +195,7 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 60) ->
             time.sleep(0.2)
 
 
-def test_console_shows_agents_going_offline_and_a_refused_night(world, browser, tmp_path):
+def test_console_shows_agents_going_offline_and_a_refused_night(world, browser, tmp_path, screenshot_path):
     last = world.last_day
     first = world.job(**{"gate.holdout_percent": 40}).run(last - timedelta(days=2))
     second = world.job(**{"gate.holdout_percent": 40, "gate.tolerance": 1.0}).run(last - timedelta(days=1))
@@ -278,7 +251,7 @@ def test_console_shows_agents_going_offline_and_a_refused_night(world, browser, 
         assert page.inner_text('tr[data-agent="jetson-02"] td.model-guest') == second.version  # last known
         assert page.get_attribute('tr[data-agent="jetson-01"]', "data-state") == "online"
         print(f"console showed jetson-02 offline {time.monotonic() - t0:.1f} s after SIGKILL")
-        page.screenshot(path=str(screenshot_path(tmp_path, "console.png")), full_page=True)
+        page.screenshot(path=str(screenshot_path("console.png")), full_page=True)
         body = page.content()
         assert world.dsn not in body and "signing" not in body  # no secrets on the page
     finally:

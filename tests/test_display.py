@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
-import os
 import queue
 import signal
 import subprocess
@@ -35,34 +34,6 @@ from agent.registry import ModelRegistry
 from scripts.brokers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
-
-
-# --- a browser -------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    """Headless system Chromium; fails (never skips) when it is missing: bootstrap.sh installs it."""
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.fail("playwright is not installed (pip install -e '.[test]')", pytrace=False)
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} not found: apt-get install chromium fonts-noto-cjk (scripts/bootstrap.sh)",
-                    pytrace=False)
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        try:
-            yield b
-        finally:
-            b.close()
-
-
-def screenshot_path(tmp_path: Path, name: str) -> Path:
-    d = Path(os.environ.get("SCREENSHOT_DIR") or tmp_path)
-    d.mkdir(parents=True, exist_ok=True)
-    return d / name
-
-
 # --- the hub, without HTTP -------------------------------------------------------------------
 class _FakeLoop:
     """Counts wake-ups instead of running them: a browser that never reads."""
@@ -426,7 +397,8 @@ def _wait_event(page: Any, event_id: str, timeout_s: float) -> None:
         arg=event_id, timeout=timeout_s * 1000, polling="raf")
 
 
-def test_display_follows_the_cart_live_and_empties_on_checkout(browser, live, guest_store, tmp_path):
+def test_display_follows_the_cart_live_and_empties_on_checkout(browser, live, guest_store, tmp_path,
+                                                               screenshot_path):
     agent, sensor = live
     page = browser.new_page(viewport={"width": 1024, "height": 600})
     try:
@@ -448,7 +420,7 @@ def test_display_follows_the_cart_live_and_empties_on_checkout(browser, live, gu
         second = sensor.answer("b-1", "e2")
         assert _names(page) == [i["name"] for i in second["items"]]
         assert fam[1] not in [i["id"] for i in second["items"]]  # the cart is never recommended
-        page.screenshot(path=str(screenshot_path(tmp_path, "display.png")))
+        page.screenshot(path=str(screenshot_path("display.png")))
 
         t2 = sensor.send("b-1", {"event_id": "e3", "seq": 3, "action": "checkout"})
         page.wait_for_function("document.body.dataset.state === 'cleared' && !document.querySelector('li.item')",
@@ -460,7 +432,7 @@ def test_display_follows_the_cart_live_and_empties_on_checkout(browser, live, gu
         page.close()
 
 
-def test_display_recovers_after_the_agent_restarts(browser, live, guest_store, tmp_path):
+def test_display_recovers_after_the_agent_restarts(browser, live, guest_store, tmp_path, screenshot_path):
     agent, sensor = live
     page = browser.new_page(viewport={"width": 800, "height": 480})
     try:
@@ -480,7 +452,7 @@ def test_display_recovers_after_the_agent_restarts(browser, live, guest_store, t
         page.wait_for_function("document.getElementById('link').classList.contains('live') && "
                                "document.body.dataset.state === 'waiting' && !document.querySelector('li.item')",
                                timeout=30000)
-        page.screenshot(path=str(screenshot_path(tmp_path, "display-after-restart.png")))
+        page.screenshot(path=str(screenshot_path("display-after-restart.png")))
         t0 = sensor.send("b-2", {"event_id": "r2", "cart": fam[:2], "top_k": 4})
         _wait_event(page, "r2", 1.0)
         assert time.monotonic() - t0 < 1.0
