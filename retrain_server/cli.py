@@ -138,7 +138,7 @@ def _cmd_nightly(args: argparse.Namespace) -> int:
     from .nightly import NightlyJob
 
     cfg = _load(args)
-    result = NightlyJob(cfg).run(args.date)
+    result = NightlyJob(cfg).run(args.date, full=True if args.full else None)
     print(result.summary())
     if result.version is not None and not result.published:
         return GateRefused.exit_code
@@ -273,6 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", type=Path, help="retrain.yaml (see config/retrain.yaml)")
         if name == "nightly":
             p.add_argument("--date", type=_parse_day, help="the day to count, YYYY-MM-DD (store time zone)")
+            p.add_argument("--full", action="store_true",
+                           help="train the member model from scratch on every purchase (not fine-tune); gated "
+                                "like any night (default: when training.full_retrain_days have passed)")
         p.add_argument("--dsn", help="PostgreSQL DSN (prefer env RETRAIN_DB_DSN: it may hold a password)")
         p.add_argument("--broker", metavar="HOST:PORT", help="MQTT broker for the update message")
         p.add_argument("--prefix", help="topic prefix")

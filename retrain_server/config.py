@@ -56,6 +56,9 @@ training.epochs        epochs of a full member training (first run), default 3
 training.fine_tune_epochs   epochs of the nightly fine-tuning, default 1
 training.fine_tune_learning_rate   Adagrad rate of the fine-tuning, default 0.02 (full training: 0.1)
 training.fine_tune_min_steps   gradient steps per fine-tuning epoch at least (smaller batches), default 20
+training.full_retrain_days   train the member model from scratch on every purchase in the database (gated like
+                       any night) once its last full training is this many days old, default 7 (0: never;
+                       nightly fine-tuning alone drifts a little each night); `nightly --full` forces it
 guest_training.*       co_neighbors, sim_neighbors, popularity_alpha, cart_alpha, min_co_count, n_popular
 decay.history_half_life_days   half-life of a member's own purchases in the counts (repeat term, history
                        tables), default 30; 0 = no decay
@@ -95,6 +98,7 @@ class RetrainConfig:
     fine_tune_epochs: int = 1
     fine_tune_learning_rate: float = 0.02
     fine_tune_min_steps: int = 20
+    full_retrain_days: int = 7  # member model trained from scratch when its last full training is this old
     guest_training: GuestTrainingConfig = GuestTrainingConfig()
     decay: Decay = Decay()
     log_level: str = "INFO"
@@ -180,6 +184,8 @@ def parse_config(data: Mapping[str, Any], overrides: Mapping[str, Any] | None = 
                                       field_default(d, "fine_tune_learning_rate"), minimum=1e-6),
         fine_tune_min_steps=r.get("training.fine_tune_min_steps", int, field_default(d, "fine_tune_min_steps"),
                                   minimum=1),
+        full_retrain_days=r.get("training.full_retrain_days", int, field_default(d, "full_retrain_days"),
+                                minimum=0),
         guest_training=GuestTrainingConfig(**guest_kwargs),
         decay=Decay(**decay_kwargs),
         log_level=log_level)

@@ -114,7 +114,12 @@ class NightlyJob:
         self.candidates = cfg.state_dir / "candidates"
 
     # -- the run ---------------------------------------------------------------------------
-    def run(self, day: date | None = None) -> NightlyResult:
+    def run(self, day: date | None = None, *, full: bool | None = None) -> NightlyResult:
+        """Count ``day`` (default: yesterday) and any missed days, retrain, gate, publish.
+
+        ``full``: train the member model from scratch on every purchase instead of fine-tuning
+        (None: when ``training.full_retrain_days`` have passed since the last full training).
+        """
         from .sources import postgres
 
         cfg = self.cfg
@@ -127,7 +132,7 @@ class NightlyJob:
                 raise RetrainError("another nightly run holds the lock; try again when it has finished")
             recover_directory(cfg.parameters)
             self.announce_pending(conn)
-            result = self._run(conn, day or yesterday(cfg.timezone))
+            result = self._run(conn, day or yesterday(cfg.timezone), full)
             self._prune(conn)
         finally:
             conn.close()
@@ -135,7 +140,7 @@ class NightlyJob:
         _LOG.info("nightly: %s", result.summary())
         return result
 
-    def _run(self, conn: Any, day: date) -> NightlyResult:
+    def _run(self, conn: Any, day: date, full: bool | None = None) -> NightlyResult:
         from .sources import postgres
 
         cfg, timings = self.cfg, {}
@@ -168,6 +173,14 @@ class NightlyJob:
         parts.append(today.select(~held))
         days.append((day, len(np.unique(today.session_ids)), len(today)))
         learn, gate_log = _concat(parts), today.select(held)
+        # the member model's periodic training from scratch: everything in the database but the
+        # sessions held out for tonight's gate (the first night's "learn" already is that)
+        last_full = self._last_full(current)
+        if full is None:
+            full = cfg.full_retrain_days > 0 and (last_full is None or (day - last_full).days >= cfg.full_retrain_days)
+        full_log = None
+        if full and current is not None and cfg.train_member:
+            full_log = _concat([postgres.read_purchases(conn, None, first, cfg.timezone), *parts[1:]])
         catalog = postgres.read_products(conn)
         timings["read_s"] = round(time.perf_counter() - t0, 2)
         if len(catalog) == 0:
@@ -191,8 +204,10 @@ class NightlyJob:
         self.after_step("guest")
         # 4. member fine-tune
         t0 = time.perf_counter()
-        member_state = self._member_state(old_gen, learn, catalog)
+        member_state, member_training = self._member_state(old_gen, learn, catalog, full_log)
         timings["member_train_s"] = round(time.perf_counter() - t0, 2)
+        if member_training == "full":
+            last_full = day
         self.after_step("member")
         # 5. export the candidate (full seed layout) and the new generation, beside the old ones
         t0 = time.perf_counter()
@@ -201,7 +216,9 @@ class NightlyJob:
         counts.save(gen_dir / "counts")
         (gen_dir / "generation.json").write_text(json.dumps({
             "through_day": day.isoformat(), "holdout_percent": cfg.gate.holdout_percent,
-            "days": [d.isoformat() for d, _, _ in days], "decay": asdict(cfg.decay)}))
+            "days": [d.isoformat() for d, _, _ in days], "decay": asdict(cfg.decay),
+            "member_training": member_training,
+            "member_full_through": last_full.isoformat() if last_full is not None else None}))
         writer = None
         if member_state is not None:
             from . import member as member_mod
@@ -220,7 +237,9 @@ class NightlyJob:
         verdict = self._gate(candidate, version, gate_log)
         timings["gate_s"] = round(time.perf_counter() - t0, 2)
         metrics = {**verdict.metrics, "through_day": day.isoformat(), "rows_learned": len(learn),
-                   "sessions_total": counts.sessions}
+                   "sessions_total": counts.sessions, "member_training": member_training}
+        if full_log is not None:
+            metrics["member_rows_trained"] = len(full_log)
         write_manifest(candidate, metrics={**metrics, "timings": timings}, models=doc["models"],
                        signing_key=cfg.signing_key, created_at=created_at, version=version)
         final = self.candidates / version
@@ -258,18 +277,35 @@ class NightlyJob:
         ages = ages_in_days(learn.timestamps, day, self.cfg.timezone)
         return counts.add(learn, ages=ages, decay=decay, through_day=day)
 
-    def _member_state(self, old_gen: Path | None, learn: PurchaseLog, catalog: Any) -> Any:
+    def _last_full(self, current: Any) -> date | None:
+        """The day through which the member model was last trained from scratch (None: unknown)."""
+        if current is None:
+            return None
+        value = self._generation_info(current.generation).get("member_full_through")
+        try:
+            return date.fromisoformat(value) if value else None
+        except ValueError:
+            return None
+
+    def _member_state(self, old_gen: Path | None, learn: PurchaseLog, catalog: Any,
+                      full_log: PurchaseLog | None = None) -> tuple[Any, str]:
+        """(member model state, how it was made: "full" | "fine-tune" | "kept" | "none")."""
         cfg = self.cfg
         if not cfg.train_member:
-            return None
-        has_members = bool((learn.user_ids != "").any())
-        checkpoint = old_gen / "checkpoint" if old_gen is not None else None
+            return None, "none"
         from . import member as member_mod
 
+        if full_log is not None and bool((full_log.user_ids != "").any()):
+            _LOG.info("member model: full training from scratch on %d rows (training.full_retrain_days %d)",
+                      len(full_log), cfg.full_retrain_days)
+            return member_mod.train_member_model(full_log, catalog.ids.tolist(),
+                                                 member_mod.MemberTrainingConfig(epochs=cfg.epochs)), "full"
+        has_members = bool((learn.user_ids != "").any())
+        checkpoint = old_gen / "checkpoint" if old_gen is not None else None
         if checkpoint is not None and checkpoint.exists():
             if not has_members:
                 _LOG.info("no member purchases to learn: member model kept as it was")
-                return member_mod.load_checkpoint(checkpoint)
+                return member_mod.load_checkpoint(checkpoint), "kept"
             # A gentle step from where the published model is: a fresh Adagrad at the full
             # training's rate on one day's rows in many small batches moved the 50,000-product
             # model far enough that the gate refused it every night (bench/bench_nightly.py).
@@ -277,12 +313,12 @@ class NightlyJob:
             tune_cfg = replace(member_mod.MemberTrainingConfig.from_dict(saved["config"]),
                                epochs=cfg.fine_tune_epochs, learning_rate=cfg.fine_tune_learning_rate,
                                min_steps_per_epoch=cfg.fine_tune_min_steps)
-            return member_mod.fine_tune_member_model(checkpoint, learn, catalog.ids.tolist(), tune_cfg)
+            return member_mod.fine_tune_member_model(checkpoint, learn, catalog.ids.tolist(), tune_cfg), "fine-tune"
         if not has_members:
             _LOG.warning("no member purchases yet: shipping the guest model only")
-            return None
+            return None, "none"
         return member_mod.train_member_model(learn, catalog.ids.tolist(),
-                                             member_mod.MemberTrainingConfig(epochs=cfg.epochs))
+                                             member_mod.MemberTrainingConfig(epochs=cfg.epochs)), "full"
 
     def _generation_info(self, generation: str) -> dict[str, Any]:
         try:

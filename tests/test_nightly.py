@@ -343,6 +343,40 @@ def test_member_model_is_fine_tuned_nightly_keeping_its_lookups(world):
     assert (world.tmp / "state" / "generations" / current.generation / "checkpoint").is_dir()
 
 
+def test_member_model_is_trained_from_scratch_every_full_retrain_days(world):
+    """Nightly fine-tuning drifts a little each night: every training.full_retrain_days the member
+    model is trained again from scratch on every purchase in the database, gated like any night."""
+    d0 = world.last_day
+    settings = {"training.member": True, "training.epochs": 1, "training.full_retrain_days": 2}
+    ids = world.store.catalog.ids.tolist()
+    member = next(u for u in world.store.purchases.user_ids.tolist() if u)
+    runs = []
+    for n in range(3):
+        day = d0 + timedelta(days=n)
+        if n:  # a member buys on each later day
+            noon = datetime.combine(day, datetime.min.time(), KST) + timedelta(hours=12)
+            world.insert([(f"full-{n}-{i}", member, ids[i:i + 3],
+                           noon + timedelta(minutes=i)) for i in range(8)])
+        runs.append(world.job(**settings).run(day))
+    kinds = [r.metrics["member_training"] for r in runs]
+    assert kinds == ["full", "fine-tune", "full"], kinds  # first night; 1 day later; 2 days after the last full
+    with psycopg.connect(world.dsn) as conn:
+        total = conn.execute("SELECT sum(jsonb_array_length(product_list)) FROM purchases").fetchone()[0]
+    # every item row in the database but the sessions held out for that night's gate
+    assert 0.8 * total <= runs[2].metrics["member_rows_trained"] <= total, (runs[2].metrics, total)
+    assert "member_rows_trained" not in runs[1].metrics
+    current, _ = world.state()
+    info = json.loads((world.tmp / "state" / "generations" / current.generation / "generation.json").read_text())
+    assert info["member_training"] == "full" and info["member_full_through"] == (d0 + timedelta(days=2)).isoformat()
+    assert all(r.version for r in runs)
+    # forced from the command line, and never with 0
+    from retrain_server.cli import build_parser
+
+    assert build_parser().parse_args(["nightly", "--full"]).full
+    assert world.job(**{**settings, "training.full_retrain_days": 0}).run(d0 + timedelta(days=3)).metrics[
+        "member_training"] in ("fine-tune", "kept")
+
+
 def test_serve_answers_bundles_and_health_and_reports_a_refusal(world):
     import socket
     import time
