@@ -129,6 +129,11 @@ class StoreServer:
 
             self.pg.start()
             with postgres.connect(self.pg.dsn) as conn:
+                # every run starts from an empty store, as the server's state directory does: a
+                # database left by an earlier run would point at generations deleted above
+                conn.execute("DROP SCHEMA IF EXISTS public CASCADE")
+                conn.execute("CREATE SCHEMA public")
+                conn.commit()
                 postgres.migrate(conn)
         self.bundles.start()
         self.directory.start()
