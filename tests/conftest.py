@@ -133,9 +133,12 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    """Headless system Chromium; fails (never skips) when it is missing: bootstrap.sh installs it."""
+    """Headless system Chromium; fails (never skips) when it is missing: bootstrap.sh installs it.
+
+    Per module: Playwright's sync API keeps an event loop running in this thread while it is open,
+    and other tests call asyncio.run()."""
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
