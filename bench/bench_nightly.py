@@ -237,17 +237,18 @@ def publish_wait(c, topic: str, payload: bytes, retain: bool = True) -> None:
 
 
 # -- the nightly part ---------------------------------------------------------------------------
-def run_nightly(cfg: Any, day: date, profile: Path | None = None) -> tuple[Any, dict[str, Any]]:
+def run_nightly(cfg: Any, day: date, profile: Path | None = None,
+                full: bool | None = None) -> tuple[Any, dict[str, Any]]:
     from retrain_server.nightly import NightlyJob
 
     load0, cpu0, t0 = loadavg(), cpu_self_s(), time.perf_counter()
     job = NightlyJob(cfg)
     if profile is not None:
         prof = cProfile.Profile()
-        result = prof.runcall(job.run, day)
+        result = prof.runcall(job.run, day, full=full)
         prof.dump_stats(profile)
     else:
-        result = job.run(day)
+        result = job.run(day, full=full)
     wall = time.perf_counter() - t0
     cpu = cpu_self_s() - cpu0
     b = result.bundle
@@ -566,6 +567,8 @@ def main() -> int:
     ap.add_argument("--day-rows", type=int, help="item rows of the new day (default 50,000; 5,000 with --small)")
     ap.add_argument("--swaps", type=int, default=50, help="alternating re-signed swaps after the first update")
     ap.add_argument("--skip-agent", action="store_true", help="no agent part")
+    ap.add_argument("--full-night", action="store_true",
+                    help="also time a night of the periodic full member retraining (nightly --full)")
     ap.add_argument("--gate-tolerance", type=float,
                     help="gate.tolerance of the nightly job (default: the config's 0.02); e.g. 1 to have the "
                          "measured run publish whatever the gate measures")
@@ -663,6 +666,16 @@ def main() -> int:
             pstats.Stats(str(prof_path), stream=s).sort_stats("cumulative").print_stats(40)
             result["profile"] = str(prof_path)
             print(s.getvalue(), file=sys.stderr)
+
+        # 3b. a night of the periodic full retraining (training.full_retrain_days), on one more day
+        if args.full_night:
+            full_day = new_day + timedelta(days=1)
+            result["full_day"] = write_new_day(Path(store["purchases_jsonl"]), full_day, day_rows,
+                                               run / "full_day.jsonl", seed=12)
+            timed_load(pg.dsn, Path(store["products_csv"]), run / "full_day.jsonl")
+            print(f"[3b] nightly run for {full_day} with the member model trained from scratch ...", file=sys.stderr)
+            _, result["full_run"] = run_nightly(cfg, full_day, full=True)
+            print(f"[3b] {result['full_run']}", file=sys.stderr)
 
         # 4. the agent
         if args.skip_agent:
