@@ -57,13 +57,16 @@ def _configure_logging(level: str) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def make_loader(cfg: AgentConfig) -> Callable[[Path], ModelSnapshot]:
-    """Verify + load + smoke-test one version directory, the same way at start-up and on update."""
+def make_loader(cfg: AgentConfig, store: VersionStore | None = None) -> Callable[[Path], ModelSnapshot]:
+    """Verify + load + smoke-test one version directory, the same way at start-up and on update.
+
+    ``store`` (default: :func:`make_store`) says which directories it installed: those are mapped.
+    """
     key = load_public_key(cfg.public_key) if cfg.public_key is not None else None
     overrides = {"repeat_weight": cfg.member.repeat_weight, "co_weight": cfg.member.co_weight,
                  "threads": cfg.member.threads}
 
-    store = make_store(cfg)
+    store = store or make_store(cfg)
 
     def load(root: Path) -> ModelSnapshot:
         # versions the store installed are never rewritten: their files are memory-mapped
@@ -87,7 +90,7 @@ def load_models(cfg: AgentConfig, store: VersionStore | None = None,
         store.cleanup()
     except OSError as exc:  # a read-only parameters dir still serves; it just cannot update
         _LOG.warning("cannot clean %s: %s", store.versions, exc)
-    return store.load_newest(loader or make_loader(cfg))
+    return store.load_newest(loader or make_loader(cfg, store))
 
 
 def startup_rejection(result: StartupResult) -> tuple[str, str] | None:
@@ -128,7 +131,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     faulthandler.enable()  # the watchdog's SIGABRT dumps every thread's traceback to the journal
     _LOG.debug("configuration: %s", cfg.redacted())
-    store, loader = make_store(cfg), make_loader(cfg)
+    store = make_store(cfg)
+    loader = make_loader(cfg, store)
     started = load_models(cfg, store, loader)
     registry = ModelRegistry(started.snapshot)
     metrics = Metrics()
@@ -258,7 +262,8 @@ def _cmd_bridge(args: argparse.Namespace) -> int:
     env = {k: v for k, v in os.environ.items() if k != "BASKET_MQTT_HOST"}
     cfg = load_config(None, overrides, env, require_broker=False)
     _configure_logging(cfg.log_level)
-    store, loader = make_store(cfg), make_loader(cfg)
+    store = make_store(cfg)
+    loader = make_loader(cfg, store)
     started = load_models(cfg, store, loader)
     registry = ModelRegistry(started.snapshot)
     follower = None

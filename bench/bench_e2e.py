@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import queue
-import signal
 import socket
 import subprocess
 import sys
@@ -34,7 +33,17 @@ from pathlib import Path
 
 import numpy as np
 import paho.mqtt.client as paho
-from common import ROOT, installed_copy, large_parameters, plot_results, print_table, rss_mb, sample_carts, write_json
+from common import (
+    ROOT,
+    installed_copy,
+    large_parameters,
+    plot_results,
+    print_table,
+    rss_mb,
+    sample_carts,
+    stop_process,
+    write_json,
+)
 from paho.mqtt.enums import CallbackAPIVersion
 
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -294,14 +303,7 @@ class Agent:
             watcher.disconnect()
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
+        stop_process(self.proc, 10)
 
 
 def member_users(params: Path) -> list[str]:

@@ -52,7 +52,6 @@ import queue
 import re
 import resource
 import shutil
-import signal
 import subprocess
 import sys
 import tarfile
@@ -66,7 +65,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import ROOT, print_table, write_json  # (puts the repository on sys.path)
+from common import ROOT, print_table, stop_process, write_json  # (puts the repository on sys.path)
 
 _LOG = logging.getLogger("bench_nightly")
 
@@ -511,13 +510,7 @@ def _agent_swaps(args: argparse.Namespace, run: Path, agent_dir: Path, broker_po
         out["first_version"] = first_version
         return out
     finally:
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+        stop_process(proc)
         watch.close()
 
 

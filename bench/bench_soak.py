@@ -27,7 +27,6 @@ import json
 import os
 import queue
 import random
-import signal
 import socket
 import subprocess
 import sys
@@ -338,6 +337,8 @@ def _start_agent(args: argparse.Namespace, broker: Broker, prefix: str, workdir:
 
 
 def main() -> None:
+    from common import stop_process  # the benchmarks' shared plumbing (tests import run_soak alone)
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rate", type=float, default=1000.0, help="events per second")
     ap.add_argument("--seconds", type=float, default=60.0)
@@ -361,12 +362,7 @@ def main() -> None:
             r = run_soak(broker.broker, prefix, proc.pid, rate=args.rate, seconds=args.seconds,
                          baskets=args.baskets, products=products, members=members, malformed_pct=args.malformed)
         finally:
-            if proc is not None and proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(15)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+            stop_process(proc)
             broker.stop()
     r["store"] = args.store
     rows = [("events sent (good + malformed)", f"{r['sent']:,} ({r['good']:,} + {r['malformed']:,})"),

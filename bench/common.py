@@ -59,6 +59,21 @@ def large_parameters(member: bool, products: int = 50_000) -> Path:
     return out
 
 
+def stop_process(proc: Any, timeout: float = 15.0) -> None:
+    """SIGTERM a child (an agent draining its queue), SIGKILL it after ``timeout``; None or exited: nothing."""
+    import signal
+    import subprocess
+
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
 def read_only_copy(params: Path, dest: Path) -> Path:
     """A copy of a parameters dir with read-only files, as the agent's store installs versions."""
     import shutil
