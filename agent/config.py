@@ -91,6 +91,9 @@ baskets.max_bytes      all baskets' state (carts, wishlists, remembered event id
 status_interval_s      status republish period, default 30
 guest.co_top_k_per_item / expand_top / sim_top_k / sim_weight / fallback_min_candidates / fallback_weight
                        guest model knobs, default 50 / 10 / 5 / 0 / 10 / 0.5 (agent/recommenders/guest.py)
+guest.basket_weight / basket_neighbours
+                       the recent-baskets (session kNN) term: weight relative to the best co-purchase
+                       score and baskets that vote, default 10 / 50 (off without baskets_*.npy)
 member.repeat_weight / co_weight   default: the values trained into member_meta.json
 member.threads         onnxruntime threads, default 1
 updates.enabled        follow PREFIX/models/updated: download, verify, swap (default true)

@@ -17,8 +17,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
-__all__ = ["GUEST_DIR", "MEMBER_DIR", "GUEST_ARRAYS", "GUEST_META", "MEMBER_ARRAYS", "MEMBER_ONNX",
-           "MEMBER_ONNX_FP32", "MEMBER_HISTORY", "MEMBER_NEIGHBOURS", "MEMBER_META", "SEED_GUEST_FILES", "EDGE_FILES",
+__all__ = ["GUEST_DIR", "MEMBER_DIR", "GUEST_ARRAYS", "GUEST_META", "GUEST_BASKETS", "MEMBER_ARRAYS", "MEMBER_ONNX",
+           "MEMBER_ONNX_FP32", "MEMBER_HISTORY", "MEMBER_NEIGHBOURS", "MEMBER_BASKETS", "MEMBER_META",
+           "SEED_GUEST_FILES", "EDGE_FILES",
            "SERVER_ONLY_FILES", "is_edge_file", "Source", "DirectorySource"]
 
 GUEST_DIR = "guest_model"
@@ -28,6 +29,10 @@ MEMBER_DIR = "member_model"
 GUEST_ARRAYS = {name: f"{GUEST_DIR}/{name}.npy" for name in (
     "item_ids", "item_names", "co_neighbors", "co_scores", "sim_neighbors", "sim_scores", "popular")}
 GUEST_META = f"{GUEST_DIR}/guest_meta.json"
+#: The store's recent baskets and their item -> baskets index (the session-kNN term): part name
+#: -> path. Optional: older bundles have none, and the term is then off.
+GUEST_BASKETS = {name: f"{GUEST_DIR}/baskets_{name}.npy" for name in ("starts", "items", "postings_indptr",
+                                                                      "postings")}
 #: The seed's pickled files (server side: the edge never unpickles).
 SEED_GUEST_FILES = tuple(f"{GUEST_DIR}/{name}" for name in (
     "tfidf_vectorizer.pkl", "knn_model.pkl", "df_items.pkl", "tag_matrix.pkl", "co_purchase_dict.pkl"))
@@ -44,11 +49,16 @@ MEMBER_HISTORY = {name: f"{MEMBER_DIR}/history_{name}.npy" for name in ("indptr"
 #: name -> path. Optional: written only when the blend gives the term a weight; older
 #: bundles have none.
 MEMBER_NEIGHBOURS = {name: f"{MEMBER_DIR}/neighbours_{name}.npy" for name in ("indptr", "items", "scores")}
+#: Each member's recent baskets (two-level CSR: member -> baskets -> items, a decay weight per
+#: basket): part name -> path. Optional: written only when the blend gives the term a weight.
+MEMBER_BASKETS = {name: f"{MEMBER_DIR}/baskets_{name}.npy" for name in ("indptr", "starts", "items", "weights")}
 MEMBER_META = f"{MEMBER_DIR}/member_meta.json"
 
 #: What a basket downloads and loads.
-EDGE_FILES = frozenset([*GUEST_ARRAYS.values(), GUEST_META, *MEMBER_ARRAYS.values(), MEMBER_ONNX,
-                        *MEMBER_HISTORY.values(), *MEMBER_NEIGHBOURS.values(), MEMBER_META])
+EDGE_FILES = frozenset([*GUEST_ARRAYS.values(), GUEST_META, *GUEST_BASKETS.values(), *MEMBER_ARRAYS.values(),
+                        MEMBER_ONNX,
+                        *MEMBER_HISTORY.values(), *MEMBER_NEIGHBOURS.values(), *MEMBER_BASKETS.values(),
+                        MEMBER_META])
 #: What stays on the server (bundles never carry these).
 SERVER_ONLY_FILES = frozenset([*SEED_GUEST_FILES, MEMBER_ONNX_FP32])
 

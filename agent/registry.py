@@ -23,8 +23,8 @@ from . import layout
 from .bundle import verify_parameters
 from .errors import BundleError
 from .recommenders.base import RecommendRequest
-from .recommenders.guest import GuestParams, GuestRecommender
-from .recommenders.member import MemberHistory, MemberParams, MemberRecommender
+from .recommenders.guest import GuestParams, GuestRecommender, RecentBaskets
+from .recommenders.member import MemberBaskets, MemberHistory, MemberParams, MemberRecommender
 
 _LOG = logging.getLogger(__name__)
 
@@ -158,9 +158,15 @@ def guest_from_source(source: layout.Source, params: GuestParams | None = None) 
     if missing:
         raise BundleError(f"guest model incomplete, missing: {', '.join(missing)}")
     a = {name: source.array(path) for name, path in layout.GUEST_ARRAYS.items() if name != "item_names"}
+    baskets = None
+    if all(source.has(p) for p in layout.GUEST_BASKETS.values()):  # optional: older bundles have none
+        b = {name: source.array(path) for name, path in layout.GUEST_BASKETS.items()}
+        baskets = RecentBaskets(b["starts"].astype(np.int64, copy=False), b["items"].astype(np.int32, copy=False),
+                                b["postings_indptr"].astype(np.int64, copy=False),
+                                b["postings"].astype(np.int32, copy=False))
     try:
         return GuestRecommender(a["item_ids"], a["co_neighbors"], a["co_scores"],
-                                a["sim_neighbors"], a["sim_scores"], a["popular"], params)
+                                a["sim_neighbors"], a["sim_scores"], a["popular"], params, baskets)
     except ValueError as exc:
         raise BundleError(f"guest model invalid: {exc}") from exc
 
@@ -185,11 +191,13 @@ def member_from_source(source: layout.Source, guest: GuestRecommender | None,
     history = _member_table(source, layout.MEMBER_HISTORY, "counts")
     # Optional (older bundles, or a blend without the term, have none): the term is then off.
     neighbours = _member_table(source, layout.MEMBER_NEIGHBOURS, "scores")
+    baskets = _member_baskets(source)
     a = {name: source.array(path) for name, path in layout.MEMBER_ARRAYS.items()}
     try:
         return MemberRecommender(source.read_bytes(layout.MEMBER_ONNX), a["user_lookup"].tolist(),
                                  a["context_lookup"].tolist(), a["item_lookup"], a["item_embeddings"],
-                                 history=history, guest=guest, params=params, neighbours=neighbours)
+                                 history=history, guest=guest, params=params, neighbours=neighbours,
+                                 baskets=baskets)
     except Exception as exc:  # onnxruntime raises its own types
         raise BundleError(f"member model invalid: {exc}") from exc
 
@@ -207,6 +215,21 @@ def _member_table(source: layout.Source, paths: Mapping[str, str], values: str) 
     return MemberHistory(indptr, items, vals)
 
 
+def _member_baskets(source: layout.Source) -> MemberBaskets | None:
+    """The members' recent baskets (``baskets_*.npy``), or None when any part is missing."""
+    paths = layout.MEMBER_BASKETS
+    if not all(source.has(p) for p in paths.values()):
+        return None
+    t = {name: source.array(path) for name, path in paths.items()}
+    indptr, starts = t["indptr"].astype(np.int64, copy=False), t["starts"].astype(np.int64, copy=False)
+    items, weights = t["items"].astype(np.int32, copy=False), t["weights"].astype(np.float32, copy=False)
+    if (indptr.ndim != 1 or not len(indptr) or indptr[0] != 0 or np.any(np.diff(indptr) < 0)
+            or indptr[-1] != len(starts) - 1 or starts.ndim != 1 or starts[0] != 0
+            or np.any(np.diff(starts) <= 0) or starts[-1] != len(items) or len(weights) != len(starts) - 1):
+        raise BundleError(f"{paths['indptr']}: malformed per-member basket table")
+    return MemberBaskets(indptr, starts, items, weights)
+
+
 def _member_params_from_meta(source: layout.Source) -> MemberParams:
     """Blend weights chosen at training time travel in ``member_meta.json``."""
     if not source.has(layout.MEMBER_META):
@@ -216,7 +239,9 @@ def _member_params_from_meta(source: layout.Source) -> MemberParams:
         serving = meta.get("serving") or {}
         return MemberParams(repeat_weight=float(serving.get("repeat_weight", 0.0)),
                             co_weight=float(serving.get("co_weight", 0.0)),
-                            neighbour_weight=float(serving.get("neighbour_weight", 0.0)))
+                            neighbour_weight=float(serving.get("neighbour_weight", 0.0)),
+                            known_weight=float(serving.get("known_weight", 0.0)),
+                            basket_weight=float(serving.get("basket_weight", 0.0)))
     except (ValueError, TypeError, AttributeError) as exc:
         raise BundleError(f"{layout.MEMBER_META} is malformed: {exc}") from exc
 

@@ -8,6 +8,7 @@ the co-purchase dict per request. Run: ``.venv/bin/python bench/bench_guest.py``
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from collections import Counter
 
 import joblib
@@ -16,6 +17,7 @@ import joblib
 from common import large_parameters, plot_results, print_table, sample_carts, summary, time_calls, write_json
 
 from agent.recommenders.base import RecommendRequest
+from agent.recommenders.guest import GuestRecommender
 from agent.registry import load_snapshot
 
 
@@ -59,16 +61,24 @@ def main() -> None:
     carts = sample_carts(params, args.calls)
     requests = [RecommendRequest(cart=c, top_k=10) for c in carts]
     ours = summary(time_calls(guest.recommend, requests))
+    no_baskets = dataclasses.replace(guest.params, basket_weight=0.0)
+    plain_guest = GuestRecommender(guest.item_ids_, guest.co_neighbors_, guest.co_scores_, guest.sim_neighbors_,
+                                   guest.sim_scores_, guest.popular_, no_baskets)
+    plain = summary(time_calls(plain_guest.recommend, requests))
     seed = SeedGuest(params / "guest_model")
     theirs = summary(time_calls(seed.recommend, carts[: args.seed_calls], warmup=20))
     ratio = round(theirs["p50_ms"] / ours["p50_ms"], 1)
     print_table(f"guest recommend(), {guest.n_items:,} products, 10-item cart, batch 1",
                 ["implementation", "calls", "p50 ms", "p99 ms", "mean ms"],
-                [["edge (precomputed tables)", ours["calls"], ours["p50_ms"], ours["p99_ms"], ours["mean_ms"]],
+                [[f"edge (precomputed tables{' + recent baskets' if guest.baskets_ is not None else ''})",
+                  ours["calls"], ours["p50_ms"], ours["p99_ms"], ours["mean_ms"]],
+                 ["edge without the recent-baskets term", plain["calls"], plain["p50_ms"], plain["p99_ms"],
+                  plain["mean_ms"]],
                  ["seed (kneighbors per request)", theirs["calls"], theirs["p50_ms"], theirs["p99_ms"],
                   theirs["mean_ms"]],
                  ["speed-up (p50)", "", f"{ratio}x", "", ""]])
-    write_json("guest", {"n_items": guest.n_items, "cart_size": 10, "edge": ours, "seed": theirs,
+    write_json("guest", {"n_items": guest.n_items, "cart_size": 10, "edge": ours, "edge_no_baskets": plain,
+                         "params": dataclasses.asdict(guest.params), "seed": theirs,
                          "speedup_p50": ratio,
                          "goal": {"p50_ms": 0.1, "p99_ms": 0.5}})
     plot_results("guest")

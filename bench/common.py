@@ -16,6 +16,7 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import json
 import platform
+import shutil
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -48,9 +49,12 @@ def large_store_files(products: int = 50_000, rows: int = 1_000_000) -> tuple[Pa
 
 def large_parameters(member: bool, products: int = 50_000) -> Path:
     """A trained, unsigned parameters dir for the benchmark store (cached)."""
+    from agent import layout
     from retrain_server.train import train_bundle
 
     out = DATA / f"params-{products}-{'member' if member else 'guest'}"
+    if (out / "manifest.json").exists() and not (out / layout.GUEST_BASKETS["starts"]).exists():
+        shutil.rmtree(out)  # trained before the recent-basket tables existed: train again
     if not (out / "manifest.json").exists():
         prod, purch = large_store_files(products)
         t0 = time.perf_counter()

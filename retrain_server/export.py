@@ -30,7 +30,8 @@ from .sign import load_private_key, sign_bytes
 _LOG = logging.getLogger(__name__)
 
 __all__ = ["write_parameters", "write_guest_model", "write_member_history", "history_matrix",
-           "write_history_arrays", "write_member_table", "write_neighbour_arrays", "write_manifest",
+           "write_history_arrays", "write_member_table", "write_neighbour_arrays", "write_basket_arrays",
+           "write_manifest",
            "install_directory", "recover_directory"]
 
 
@@ -46,6 +47,8 @@ def write_guest_model(model: GuestModel, out: Path) -> None:
         joblib.dump(obj, out / Path(relpath).name)
     for name, arr in model.edge_arrays().items():
         np.save(out / Path(layout.GUEST_ARRAYS[name]).name, arr, allow_pickle=False)
+    for name, arr in (model.baskets or {}).items():
+        np.save(out / Path(layout.GUEST_BASKETS[name]).name, arr, allow_pickle=False)
     (out / Path(layout.GUEST_META).name).write_text(json.dumps(model.meta(), indent=2), encoding="utf-8")
 
 
@@ -103,6 +106,19 @@ def write_neighbour_arrays(history: sp.csr_matrix, out: Path, k: int, keep: int)
     parts = neighbour_table(history, k=k, keep=keep)
     write_member_table(layout.MEMBER_NEIGHBOURS, parts, out)
     return int(parts[1].size)
+
+
+def write_basket_arrays(log: PurchaseLog, ages: np.ndarray, user_lookup: np.ndarray, item_lookup: np.ndarray,
+                        out: Path, *, half_life_days: float, max_baskets: int) -> int:
+    """``baskets_*.npy``, each member's newest baskets (:func:`~retrain_server.blend.basket_table`); returns
+    the number of baskets."""
+    from .blend import basket_table
+
+    parts = basket_table(log, ages, user_lookup, item_lookup, half_life_days=half_life_days,
+                         max_baskets=max_baskets)
+    for name, arr in zip(layout.MEMBER_BASKETS, parts):
+        np.save(out / Path(layout.MEMBER_BASKETS[name]).name, arr, allow_pickle=False)
+    return int(len(parts[1]) - 1)
 
 
 def write_manifest(root: Path, *, metrics: Mapping[str, Any] | None = None,

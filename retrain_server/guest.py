@@ -34,7 +34,7 @@ from .data import Catalog, PurchaseLog
 _LOG = logging.getLogger(__name__)
 
 __all__ = ["GuestTrainingConfig", "GuestModel", "train_guest_model", "build_guest_model", "co_purchase_counts",
-           "co_purchase_tables", "similarity_tables", "TAG_TOKEN_PATTERN"]
+           "co_purchase_tables", "similarity_tables", "recent_basket_arrays", "TAG_TOKEN_PATTERN"]
 
 #: Tags are free text like "우유, 유제품, dairy milk": split on commas and spaces,
 #: keep one-character words (many Korean nouns are one syllable).
@@ -52,6 +52,8 @@ class GuestTrainingConfig:
     min_co_count: int = 3
     n_popular: int = 500
     co_dict_partners: int = 100  # partners per item kept in co_purchase_dict.pkl
+    recent_baskets: int = 50_000  # newest baskets shipped for the session-kNN term (0: none)
+    basket_postings: int = 1_000  # newest baskets indexed per item
 
 
 @dataclass
@@ -70,6 +72,8 @@ class GuestModel:
     sim_scores: np.ndarray
     popular: np.ndarray
     config: GuestTrainingConfig
+    #: the recent-basket table (``layout.GUEST_BASKETS`` part name -> array); None: not shipped
+    baskets: dict[str, np.ndarray] | None = None
 
     def edge_arrays(self) -> dict[str, np.ndarray]:
         """The pickle-free arrays the agent loads (file stem -> array)."""
@@ -318,3 +322,41 @@ def build_guest_model(catalog: Catalog, co: sp.csr_matrix, item_counts: np.ndarr
                       co_counts=co, item_counts=item_counts, co_neighbors=co_nb, co_scores=co_sc,
                       sim_neighbors=sim_nb, sim_scores=sim_sc, popular=popular.astype(np.int32),
                       config=config)
+
+
+def recent_basket_arrays(log: PurchaseLog, item_ids: np.ndarray, *, max_baskets: int,
+                         postings_per_item: int) -> dict[str, np.ndarray] | None:
+    """The newest ``max_baskets`` baskets of ``log`` (guests' and members') for the edge's session kNN.
+
+    Returns the :class:`agent.recommenders.guest.RecentBaskets` parts keyed like
+    ``layout.GUEST_BASKETS``: each basket's distinct catalogue items, and for
+    every item the newest ``postings_per_item`` baskets holding it. Products
+    outside ``item_ids`` are left out (a basket left empty is dropped). None when
+    ``max_baskets`` is 0 or nothing is left.
+    """
+    if max_baskets <= 0 or not len(log):
+        return None
+    pos = {p: i for i, p in enumerate(np.asarray(item_ids).tolist())}
+    it = np.fromiter((pos.get(x, -1) for x in log.product_ids.tolist()), np.int64, len(log))
+    ok = it >= 0
+    if not ok.any():
+        return None
+    sess, sess_of = np.unique(log.session_ids[ok], return_inverse=True)
+    newest = np.full(len(sess), np.iinfo(np.int64).min)
+    np.maximum.at(newest, sess_of, log.timestamps[ok])
+    order = np.lexsort((sess, -newest))[:max_baskets]  # newest first
+    rank = np.full(len(sess), -1, np.int64)
+    rank[order] = np.arange(order.size)
+    r = rank[sess_of]
+    pairs = np.unique(np.stack([r[r >= 0], it[ok][r >= 0]], 1), axis=0)  # (basket, item), sorted by basket
+    starts = np.concatenate([[0], np.cumsum(np.bincount(pairs[:, 0], minlength=order.size))]).astype(np.int64)
+    by_item = pairs[np.lexsort((pairs[:, 0], pairs[:, 1]))]  # by item, newest basket first
+    n_items = len(item_ids)
+    first = np.searchsorted(by_item[:, 1], by_item[:, 1], side="left")
+    keep = (np.arange(len(by_item)) - first) < postings_per_item
+    by_item = by_item[keep]
+    postings_indptr = np.concatenate([[0], np.cumsum(np.bincount(by_item[:, 1], minlength=n_items))])
+    _LOG.info("recent baskets: %d baskets, %d items, %d postings", order.size, len(pairs), len(by_item))
+    return {"starts": starts, "items": pairs[:, 1].astype(np.int32),
+            "postings_indptr": postings_indptr.astype(np.int64), "postings": by_item[:, 0].astype(np.int32)}
+

@@ -47,6 +47,7 @@ from agent.layout import DirectorySource
 from agent.registry import load_snapshot, snapshot_from_source
 
 from . import state as db_state
+from .blend import BlendUnits
 from .bundles import BundleInfo, pack_bundle
 from .config import RetrainConfig
 from .counts import Counts, ages_in_days
@@ -196,10 +197,13 @@ class NightlyJob:
         timings["count_s"] = round(time.perf_counter() - t0, 2)
         self.after_step("count")
         # 3. guest refit
-        from .guest import build_guest_model
+        from .guest import build_guest_model, recent_basket_arrays
 
         t0 = time.perf_counter()
         guest = build_guest_model(catalog, co, item_counts, cfg.guest_training)
+        recent = self._recent_baskets(conn, day, gate_log)
+        guest.baskets = recent_basket_arrays(recent[0], catalog.ids, max_baskets=cfg.guest_training.recent_baskets,
+                                             postings_per_item=cfg.guest_training.basket_postings)
         timings["guest_refit_s"] = round(time.perf_counter() - t0, 2)
         self.after_step("guest")
         # 4. member fine-tune
@@ -226,7 +230,8 @@ class NightlyJob:
 
             member_mod.save_checkpoint(member_state, gen_dir / "checkpoint")
             writer = state_writer(member_state, guest, calibration_log=learn, history=counts.history_triples(),
-                                  fallback_serving=self._published_serving())
+                                  fallback_serving=self._published_serving(),
+                                  baskets=recent)
         candidate = self.candidates / f"run-{generation}"
         doc = write_parameters(candidate, guest, member_writer=writer, metrics={}, signing_key=cfg.signing_key)
         version, created_at = doc["version"], datetime.fromisoformat(doc["created_at"])
@@ -332,6 +337,21 @@ class NightlyJob:
             return json.loads(meta.read_text(encoding="utf-8")).get("serving")
         except (OSError, ValueError):
             return None
+
+    def _recent_baskets(self, conn: Any, day: date, gate_log: PurchaseLog) -> tuple[PurchaseLog, np.ndarray]:
+        """Purchases of the basket tables' window up to ``day`` without tonight's held-out sessions, with ages.
+
+        The guest model's recent baskets and the member blend's own baskets come
+        from here, read whole from PostgreSQL each night (not accumulated), so
+        re-running a day builds the same tables.
+        """
+        from .sources import postgres
+
+        cfg = self.cfg
+        first = day - timedelta(days=BlendUnits().basket_window_days - 1)
+        recent = postgres.read_purchases(conn, first, day + timedelta(days=1), cfg.timezone)
+        recent = recent.select(~np.isin(recent.session_ids, np.unique(gate_log.session_ids)))
+        return recent, ages_in_days(recent.timestamps, day, cfg.timezone)
 
     def _gate(self, candidate: Path, version: str, gate_log: PurchaseLog) -> GateResult:
         cases = gate_cases(gate_log)

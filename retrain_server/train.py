@@ -15,14 +15,22 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from agent import layout
 from agent.layout import DirectorySource
 
 from .blend import BlendUnits
 from .counts import Counts, Decay, days_before
 from .data import Catalog, PurchaseLog, load_products, load_purchases
-from .export import write_history_arrays, write_member_history, write_neighbour_arrays, write_parameters
-from .guest import GuestModel, GuestTrainingConfig, build_guest_model
+from .export import (
+    write_basket_arrays,
+    write_history_arrays,
+    write_member_history,
+    write_neighbour_arrays,
+    write_parameters,
+)
+from .guest import GuestModel, GuestTrainingConfig, build_guest_model, recent_basket_arrays
 
 _LOG = logging.getLogger(__name__)
 
@@ -60,6 +68,8 @@ def train_bundle(products: Path, purchases: Path, out: Path, signing_key: Path |
     t0 = time.perf_counter()
     counts = decayed_counts(log, decay)
     guest = build_guest_model(catalog, *counts.for_catalog(catalog), guest_config)
+    guest.baskets = recent_basket_arrays(log, catalog.ids, max_baskets=guest.config.recent_baskets,
+                                         postings_per_item=guest.config.basket_postings)
     timings = {"guest_train_s": round(time.perf_counter() - t0, 2)}
     writer = None
     if member:
@@ -97,12 +107,15 @@ def member_writer(catalog: Catalog, log: PurchaseLog, guest: GuestModel, *, epoc
 def state_writer(state: Any, guest: GuestModel, *, calibration_log: PurchaseLog,
                  history: tuple[Any, Any, Any] | None = None,
                  fallback_serving: dict[str, Any] | None = None,
-                 units: BlendUnits | None = None) -> Callable[[Path], dict[str, Any]]:
+                 units: BlendUnits | None = None,
+                 baskets: tuple[PurchaseLog, Any] | None = None) -> Callable[[Path], dict[str, Any]]:
     """The function that exports a trained member ``state`` into ``member_model/``.
 
     ``history`` is (member ids, product ids, counts) for the repeat-purchase
     tables (the decayed counts); None takes plain counts from ``calibration_log``.
-    The neighbour table is written when ``units`` give it a weight. Blend weights
+    The neighbour and basket tables are written when ``units`` give their term a
+    weight; ``baskets`` is (purchases, age in days per row) for the basket table
+    (None: ``calibration_log`` aged from its newest row). Blend weights
     are calibrated on ``calibration_log``'s members; when it has none,
     ``fallback_serving`` (the previous version's weights) is kept.
     """
@@ -121,6 +134,12 @@ def state_writer(state: Any, guest: GuestModel, *, calibration_log: PurchaseLog,
             matrix = write_history_arrays(*history, user_lookup, item_lookup, member_dir)
         if units.neighbour_units:
             write_neighbour_arrays(matrix, member_dir, units.neighbours, units.neighbour_items)
+        if units.basket_units:
+            recent, ages = baskets if baskets is not None else (
+                calibration_log, days_before(calibration_log.timestamps, int(calibration_log.timestamps.max()))
+                if len(calibration_log) else np.zeros(0, np.int64))
+            write_basket_arrays(recent, ages, user_lookup, item_lookup, member_dir,
+                                half_life_days=units.basket_half_life_days, max_baskets=units.baskets_per_member)
         if fallback_serving and not (calibration_log.user_ids != "").any():
             serving = dict(fallback_serving)
         else:
@@ -143,11 +162,10 @@ def _calibrate(member_dir: Path, log: PurchaseLog, guest: GuestModel, units: Ble
     """
     from agent.registry import guest_from_source, member_from_source
 
-    from .blend import serving_weights
+    from .blend import TERMS, serving_weights
 
     source = DirectorySource(member_dir.parent)
-    rec = member_from_source(source, guest_from_source(source),
-                             {"repeat_weight": 0.0, "co_weight": 0.0, "neighbour_weight": 0.0})
+    rec = member_from_source(source, guest_from_source(source), {f"{t}_weight": 0.0 for t in TERMS})
     if rec is None:
         raise RuntimeError(f"member model files missing in {member_dir}")
     return serving_weights(rec, log, units)

@@ -196,11 +196,13 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 60) ->
 
 
 def test_console_shows_agents_going_offline_and_a_refused_night(world, browser, tmp_path, screenshot_path):
+    from test_nightly import WORSE_GUEST
+
     last = world.last_day
     first = world.job(**{"gate.holdout_percent": 40}).run(last - timedelta(days=2))
     second = world.job(**{"gate.holdout_percent": 40, "gate.tolerance": 1.0}).run(last - timedelta(days=1))
     assert first.published and second.published
-    worse = world.job(**{"gate.holdout_percent": 40, "guest_training.min_co_count": 10**6}).run(last)
+    worse = world.job(**{"gate.holdout_percent": 40, **WORSE_GUEST}).run(last)
     assert not worse.published and "guest_hr@10" in worse.reason
 
     port = free_port()

@@ -31,6 +31,7 @@ from retrain_server.evaluate import (
     split_last_basket,
     unseen_targets,
 )
+from retrain_server.evaluation.run import GUEST_BEFORE
 
 
 def _log(rows: list[tuple[str, str, str, int]]) -> PurchaseLog:
@@ -207,7 +208,7 @@ def test_end_to_end_table_has_every_row(tmp_path, member: bool) -> None:
     report = run_evaluation(cfg, data=data, work_dir=tmp_path)
     methods = [r["method"] for r in report["rows"]]
     for expected in ("baseline: most popular", "baseline: item co-occurrence (raw counts)",
-                     "baseline: member's own most frequent", "guest model before decay (defaults, no decay)",
+                     "baseline: member's own most frequent", GUEST_BEFORE,
                      "guest model, every knob tuned on validation", SHIPPED_GUEST,
                      "member: two-tower only", SHIPPED_MEMBER):
         assert expected in methods
@@ -223,14 +224,20 @@ def test_end_to_end_table_has_every_row(tmp_path, member: bool) -> None:
     shipped_guest = next(r for r in report["rows"] if r["method"] == SHIPPED_GUEST)
     assert set(shipped_guest["segments"]) == {"member_unknown", "cart_has_new_product", "target_new"}
     assert "co_half_life_days" in report["tuning"]["guest"]
+    assert any(m.startswith("guest + recent baskets alone") for m in methods)
+    assert report["tuning"]["guest"]["stage4_baskets"]  # the session-kNN term was searched
     if member:
         assert "unknown member -> guest model as shipped" in methods
         assert any(m.startswith("member + history decay alone") for m in methods)
         assert any(m.startswith("member + neighbours alone") for m in methods)
         assert any(m.startswith("member + Two-Tower recency weights alone") for m in methods)
+        assert any(m.startswith("member + own baskets with the cart") for m in methods)
+        assert any(m.startswith("member + bought-before bonus") for m in methods)
         assert report["timings"]["member"]["seconds_per_epoch"] > 0
         chosen = report["chosen"]["member"]
-        assert set(chosen["units"]) == {"repeat_units", "co_units", "neighbour_units"}
+        assert set(chosen["units"]) == {"repeat_units", "co_units", "neighbour_units", "known_units",
+                                        "basket_units"}
+        assert isinstance(chosen["baskets"], bool)
         assert chosen["history_half_life_days"] in (0.0, 15.0, 30.0, 60.0, 120.0, 240.0)
         assert report["gains"] and all(g["paired_se"] >= 0 for g in report["gains"])
     table = format_table(report)
@@ -263,12 +270,17 @@ def test_member_grid_ranks_match_the_recommender(trained) -> None:
     _, recent, _ = split_by_time(log, 5)
     cases = held_out_cases(recent, max_cases=60, seed=2)
     grid = MemberGrid(rec, cases, 10, {"as loaded": rec})
-    weights = np.array([[0.0, 0.0, 0.0], [rec.params.repeat_weight, rec.params.co_weight, 0.0],
-                        [5.0, 0.0, 0.0], [0.0, 50.0, 0.0]])
+    p = rec.params
+    assert rec.baskets_ is not None and p.basket_weight > 0  # the shipped blend has the own-baskets term
+    # columns: repeat, co, neighbours, known, basket (ScoreParts.SPARSE)
+    weights = np.array([[0.0] * 5, [p.repeat_weight, p.co_weight, 0.0, p.known_weight, p.basket_weight],
+                        [5.0, 0.0, 0.0, 0.0, 0.0], [0.0, 50.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 3.0, 0.0],
+                        [0.0, 0.0, 0.0, 0.0, 20.0], [1.0, 2.0, 0.0, 0.5, 4.0]])
     ranks = grid.ranks("as loaded", weights)
-    for j, (rw, cw, _) in enumerate(weights.tolist()):
+    for j, (rw, cw, _, kw, bw) in enumerate(weights.tolist()):
         variant = load_snapshot(trained.parameters, load_public_key(trained.public_key),
-                                member_overrides={"repeat_weight": rw, "co_weight": cw}).member
+                                member_overrides={"repeat_weight": rw, "co_weight": cw, "known_weight": kw,
+                                                  "basket_weight": bw}).member
         expected = evaluate(variant, cases, k=10).ranks
         agree = np.mean(np.asarray(expected) == ranks[j])
         assert agree >= 0.95, (j, agree)  # float32 vs float64 ties may differ in a rare case

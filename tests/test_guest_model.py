@@ -145,3 +145,95 @@ def test_co_counts_ignore_products_missing_from_the_catalogue(store):
     ])
     co, counts = co_purchase_counts(log, store.catalog)
     assert co[0, 1] == 1 and co.sum() == 2 and counts.sum() == 2
+
+
+# --------------------------------------------------------------------------- recent baskets (session kNN)
+
+def _baskets_of(log, ids, n_newest):
+    """{session: (newest timestamp, set of catalogue items)} of the n newest sessions, the slow way."""
+    known = set(ids)
+    out: dict[str, list] = {}
+    for s, p, t in zip(log.session_ids.tolist(), log.product_ids.tolist(), log.timestamps.tolist()):
+        if p in known:
+            b = out.setdefault(s, [t, set()])
+            b[0] = max(b[0], t)
+            b[1].add(p)
+    newest = sorted(out.items(), key=lambda kv: (-kv[1][0], kv[0]))[:n_newest]
+    return dict(newest)
+
+
+def test_recent_baskets_vote_like_a_brute_force_session_knn(store):
+    from agent.recommenders.guest import RecentBaskets
+    from retrain_server.guest import recent_basket_arrays
+
+    ids = store.catalog.ids
+    parts = recent_basket_arrays(store.purchases, ids, max_baskets=300, postings_per_item=10_000)
+    rb = RecentBaskets(**parts)
+    baskets = _baskets_of(store.purchases, ids.tolist(), 300)
+    assert len(rb.starts) - 1 == 300 and len(rb.items) == sum(len(b[1]) for b in baskets.values())
+    pos = {p: i for i, p in enumerate(ids.tolist())}
+    for cart_ids in (ids[:2].tolist(), ids[20:23].tolist(), [ids[5]]):
+        cart = np.array([pos[p] for p in cart_ids])
+        expect: dict[int, float] = {}
+        total = sum(len(held & set(cart_ids)) / np.sqrt(len(held)) for _, held in baskets.values())
+        for _, held in baskets.values():  # every basket votes (neighbours larger than the table)
+            sim = len(held & set(cart_ids)) / np.sqrt(len(held))
+            if not sim:
+                continue
+            for p in held:  # a vote is the basket's share of the voters' similarity
+                expect[pos[p]] = expect.get(pos[p], 0.0) + sim / total
+        items, votes = rb.scores(cart, 10_000)
+        got: dict[int, float] = {}
+        for i, v in zip(items.tolist(), votes.tolist()):
+            got[i] = got.get(i, 0.0) + v
+        assert got.keys() == expect.keys()
+        for i in expect:
+            assert got[i] == pytest.approx(expect[i], rel=1e-9)
+        assert max(got[pos[p]] for p in cart_ids) <= 1.0 + 1e-12  # at most every voter holds a product
+    # only the `neighbours` most similar baskets vote
+    items, votes = rb.scores(np.array([pos[p] for p in ids[:3].tolist()]), 5)
+    assert len(np.unique(votes)) <= 5 and items.size <= 5 * max(len(b[1]) for b in baskets.values())
+    assert rb.scores(np.zeros(0, np.int64), 300)[0].size == 0
+
+
+def test_postings_keep_the_newest_baskets_per_item(store):
+    from retrain_server.guest import recent_basket_arrays
+
+    parts = recent_basket_arrays(store.purchases, store.catalog.ids, max_baskets=10_000, postings_per_item=3)
+    pi, post = parts["postings_indptr"], parts["postings"]
+    assert np.all(np.diff(pi) <= 3)
+    for i in range(20):
+        row = post[pi[i]:pi[i + 1]]
+        holding = [b for b in range(len(parts["starts"]) - 1)
+                   if i in parts["items"][parts["starts"][b]:parts["starts"][b + 1]]]
+        assert row.tolist() == holding[:3]  # baskets are numbered newest first
+
+
+def test_recent_baskets_term_raises_what_similar_baskets_hold(store, model):
+    from agent.recommenders.guest import RecentBaskets
+    from retrain_server.guest import recent_basket_arrays
+
+    parts = recent_basket_arrays(store.purchases, store.catalog.ids, max_baskets=2_000, postings_per_item=1_000)
+    a = model.edge_arrays()
+    plain = recommender(model)
+    with_b = GuestRecommender(a["item_ids"], a["co_neighbors"], a["co_scores"], a["sim_neighbors"],
+                              a["sim_scores"], a["popular"], GuestParams(basket_weight=100.0),
+                              RecentBaskets(**parts))
+    req = RecommendRequest(cart=tuple(store.catalog.ids[[0, 20]].tolist()), top_k=10)
+    items, votes = with_b.baskets_.scores(with_b.indices(req.cart), with_b.params.basket_neighbours)
+    summed: dict[str, float] = {}
+    for i, v in zip(store.catalog.ids[items].tolist(), votes.tolist()):
+        summed[i] = summed.get(i, 0.0) + v
+    best = sorted((p for p in summed if p not in req.cart), key=lambda p: -summed[p])
+    got = with_b.recommend(req)
+    assert set(got) <= set(best[:15]) and got[0] == best[0]  # a huge weight: the votes lead
+    assert with_b.recommend(RecommendRequest(cart=req.cart, top_k=10)) == got  # deterministic
+    assert plain.baskets_ is None and len(plain.recommend(req)) == 10
+    off = GuestRecommender(a["item_ids"], a["co_neighbors"], a["co_scores"], a["sim_neighbors"], a["sim_scores"],
+                           a["popular"], GuestParams(basket_weight=0.0), RecentBaskets(**parts))
+    assert off.recommend(req) == plain.recommend(req)  # weight 0: the term is off
+    bad = dict(parts, postings=parts["postings"].copy())
+    bad["postings"][0] = len(parts["starts"]) + 5
+    with pytest.raises(ValueError, match="baskets"):
+        GuestRecommender(a["item_ids"], a["co_neighbors"], a["co_scores"], a["sim_neighbors"], a["sim_scores"],
+                         a["popular"], GuestParams(), RecentBaskets(**bad))

@@ -93,3 +93,128 @@ def test_neighbour_files_are_optional_and_loaded_when_present(tmp_path, snapshot
     items, scores = with_nb.score_parts(req).neighbours
     best = set(with_nb.item_ids_[items[np.argsort(-scores, kind="stable")]].tolist()) - set(req.cart)
     assert set(with_nb.recommend(req)) <= best  # a huge weight: the neighbours' items lead
+
+
+# --------------------------------------------------------------------------- the member's own baskets
+
+def _log(rows):
+    """A PurchaseLog from (session, user, product, day) tuples (day -> timestamp)."""
+    from retrain_server.data import PurchaseLog
+
+    return PurchaseLog.from_columns(
+        session_ids=np.array([r[0] for r in rows]), user_ids=np.array([r[1] for r in rows]),
+        product_ids=np.array([r[2] for r in rows]), genders=np.full(len(rows), -1, np.int8),
+        ages=np.full(len(rows), -1, np.int16), timestamps=np.array([r[3] * 86_400 for r in rows], np.int64))
+
+
+def _brute_force(log, ages, user, cart, half_life, max_baskets):
+    """The personal co-occurrence, written the slow obvious way."""
+    baskets = {}
+    for sid, uid, pid, age, ts in zip(log.session_ids.tolist(), log.user_ids.tolist(), log.product_ids.tolist(),
+                                      ages.tolist(), log.timestamps.tolist()):
+        if uid == user:
+            b = baskets.setdefault(sid, {"items": set(), "age": age, "ts": ts})
+            b["items"].add(pid)
+            b["age"], b["ts"] = min(b["age"], age), max(b["ts"], ts)
+    newest = sorted(baskets.items(), key=lambda kv: (-kv[1]["ts"], kv[0]))[:max_baskets]
+    score = {}
+    for _, b in newest:
+        share = len(b["items"] & set(cart)) / len(b["items"]) * 0.5 ** (b["age"] / half_life)
+        for p in b["items"]:
+            score[p] = score.get(p, 0.0) + share
+    top = max(score.values(), default=0.0)
+    return {p: s / top for p, s in score.items() if s > 0} if top > 0 else {}
+
+
+def test_basket_table_matches_the_brute_force_personal_co_occurrence():
+    from agent.recommenders.member import MemberBaskets
+    from retrain_server.blend import basket_table
+
+    rng = np.random.default_rng(5)
+    users = ["", "u1", "u2", "u3", "ghost"]  # "" = guest; "ghost" is not in the lookup
+    rows = []
+    for s in range(120):
+        uid = users[rng.integers(len(users))]
+        day = int(rng.integers(0, 200))
+        for p in rng.choice(12, size=int(rng.integers(1, 6)), replace=False).tolist():
+            rows.append((f"s{s:03d}", uid, f"p{p}", day))
+    rows.append(("s999", "u1", "p_unknown", 10))  # a product the lookup lacks: left out
+    rows.sort(key=lambda r: r[3])
+    log = _log(rows)
+    ages = 200 - log.timestamps // 86_400
+    user_lookup = np.array(["[UNK]", "u1", "u2", "u3"])
+    item_lookup = np.array([f"p{i}" for i in range(12)])
+    parts = basket_table(log, ages, user_lookup, item_lookup, half_life_days=30.0, max_baskets=7)
+    table = MemberBaskets(*parts)
+    assert table.indptr[1] == 0  # the unknown-user row is empty
+    assert np.all(np.diff(table.indptr) <= 7)  # at most max_baskets per member
+    assert np.all(np.diff(table.starts) > 0)  # no empty basket
+    for u, user in enumerate(user_lookup.tolist()[1:], start=1):
+        for cart in (["p1"], ["p2", "p5", "p9"], ["p11"]):
+            expect = _brute_force(log, ages, user, cart, 30.0, 7)
+            items, values = table.scores(u, np.array([int(c[1:]) for c in cart]))
+            got = dict(zip(item_lookup[items].tolist(), values.tolist()))
+            assert got.keys() == expect.keys(), (user, cart)
+            for p in expect:
+                assert got[p] == pytest.approx(expect[p], rel=1e-5)
+    assert table.scores(0, np.array([1]))[0].size == 0  # no baskets: nothing
+    assert table.scores(2, np.zeros(0, np.int64))[0].size == 0  # empty cart: nothing
+
+
+def test_known_and_basket_terms_are_loaded_weighted_and_validated(tmp_path, snapshot, trained):
+    from agent.errors import BundleError
+    from agent.layout import DirectorySource
+    from retrain_server.counts import days_before
+    from retrain_server.export import write_basket_arrays
+
+    root = tmp_path / "params"
+    shutil.copytree(trained.parameters, root)
+    source = DirectorySource(root)
+    user_lookup = source.array(layout.MEMBER_ARRAYS["user_lookup"])
+    item_lookup = source.array(layout.MEMBER_ARRAYS["item_lookup"])
+    log = trained.store.purchases
+    for p in layout.MEMBER_BASKETS.values():
+        (root / p).unlink(missing_ok=True)
+        assert layout.is_edge_file(p)
+    assert member_from_source(source, snapshot.guest).baskets_ is None  # an older bundle: the term is off
+    n = write_basket_arrays(log, days_before(log.timestamps, int(log.timestamps.max())), user_lookup, item_lookup,
+                            root / layout.MEMBER_DIR, half_life_days=60.0, max_baskets=20)
+    assert n > 0
+    m = member_from_source(source, snapshot.guest, {"basket_weight": 1e6, "known_weight": 0.0})
+    own = log.product_ids[log.user_ids == trained.member_id]
+    req = RecommendRequest(cart=(str(own[-1]),), user_id=trained.member_id, top_k=5)  # a product they bought
+    parts = m.score_parts(req)
+    items, scores = parts.basket
+    assert items.size and scores.max() == pytest.approx(1.0)
+    assert parts.known[0].tolist() == parts.repeat[0].tolist() and np.all(parts.known[1] == 1.0)
+    np.testing.assert_allclose(parts.total(m.params), m.scores(req), rtol=1e-5, atol=1e-3)
+    by_item = dict(zip(m.item_ids_[items].tolist(), scores.tolist()))
+    fifth = sorted((v for p, v in by_item.items() if p not in req.cart), reverse=True)[4]
+    got = m.recommend(req)
+    assert len(got) == 5 and all(by_item.get(p, 0.0) >= fifth - 1e-6 for p in got)  # huge weight: own baskets lead
+    # a guest or an unknown member has no baskets
+    assert m.score_parts(RecommendRequest(cart=req.cart)).basket[0].size == 0
+    # malformed tables are refused at load, with the file named
+    starts = root / layout.MEMBER_BASKETS["starts"]
+    good = np.load(starts)
+    np.save(starts, good[:-1])
+    with pytest.raises(BundleError, match="baskets_indptr"):
+        member_from_source(source, snapshot.guest)
+    np.save(starts, good)
+    items_path = root / layout.MEMBER_BASKETS["items"]
+    bad = np.load(items_path)
+    bad[0] = len(item_lookup) + 7
+    np.save(items_path, bad)
+    with pytest.raises(BundleError, match="outside item_lookup"):
+        member_from_source(source, snapshot.guest)
+
+
+def test_serving_weights_cover_every_term(snapshot, trained):
+    from retrain_server.blend import TERMS
+
+    w = serving_weights(snapshot.member, trained.store.purchases,
+                        BlendUnits(repeat_units=1.0, co_units=2.0, known_units=3.0, basket_units=4.0))
+    unit = w["score_unit"]
+    for term, units in zip(TERMS, (1.0, 2.0, 0.0, 3.0, 4.0)):
+        assert w[f"{term}_weight"] == pytest.approx(units * unit, rel=1e-4)
+        assert w[f"{term}_units"] == units

@@ -38,6 +38,10 @@ from retrain_server.sources import postgres
 from retrain_server.synth import make_store
 
 KST = ZoneInfo("Asia/Seoul")
+#: Sabotaged guest training for gate tests: no co-purchase pair, no recent basket and no tag neighbour is
+#: shipped, so the guest model can only answer the most popular products (any one signal alone still passes).
+WORSE_GUEST = {"guest_training.min_co_count": 10**6, "guest_training.recent_baskets": 0,
+               "guest_training.sim_neighbors": 0}
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -248,9 +252,8 @@ def test_a_worse_candidate_is_not_published_and_the_reason_is_kept(world):
     d0 = world.last_day - timedelta(days=1)
     first = world.job(**{"gate.holdout_percent": 40}).run(d0)
     assert first.published
-    # Sabotaged training: no co-purchase pair is ever kept, so the guest model loses its main signal.
-    worse = world.job(**{"gate.holdout_percent": 40, "guest_training.min_co_count": 10**6}).run(world.last_day)
-    assert not worse.published and worse.version
+    worse = world.job(**{"gate.holdout_percent": 40, **WORSE_GUEST}).run(world.last_day)
+    assert not worse.published and worse.version, worse.metrics
     assert "guest_hr@10" in worse.reason and worse.metrics["guest_cases"] >= 5
     assert worse.metrics["guest_hr@10"] < worse.metrics["published_guest_hr@10"]
     assert world.snapshot().version == first.version
@@ -341,6 +344,23 @@ def test_member_model_is_fine_tuned_nightly_keeping_its_lookups(world):
     assert layout.MEMBER_ONNX in names and layout.MEMBER_ONNX_FP32 not in names
     current, _ = world.state()
     assert (world.tmp / "state" / "generations" / current.generation / "checkpoint").is_dir()
+    # The basket table is rebuilt from PostgreSQL: the newbie's baskets of D+1, without tonight's held-out ones.
+    assert set(layout.MEMBER_BASKETS.values()) <= names and set(layout.GUEST_BASKETS.values()) <= names
+    baskets = snap.member.baskets_
+    u = users["newbie"]
+    held = holdout_mask(np.array([f"nb-{i}" for i in range(10)]), world.config().gate.holdout_percent)
+    assert baskets.indptr[u + 1] - baskets.indptr[u] == int((~held).sum()) > 0
+    items, scores = baskets.scores(u, snap.member.item_indices(ids[:1]))
+    assert set(snap.member.item_ids_[items].tolist()) <= set(ids[:13]) and scores.max() == 1.0
+    # Re-running the night's table build gives the same table (it is read whole, not accumulated).
+    job = world.job(**{"training.member": True})
+    with postgres.connect(world.dsn) as conn:
+        gate_log = postgres.read_purchases(conn, d0 + timedelta(days=1), d0 + timedelta(days=2), "Asia/Seoul")
+        gate_log = gate_log.select(holdout_mask(gate_log.session_ids, world.config().gate.holdout_percent))
+        a = job._recent_baskets(conn, d0 + timedelta(days=1), gate_log)
+        b = job._recent_baskets(conn, d0 + timedelta(days=1), gate_log)
+    assert a is not None and np.array_equal(a[0].session_ids, b[0].session_ids) and np.array_equal(a[1], b[1])
+    assert not set(gate_log.session_ids.tolist()) & set(a[0].session_ids.tolist())
 
 
 def test_member_model_is_trained_from_scratch_every_full_retrain_days(world):
@@ -420,7 +440,7 @@ def test_serve_answers_bundles_and_health_and_reports_a_refusal(world):
         status, body = get(f"/bundles/{first.version}.tar.gz")
         assert status == 200 and body == (world.bundle_dir / f"{first.version}.tar.gz").read_bytes()
         assert get("/bundles/../manifest.json")[0] == 404
-        worse = world.job(**{"gate.holdout_percent": 40, "guest_training.min_co_count": 10**6}).run(world.last_day)
+        worse = world.job(**{"gate.holdout_percent": 40, **WORSE_GUEST}).run(world.last_day)
         assert not worse.published
         status, body = get("/health")
         health = json.loads(body)

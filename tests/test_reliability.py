@@ -826,12 +826,15 @@ def test_power_loss_during_an_update_never_leaves_a_half_written_version(
                                     cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
                                     stdout=subprocess.DEVNULL, stderr=out)
 
-    def serving(expected: set[str], timeout: float = 20.0) -> str:
+    def serving(expected: set[str], timeout: float = 20.0, since: datetime | None = None) -> str:
         """The version the restarted agent serves once online (checked against `expected`), by status
-        and by an answer."""
+        and by an answer. ``since``: statuses stamped earlier (the killed process's, still queued) are
+        skipped."""
         deadline = time.monotonic() + timeout
         while True:
             body = console.wait_status("online", "power", timeout=max(0.1, deadline - time.monotonic()))
+            if since is not None and datetime.fromisoformat(body["ts"]) < since:
+                continue
             version = body["models"]["guest"]
             if version in expected:
                 break
@@ -866,9 +869,10 @@ def test_power_loss_during_an_update_never_leaves_a_half_written_version(
                     assert d.name not in (new, current), f"{d.name}: {exc}"
                     half_pruned.add(d.name)
             newest_on_disk = new if (params / "versions" / new).is_dir() else current
+            restarted = datetime.now(timezone.utc)
             proc = start()
             # first what start-up chose (the newest complete version), then the retained message applies `new`
-            first = serving({current, new})
+            first = serving({current, new}, since=restarted)
             assert first == newest_on_disk, (first, newest_on_disk)
             current = serving({new})
             (bundles / f"{new}.tar.gz").unlink()  # applied: 8 MB less on disk

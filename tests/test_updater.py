@@ -42,6 +42,7 @@ from _bundles import (
 )
 from paho.mqtt.enums import CallbackAPIVersion
 
+from agent import layout
 from agent.bundle import load_public_key
 from agent.config import parse_config
 from agent.errors import BundleError, ConfigError
@@ -440,6 +441,8 @@ def _smoke_fails(v: Versions, s: BundleServer) -> tuple[dict, str]:
         for name in ("co_neighbors", "sim_neighbors"):
             rewrite_array(g / f"{name}.npy", lambda a: np.full_like(a, -1))
         rewrite_array(g / "popular.npy", lambda a: a[:1])
+        for path in layout.GUEST_BASKETS.values():  # the recent baskets would still answer
+            (d / path).unlink(missing_ok=True)
     b = v.make(useless)
     return update_message(b.version, s.url(b.bundle.name), b.bundle), "smoke recommendation malformed"
 

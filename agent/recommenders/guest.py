@@ -8,6 +8,9 @@ done at training time; the edge serves from precomputed neighbour tables:
 * ``sim_neighbors_[i]`` / ``sim_scores_[i]``: item i's most TF-IDF-similar items
   (cosine similarity, self excluded), best first, ``-1`` padded.
 * ``popular_``: item indices by purchase count, for empty or unknown carts.
+* ``baskets_`` (optional, :class:`RecentBaskets`): the store's recent baskets
+  with an item -> baskets index, for the session-kNN term: the past baskets
+  most like the whole cart vote for their other items (``basket_weight``).
 
 A request then costs a handful of small numpy operations, independent of the
 catalogue size.
@@ -27,7 +30,7 @@ from .features import build_index
 
 _LOG = logging.getLogger(__name__)
 
-__all__ = ["GuestParams", "GuestRecommender", "sum_by_item"]
+__all__ = ["GuestParams", "GuestRecommender", "RecentBaskets", "sum_by_item"]
 
 
 @dataclass(frozen=True)
@@ -48,14 +51,65 @@ class GuestParams:
     fallback_min_candidates: int = 10
     #: weight of the fallback (similar-to-cart) scores
     fallback_weight: float = 0.5
+    #: weight of the recent baskets most like the cart (session kNN), relative to the best
+    #: co-purchase score; 0 (or a bundle without ``baskets_*.npy``) turns the term off.
+    #: Chosen on Complete Journey's validation month (README, "Evaluation").
+    basket_weight: float = 10.0
+    #: how many of the most similar recent baskets vote
+    basket_neighbours: int = 50
 
     def __post_init__(self) -> None:
-        for name in ("co_top_k_per_item", "expand_top", "sim_top_k", "fallback_min_candidates"):
+        for name in ("co_top_k_per_item", "expand_top", "sim_top_k", "fallback_min_candidates",
+                     "basket_neighbours"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ValueError(f"guest.{name} must be a non-negative integer")
-        for name in ("sim_weight", "fallback_weight"):
+        for name in ("sim_weight", "fallback_weight", "basket_weight"):
             if not isinstance(getattr(self, name), (int, float)) or getattr(self, name) < 0:
                 raise ValueError(f"guest.{name} must be a non-negative number")
+
+
+@dataclass(frozen=True)
+class RecentBaskets:
+    """The store's recent baskets and, per item, the baskets holding it (newest first, capped).
+
+    ``items[starts[b]:starts[b+1]]`` are basket ``b``'s distinct products;
+    ``postings[postings_indptr[i]:postings_indptr[i+1]]`` the baskets holding item ``i``.
+    """
+
+    starts: np.ndarray  # int64 [n_baskets + 1]
+    items: np.ndarray  # int32 item indices
+    postings_indptr: np.ndarray  # int64 [n_items + 1]
+    postings: np.ndarray  # int32 basket indices
+
+    def scores(self, cart: np.ndarray, neighbours: int) -> tuple[np.ndarray, np.ndarray]:
+        """(items, votes) from the ``neighbours`` baskets most like the cart.
+
+        A basket's similarity is the number of cart items it holds over the square
+        root of its size (a big basket shares something with every cart); each
+        voting basket gives its items its similarity over the voters' total, so a
+        product's summed vote is the similarity-weighted share of the voting
+        baskets that hold it (1: all of them). Items repeat in the output; the
+        caller sums them.
+        """
+        if not cart.size or not neighbours:
+            return _EMPTY_I, _EMPTY_F
+        pi = self.postings_indptr
+        hits = np.concatenate([self.postings[pi[c]:pi[c + 1]] for c in np.unique(cart).tolist()])
+        if not hits.size:
+            return _EMPTY_I, _EMPTY_F
+        baskets, overlap = sum_by_item(hits, np.ones(hits.size, dtype=np.float64))  # ~1,000 hits: a sort is cheapest
+        lo, hi = self.starts[baskets], self.starts[baskets + 1]
+        sim = overlap / np.sqrt(hi - lo)
+        if sim.size > neighbours:
+            top = np.argpartition(sim, sim.size - neighbours)[sim.size - neighbours:]
+            lo, hi, sim = lo[top], hi[top], sim[top]
+        sizes = hi - lo
+        offsets = np.repeat(lo - np.cumsum(sizes) + sizes, sizes) + np.arange(int(sizes.sum()))
+        return self.items[offsets].astype(np.int64), np.repeat(sim / sim.sum(), sizes)
+
+
+_EMPTY_I = np.empty(0, dtype=np.int64)
+_EMPTY_F = np.empty(0, dtype=np.float64)
 
 
 class GuestRecommender:
@@ -67,7 +121,7 @@ class GuestRecommender:
 
     def __init__(self, item_ids: Sequence[str], co_neighbors: np.ndarray, co_scores: np.ndarray,
                  sim_neighbors: np.ndarray, sim_scores: np.ndarray, popular: np.ndarray,
-                 params: GuestParams | None = None) -> None:
+                 params: GuestParams | None = None, baskets: RecentBaskets | None = None) -> None:
         self.params = params or GuestParams()
         self.item_ids_ = np.asarray(item_ids)
         n = len(self.item_ids_)
@@ -88,6 +142,17 @@ class GuestRecommender:
                           ("popular", self.popular_)):
             if arr.size and (arr.max() >= n or arr.min() < -1):
                 raise ValueError(f"{name} holds indices outside the catalogue")
+        if baskets is not None:
+            b = baskets
+            n_b = len(b.starts) - 1
+            if (b.starts.ndim != 1 or n_b < 0 or b.starts[0] != 0 or np.any(np.diff(b.starts) <= 0)
+                    or b.starts[-1] != len(b.items) or len(b.postings_indptr) != n + 1 or b.postings_indptr[0] != 0
+                    or np.any(np.diff(b.postings_indptr) < 0) or b.postings_indptr[-1] != len(b.postings)):
+                raise ValueError("baskets: malformed recent-basket table")
+            if (b.items.size and (b.items.min() < 0 or b.items.max() >= n)) or \
+                    (b.postings.size and (b.postings.min() < 0 or b.postings.max() >= n_b)):
+                raise ValueError("baskets: indices outside the catalogue or the basket table")
+        self.baskets_ = baskets
         self.index_ = build_index(self.item_ids_.tolist())
 
     @property
@@ -149,6 +214,12 @@ class GuestRecommender:
             return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float64)
         k = p.co_top_k_per_item
         cand, score = scratch.add(self.co_neighbors_[cart, :k], self.co_scores_[cart, :k])
+        if self.baskets_ is not None and p.basket_weight:
+            items, votes = self.baskets_.scores(cart, p.basket_neighbours)
+            if items.size:
+                # a product every voting basket holds gets basket_weight x the best co-purchase score
+                best_co = score.max() if score.size else 1.0
+                cand, score = scratch.add_votes(items, votes * (p.basket_weight * best_co))
         if cand.size and p.expand_top and p.sim_top_k and p.sim_weight:
             top = _top(cand, score, p.expand_top)
             weight = score[top] * (p.sim_weight / score[top].max())
@@ -210,6 +281,7 @@ class _Scratch:
         self.seen = np.zeros(n, dtype=bool)
         self.touched: list[np.ndarray] = []
         self.cand = np.empty(0, dtype=np.int64)
+        self.mark = np.zeros(n, dtype=np.int64)  # add_votes' dedup marks (any value)
 
     def add(self, items: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Accumulate; returns all candidates so far (excluded ones dropped) and their sums."""
@@ -223,6 +295,23 @@ class _Scratch:
             self.score[items] += sums
             new = items[~self.seen[items]]
             if new.size:
+                self.seen[new] = True
+                self.touched.append(new)
+                self.cand = np.concatenate([self.cand, new])
+        return self.cand, self.score[self.cand]
+
+    def add_votes(self, items: np.ndarray, votes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Like :meth:`add` for thousands of repeated items: summed in place (``np.add.at``), not sorted."""
+        ok = ~self.excluded[items]
+        items, votes = items[ok], votes[ok]
+        if items.size:
+            np.add.at(self.score, items, votes)
+            new = items[~self.seen[items]]
+            if new.size:
+                # one position per distinct item: whichever the repeated assignment kept
+                at = np.arange(new.size)
+                self.mark[new] = at
+                new = new[self.mark[new] == at]
                 self.seen[new] = True
                 self.touched.append(new)
                 self.cand = np.concatenate([self.cand, new])

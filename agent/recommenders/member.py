@@ -9,8 +9,11 @@ Grocery shoppers rebuy, so the score can be blended with the member's own
 (time-decayed) purchase counts (``repeat_weight``), with co-purchase evidence
 from the guest model (``co_weight``) and, optionally, with what similar
 members buy (``neighbour_weight``, a per-member table computed on the
-server); every weight is chosen by measurement (``retrain-server evaluate``)
-and 0 turns its term off. :meth:`MemberRecommender.score_parts` returns the
+server), with a flat bonus for anything the member has bought before
+(``known_weight``) and with the member's own recent baskets that shared
+products with this cart (``basket_weight``: what *this* shopper buys together
+with what is in the basket, :class:`MemberBaskets`); every weight is chosen
+by measurement (``retrain-server evaluate``) and 0 turns its term off. :meth:`MemberRecommender.score_parts` returns the
 unweighted terms, so tuning and calibration never reach into the model.
 """
 
@@ -24,11 +27,11 @@ import numpy as np
 
 from .base import RecommendRequest
 from .features import CONTEXT_LENGTH, age_bucket, build_index, encode_context, gender_index
-from .guest import GuestRecommender
+from .guest import GuestRecommender, sum_by_item
 
 _LOG = logging.getLogger(__name__)
 
-__all__ = ["MemberParams", "MemberHistory", "ScoreParts", "MemberRecommender", "top_k"]
+__all__ = ["MemberParams", "MemberHistory", "MemberBaskets", "ScoreParts", "MemberRecommender", "top_k"]
 
 INPUT_NAMES = ("user_index", "gender_index", "age_bucket", "context_index")
 
@@ -43,6 +46,10 @@ class MemberParams:
     co_weight: float = 0.0
     #: weight of the similar members' score (``neighbours_*.npy``; 0 or absent table: off)
     neighbour_weight: float = 0.0
+    #: weight of "the member bought this before" (1 for every item of the history, any count)
+    known_weight: float = 0.0
+    #: weight of the member's own recent baskets that share products with the cart (``baskets_*.npy``)
+    basket_weight: float = 0.0
     #: onnxruntime intra-op threads (1: latency at batch 1, leaves cores free)
     threads: int = 1
 
@@ -70,25 +77,74 @@ _NONE = (np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32))
 
 
 @dataclass(frozen=True)
+class MemberBaskets:
+    """Each member's recent baskets (two-level CSR, rows indexed like ``user_lookup``).
+
+    ``indptr[u]:indptr[u+1]`` are member ``u``'s baskets; basket ``b`` holds
+    ``items[starts[b]:starts[b+1]]`` (distinct, never empty) and weighs
+    ``weights[b]`` (its time decay). :meth:`scores` is a personal
+    co-occurrence: every basket is weighted by the share of its products that
+    are in the cart, and each product scores the sum over the baskets holding it.
+    """
+
+    indptr: np.ndarray  # int64 [n_users + 1] -> basket rows
+    starts: np.ndarray  # int64 [n_baskets + 1] -> item rows
+    items: np.ndarray  # int32 item indices (item_lookup numbering)
+    weights: np.ndarray  # float32 [n_baskets]
+
+    def scores(self, user: int, cart: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(items, score / max score) for ``user`` given the cart's item indices; empty when nothing overlaps."""
+        if user + 1 >= len(self.indptr) or not cart.size:
+            return _NONE
+        b0, b1 = int(self.indptr[user]), int(self.indptr[user + 1])
+        if b1 <= b0:
+            return _NONE
+        starts = self.starts[b0:b1 + 1]
+        items = self.items[starts[0]:starts[-1]]
+        sizes = np.diff(starts)
+        overlap = np.add.reduceat(np.isin(items, cart).astype(np.float32), starts[:-1] - starts[0])
+        share = overlap / sizes * self.weights[b0:b1]
+        hit = share > 0
+        if not hit.any():
+            return _NONE
+        lo, sizes = starts[:-1][hit] - starts[0], sizes[hit]  # only the baskets sharing a product vote
+        offsets = np.repeat(lo - np.cumsum(sizes) + sizes, sizes) + np.arange(int(sizes.sum()))
+        keys, score = sum_by_item(items[offsets].astype(np.int64), np.repeat(share[hit], sizes))
+        return keys, (score / score.max()).astype(np.float32)
+
+
+@dataclass(frozen=True)
 class ScoreParts:
     """The member score's terms for one request, unweighted (item_lookup numbering).
 
     ``two_tower`` is dense (every item); the others are sparse ``(items, values)``:
     ``repeat`` = log(1 + own decayed count), ``co`` = co-purchase score / its
-    maximum, ``neighbours`` = the similar members' score. :meth:`total` is the
-    blend the edge ranks by.
+    maximum, ``neighbours`` = the similar members' score, ``known`` = 1 for
+    every item the member bought, ``basket`` = :meth:`MemberBaskets.scores`.
+    :meth:`total` is the blend the edge ranks by.
     """
 
     two_tower: np.ndarray
     repeat: tuple[np.ndarray, np.ndarray] = _NONE
     co: tuple[np.ndarray, np.ndarray] = _NONE
     neighbours: tuple[np.ndarray, np.ndarray] = _NONE
+    known: tuple[np.ndarray, np.ndarray] = _NONE
+    basket: tuple[np.ndarray, np.ndarray] = _NONE
+
+    #: the sparse terms, in the order :meth:`weights` returns their weights
+    SPARSE = ("repeat", "co", "neighbours", "known", "basket")
+
+    @staticmethod
+    def weights(params: MemberParams) -> tuple[float, ...]:
+        """The weight of each of :attr:`SPARSE`'s terms."""
+        return (params.repeat_weight, params.co_weight, params.neighbour_weight, params.known_weight,
+                params.basket_weight)
 
     def total(self, params: MemberParams, *, inplace: bool = False) -> np.ndarray:
-        """``two_tower + repeat_weight * repeat + co_weight * co + neighbour_weight * neighbours``."""
+        """``two_tower`` plus each sparse term times its weight (``repeat_weight * repeat + ...``)."""
         s = self.two_tower if inplace else self.two_tower.copy()
-        for weight, (items, values) in ((params.repeat_weight, self.repeat), (params.co_weight, self.co),
-                                        (params.neighbour_weight, self.neighbours)):
+        for weight, name in zip(self.weights(params), self.SPARSE):
+            items, values = getattr(self, name)
             if weight and items.size:
                 s[items] += weight * values  # a few hundred items: cheap
         return s
@@ -100,7 +156,8 @@ class MemberRecommender:
     def __init__(self, onnx_model: bytes, user_lookup: Sequence[str], context_lookup: Sequence[str],
                  item_lookup: Sequence[str], item_embeddings: np.ndarray,
                  history: MemberHistory | None = None, guest: GuestRecommender | None = None,
-                 params: MemberParams | None = None, neighbours: MemberHistory | None = None) -> None:
+                 params: MemberParams | None = None, neighbours: MemberHistory | None = None,
+                 baskets: MemberBaskets | None = None) -> None:
         import onnxruntime as ort
 
         self.params = params or MemberParams()
@@ -109,8 +166,13 @@ class MemberRecommender:
         if self.item_embeddings_.shape[0] != len(self.item_ids_):
             raise ValueError("item_embeddings rows != item_lookup length")
         self.user_index_ = build_index(list(user_lookup))
+        n_items = len(self.item_ids_)
+        for name, table in (("history", history), ("neighbours", neighbours), ("baskets", baskets)):
+            if table is not None and table.items.size and (table.items.min() < 0 or table.items.max() >= n_items):
+                raise ValueError(f"{name} table names items outside item_lookup (0..{n_items - 1})")
         self.history_ = history
         self.neighbours_ = neighbours
+        self.baskets_ = baskets
         self.guest_ = guest
         # Memory: a 50k-product catalogue costs ~6 MB per id -> index dict, so the
         # guest model's dict is reused when the numbering agrees (it does when both
@@ -174,15 +236,21 @@ class MemberRecommender:
 
     def score_parts(self, request: RecommendRequest) -> ScoreParts:
         """Every term of the blend for this request, unweighted (tuning and calibration use this)."""
-        return self._parts(request, repeat=True, co=True, neighbours=True)
+        return self._parts(request, repeat=True, co=True, neighbours=True, known=True, basket=True)
 
-    def _parts(self, request: RecommendRequest, *, repeat: bool, co: bool, neighbours: bool) -> ScoreParts:
+    def _parts(self, request: RecommendRequest, *, repeat: bool, co: bool, neighbours: bool,
+               known: bool, basket: bool) -> ScoreParts:
         s = self.item_embeddings_ @ self.user_vector(request)
         user = self.user_index_.get(request.user_id) if request.user_id is not None else None
-        rep = nb = co_part = _NONE
-        if repeat and self.history_ is not None and user is not None:
+        rep = nb = co_part = bought = own = _NONE
+        if (repeat or known) and self.history_ is not None and user is not None:
             items, counts = self.history_.row(user)
-            rep = (items, np.log1p(counts))
+            if repeat:
+                rep = (items, np.log1p(counts))
+            if known:
+                bought = (items, np.ones(items.size, dtype=np.float32))
+        if basket and self.baskets_ is not None and user is not None and request.cart:
+            own = self.baskets_.scores(user, self.item_indices(request.cart))
         if neighbours and self.neighbours_ is not None and user is not None:
             nb = self.neighbours_.row(user)
         if co and self.guest_ is not None and request.cart:
@@ -195,13 +263,14 @@ class MemberRecommender:
                     items = items[items >= 0]
                 if items.size and scores.max() > 0:
                     co_part = (items, scores / scores.max())
-        return ScoreParts(s, rep, co_part, nb)
+        return ScoreParts(s, rep, co_part, nb, bought, own)
 
     def scores(self, request: RecommendRequest) -> np.ndarray:
         """Blended score of every item (item_lookup order); terms with weight 0 are not computed."""
         p = self.params
         parts = self._parts(request, repeat=bool(p.repeat_weight), co=bool(p.co_weight),
-                            neighbours=bool(p.neighbour_weight))
+                            neighbours=bool(p.neighbour_weight), known=bool(p.known_weight),
+                            basket=bool(p.basket_weight))
         return parts.total(p, inplace=True)
 
     def recommend(self, request: RecommendRequest) -> list[str]:

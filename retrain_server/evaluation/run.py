@@ -24,14 +24,16 @@ from typing import Any
 
 import numpy as np
 
-from ..blend import BlendUnits, calibration_requests, score_unit, serving_weights
+from ..blend import TERMS, BlendUnits, calibration_requests, score_unit, serving_weights
 from ..counts import Decay
 from ..data import Catalog, PurchaseLog
 from .baselines import CoOccurrenceRecommender, OwnFrequentRecommender, PopularRecommender
 from .protocol import Case, evaluate, held_out_cases, paired_se, split_by_time, unseen_targets
 from .report import SHIPPED_GUEST, SHIPPED_MEMBER, finish, row, segments
 from .tuning import (
+    BASKET_GRID,
     HISTORY_HALF_LIVES,
+    KNOWN_GRID,
     NEIGHBOUR_GRID,
     NEIGHBOUR_KS,
     RECENCY_HALF_LIFE,
@@ -51,6 +53,8 @@ _LOG = logging.getLogger(__name__)
 
 __all__ = ["EvaluationConfig", "run_evaluation"]
 
+#: The guest row every guest change is compared with.
+GUEST_BEFORE = "guest model before this change (defaults, no decay, no recent baskets)"
 #: The stand-in id for "a member the model has never seen".
 _OOV = "__evaluation_unknown_member__"
 
@@ -87,6 +91,7 @@ class _Tables:
     history_half_life: float = 0.0
     co_half_life: float = 0.0
     neighbours: int = 0  # k; 0 = no neighbour term
+    baskets: bool = False  # the member's own baskets with the cart (BlendUnits' half-life and size)
 
 
 def run_evaluation(cfg: EvaluationConfig, *, data: Any = None,
@@ -204,13 +209,21 @@ def _guest_rows(cfg: EvaluationConfig, catalog: Catalog, fit: PurchaseLog, train
     rows.append(row("guest model, seed settings (partner damping 0.5, no cart damping, TF-IDF expansion)",
                     evaluate(guest_recommender(seed, GuestParams(**SEED_GUEST_PARAMS)), test_cases, k=k,
                              hide_user=True), "guest"))
-    before = guest_recommender(model("train", GuestTrainingConfig(), 0.0), GuestParams())
+    no_baskets = GuestParams(basket_weight=0.0)
+    before = guest_recommender(model("train", GuestTrainingConfig(), 0.0), no_baskets)
     m_before = evaluate(before, test_cases, k=k, hide_user=True)
-    rows.append(row("guest model before decay (defaults, no decay)", m_before, "guest", segments=seg(m_before)))
-    decayed_model = guest_recommender(model("train", GuestTrainingConfig(), best_decay), GuestParams())
+    rows.append(row(GUEST_BEFORE, m_before, "guest", segments=seg(m_before)))
+    decayed_model = guest_recommender(model("train", GuestTrainingConfig(), best_decay), no_baskets)
     kept = "kept" if co_hl == best_decay else "not kept: no better than no decay on validation"
     rows.append(row(f"guest + co-purchase decay (half-life {best_decay:g} days)",
                     evaluate(decayed_model, test_cases, k=k, hide_user=True), "guest", kept))
+    basket_knobs = {n: getattr(guest_params, n) for n in ("basket_weight", "basket_neighbours")}
+    with_baskets = guest_recommender(model("train", GuestTrainingConfig(), 0.0), GuestParams(**basket_knobs))
+    rows.append(row(f"guest + recent baskets alone (session kNN, weight {basket_knobs['basket_weight']:g}, "
+                    f"{basket_knobs['basket_neighbours']} baskets vote)",
+                    evaluate(with_baskets, test_cases, k=k, hide_user=True), "guest",
+                    "kept" if basket_knobs["basket_weight"] else "not kept: no weight won on validation"))
+    report.setdefault("_comparisons", []).append((rows[-1]["method"], GUEST_BEFORE))
     tuned_model = model("train", guest_training, co_hl)
     guest = guest_recommender(tuned_model, guest_params)
     rows.append(row("guest model, every knob tuned on validation", evaluate(guest, test_cases, k=k, hide_user=True),
@@ -220,7 +233,7 @@ def _guest_rows(cfg: EvaluationConfig, catalog: Catalog, fit: PurchaseLog, train
     shipped = guest_recommender(model("train", shipped_cfg, shipped_hl), GuestParams())
     m_shipped = evaluate(shipped, test_cases, k=k, hide_user=True)
     rows.append(row(SHIPPED_GUEST, m_shipped, "guest", segments=seg(m_shipped)))
-    report.setdefault("_comparisons", []).append((SHIPPED_GUEST, "guest model before decay (defaults, no decay)"))
+    report["_comparisons"].append((SHIPPED_GUEST, GUEST_BEFORE))
     return {"first": first, "model": model, "tuned_config": guest_training, "tuned_params": guest_params,
             "co_hl": co_hl, "best_co_decay": best_decay, "shipped": shipped, "shipped_hl": shipped_hl}
 
@@ -278,10 +291,11 @@ class _MemberBuilder:
 
     def build(self, tables: _Tables, params: dict[str, float] | None = None,
               units: BlendUnits | None = None) -> Any:
-        from agent.layout import MEMBER_NEIGHBOURS, DirectorySource
+        from agent.layout import MEMBER_BASKETS, MEMBER_NEIGHBOURS, DirectorySource
         from agent.registry import member_from_source
 
-        from ..export import write_member_table, write_neighbour_arrays
+        from ..counts import days_before
+        from ..export import write_basket_arrays, write_member_table, write_neighbour_arrays
 
         member_dir = self.root / "member_model"
         matrix = self.history(tables.history_half_life)
@@ -290,10 +304,16 @@ class _MemberBuilder:
         write_member_table(MEMBER_HISTORY, (matrix.indptr, matrix.indices, matrix.data), member_dir)
         for path in MEMBER_NEIGHBOURS.values():
             (self.root / path).unlink(missing_ok=True)
+        b = units or BlendUnits()
         if tables.neighbours:
-            b = units or BlendUnits()
             write_neighbour_arrays(matrix, member_dir, tables.neighbours, b.neighbour_items)
-        weights = {"repeat_weight": 0.0, "co_weight": 0.0, "neighbour_weight": 0.0, **(params or {})}
+        for path in MEMBER_BASKETS.values():
+            (self.root / path).unlink(missing_ok=True)
+        if tables.baskets and len(self.log):
+            write_basket_arrays(self.log, days_before(self.log.timestamps, int(self.log.timestamps.max())),
+                                self.user_lookup, self.item_lookup, member_dir,
+                                half_life_days=b.basket_half_life_days, max_baskets=b.baskets_per_member)
+        weights = {**{f"{t}_weight": 0.0 for t in TERMS}, **(params or {})}
         return member_from_source(DirectorySource(self.root), self.guest_for(tables.co_half_life), weights)
 
 
@@ -382,16 +402,43 @@ def _member_rows(cfg: EvaluationConfig, catalog: Catalog, fit: PurchaseLog, trai
                                                co=around(u["co_units"]), neighbours=NEIGHBOUR_GRID)
         gain = rec_results["kept"]["val_hr"] - results[kept_name]["val_hr"]
         keep_recency = gain > paired_se(rec_results["kept"]["hits"], results[kept_name]["hits"])
+    # The member's own baskets with the cart and the "bought before" bonus, on top of the kept tables
+    # (weights searched near the kept ones; each kept only when it beats them by a paired SE).
+    u_kept = results[kept_name]["units"]
+    with_baskets = replace(kept, baskets=True)
+    own_grid = MemberGrid(val_b.build(before), val_cases, k,
+                          {"kept": val_b.build(kept), "baskets": val_b.build(with_baskets)})
+
+    def own_search(variant: str, known: tuple[float, ...], basket: tuple[float, ...]) -> dict[str, Any]:
+        return own_grid.search(variant, unit_val, repeat=around(u_kept["repeat_units"]),
+                               co=around(u_kept["co_units"]), neighbours=(u_kept["neighbour_units"],),
+                               known=known, basket=basket)
+
+    results["known"] = own_search("kept", KNOWN_GRID, (0.0,))
+    results["baskets"] = own_search("baskets", (0.0,), BASKET_GRID)
+    results["known + baskets"] = own_search("baskets", KNOWN_GRID, BASKET_GRID)
+    own_gains = {n: (results[n]["val_hr"] - results[kept_name]["val_hr"],
+                     paired_se(results[n]["hits"], results[kept_name]["hits"]))
+                 for n in ("known", "baskets", "known + baskets")}
+    # Nested choice, simplest first: one term must beat the kept tables by a paired SE, and both
+    # terms must beat that one term by a paired SE (a 270-combination search fits noise otherwise).
+    singles = [n for n in ("known", "baskets") if own_gains[n][0] > own_gains[n][1]]
+    final_name = max(singles, key=lambda n: (results[n]["val_hr"], results[n]["val_mrr"])) if singles else kept_name
+    both = results["known + baskets"]
+    if both["val_hr"] - results[final_name]["val_hr"] > paired_se(both["hits"], results[final_name]["hits"]):
+        final_name = "known + baskets"
+    final_tables = with_baskets if results[final_name]["units"]["basket_units"] else kept
     timings["member_tuning_seconds"] = time.perf_counter() - t0
     strip = lambda r: {k2: v for k2, v in r.items() if k2 not in ("hits", "grid")}  # noqa: E731
     tuning["member"] = {"score_unit": unit_val, "variants": {n: strip(r) for n, r in results.items()},
                         "recency": {n: strip(r) for n, r in rec_results.items()},
                         "history_half_life_days": best_hl, "neighbours": {
                             "best_k": best_nb, "val_gain": nb_gain, "paired_se": nb_se, "kept": keep_nb},
-                        "recency_kept": keep_recency, "grids": {n: r["grid"] for n, r in results.items()}}
+                        "recency_kept": keep_recency, "grids": {n: r["grid"] for n, r in results.items()},
+                        "own_terms": {n: {"val_gain": g, "paired_se": se} for n, (g, se) in own_gains.items()}}
     chosen.update(history_half_life_days=best_hl, co_half_life_days=guest["co_hl"],
                   neighbours=best_nb if keep_nb else 0, two_tower_recency=keep_recency,
-                  units=results[kept_name]["units"])
+                  baskets=final_tables.baskets, units=results[final_name]["units"])
     report["chosen"]["member"] = chosen
     _LOG.info("member choices on validation: %s", chosen)
 
@@ -401,8 +448,7 @@ def _member_rows(cfg: EvaluationConfig, catalog: Catalog, fit: PurchaseLog, trai
     report["chosen"]["member"]["score_unit_test"] = unit_test
 
     def weights(units: dict[str, float], unit: float) -> dict[str, float]:
-        return {"repeat_weight": units["repeat_units"] * unit, "co_weight": units["co_units"] * unit,
-                "neighbour_weight": units["neighbour_units"] * unit}
+        return {f"{t}_weight": units.get(f"{t}_units", 0.0) * unit for t in TERMS}
 
     def test_row(name: str, builder: _MemberBuilder, tables: _Tables, units: dict[str, float], unit: float,
                  note: str = "", **extra: Any) -> Any:
@@ -422,6 +468,7 @@ def _member_rows(cfg: EvaluationConfig, catalog: Catalog, fit: PurchaseLog, trai
     test_row(f"member + history decay alone (half-life {best_hl:g} days)", tb, variants[h], results[h]["units"],
              unit_test, "kept" if best_hl else "not kept: no decay was best on validation")
     comparisons.append((rows[-1]["method"], before_name))
+    h_row = rows[-1]["method"]
     c = f"co {co_decay:g}"
     test_row(f"member + co-purchase decay alone (half-life {co_decay:g} days)", tb, variants[c], results[c]["units"],
              unit_test, "kept" if guest["co_hl"] == co_decay else "not kept (chosen on guest validation)")
@@ -436,24 +483,38 @@ def _member_rows(cfg: EvaluationConfig, catalog: Catalog, fit: PurchaseLog, trai
         test_row(f"member + Two-Tower recency weights alone (half-life {RECENCY_HALF_LIFE:g} days)", rtb, before,
                  rec_results["before"]["units"], unit_rtest, "kept" if keep_recency else "not kept on validation")
         comparisons.append((rows[-1]["method"], before_name))
-    every = _Tables(history_half_life=best_hl or 60.0, co_half_life=co_decay, neighbours=best_nb)
+    own_names = {"known": "member + bought-before bonus (on the history decay)",
+                 "baskets": "member + own baskets with the cart (on the history decay)"}
+    for n, label in own_names.items():
+        test_row(label, tb, with_baskets if n == "baskets" else kept, results[n]["units"], unit_test,
+                 "kept" if n in final_name else
+                 f"not kept: validation gain {own_gains[n][0]:+.4f} vs paired SE {own_gains[n][1]:.4f}")
+        comparisons.append((rows[-1]["method"], h_row))
+    every = _Tables(history_half_life=best_hl or 60.0, co_half_life=co_decay, neighbours=best_nb, baskets=True)
     every_grid = MemberGrid(val_b.build(before), val_cases, k, {"every": val_b.build(every)})
-    every_units = local("every", every_grid, results[f"history {best_hl:g}"])["units"]
-    test_row("member, every change together (decays, neighbours; base Two-Tower)", tb, every, every_units, unit_test)
+    u_h = results[f"history {best_hl:g}"]["units"]
+    every_units = every_grid.search("every", unit_val, repeat=around(u_h["repeat_units"]),
+                                    co=around(u_h["co_units"]), neighbours=NEIGHBOUR_GRID,
+                                    known=around(results[final_name]["units"]["known_units"], KNOWN_GRID),
+                                    basket=around(results[final_name]["units"]["basket_units"] or 3.0,
+                                                  BASKET_GRID))["units"]
+    test_row("member, every change together (decays, neighbours, own baskets, bought-before; base Two-Tower)", tb,
+             every, every_units, unit_test)
     comparisons.append((rows[-1]["method"], before_name))
     kept_builder = builders["test_recency"] if keep_recency else tb
-    kept_units = (rec_results["kept"] if keep_recency else results[kept_name])["units"]
+    kept_units = {**(rec_results["kept"] if keep_recency else results[kept_name])["units"],
+                  **{n: results[final_name]["units"][n] for n in ("known_units", "basket_units")}}
     kept_unit = score_unit(kept_builder.build(before), calibration_requests(train)) if keep_recency else unit_test
-    test_row("member, the changes kept on validation, weights tuned on validation", kept_builder, kept, kept_units,
-             kept_unit)
+    test_row("member, the changes kept on validation, weights tuned on validation", kept_builder, final_tables,
+             kept_units, kept_unit)
     # --- as shipped: retrain-server train's defaults (the chosen ones, once written into the code)
     shipped_tables = _Tables(history_half_life=shipped_decay.history_half_life_days,
                              co_half_life=shipped_decay.co_half_life_days,
-                             neighbours=shipped_units.neighbours if shipped_units.neighbour_units else 0)
+                             neighbours=shipped_units.neighbours if shipped_units.neighbour_units else 0,
+                             baskets=bool(shipped_units.basket_units))
     zero = tb.build(shipped_tables, units=shipped_units)
     serving = serving_weights(zero, train, shipped_units)
-    shipped = tb.build(shipped_tables, {n: serving[n] for n in ("repeat_weight", "co_weight", "neighbour_weight")},
-                       units=shipped_units)
+    shipped = tb.build(shipped_tables, {f"{t}_weight": serving[f"{t}_weight"] for t in TERMS}, units=shipped_units)
     m_shipped = evaluate(shipped, test_cases, k=k)
     rows.append(row(SHIPPED_MEMBER, m_shipped, "member", segments=seg(m_shipped)))
     report["chosen"]["shipped_member_serving"] = serving

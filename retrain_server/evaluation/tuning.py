@@ -32,15 +32,18 @@ from typing import Any
 import numpy as np
 
 from agent.recommenders.base import RecommendRequest
+from agent.recommenders.member import ScoreParts
 
+from ..blend import TERMS
 from ..counts import Counts, Decay, days_before
 from ..data import Catalog, PurchaseLog
 from .protocol import DAY, Case, evaluate, hr_mrr
 
 _LOG = logging.getLogger(__name__)
 
-__all__ = ["GUEST_TRAINING_GRID", "GUEST_CART_GRID", "GUEST_PARAMS_GRID", "SEED_GUEST_TRAINING",
-           "SEED_GUEST_PARAMS", "MEMBER_GRID", "NEIGHBOUR_GRID", "CO_HALF_LIVES", "HISTORY_HALF_LIVES",
+__all__ = ["GUEST_TRAINING_GRID", "GUEST_CART_GRID", "GUEST_PARAMS_GRID", "GUEST_BASKET_GRID", "SEED_GUEST_TRAINING",
+           "SEED_GUEST_PARAMS", "MEMBER_GRID", "NEIGHBOUR_GRID", "KNOWN_GRID", "BASKET_GRID", "CO_HALF_LIVES",
+           "HISTORY_HALF_LIVES",
            "NEIGHBOUR_KS", "RECENCY_HALF_LIFE", "guest_recommender", "copurchase_counts",
            "retrain_guest_copurchase", "cart_damped", "tune_guest", "MemberGrid", "recency_resample",
            "history_counts", "around"]
@@ -57,13 +60,18 @@ GUEST_CART_GRID = {"cart_alpha": (0.0, 0.25, 0.5, 0.75, 1.0)}
 #: arrays, stays 50: 92k items x 50 x 8 bytes.)
 GUEST_PARAMS_GRID = {"co_top_k_per_item": (20, 50), "sim_weight": (0.0, 0.1, 0.3),
                      "fallback_weight": (0.0, 0.5)}
+#: Fourth stage: the recent-baskets (session kNN) term's weight and how many baskets vote.
+GUEST_BASKET_GRID = {"basket_weight": (0.0, 1.0, 3.0, 10.0, 30.0, 100.0), "basket_neighbours": (50, 100, 200)}
 #: The seed's settings, evaluated as the "before tuning" row.
 SEED_GUEST_TRAINING = {"popularity_alpha": 0.5, "cart_alpha": 0.0, "min_co_count": 1}
-SEED_GUEST_PARAMS = {"co_top_k_per_item": 20, "sim_weight": 0.3}
+SEED_GUEST_PARAMS = {"co_top_k_per_item": 20, "sim_weight": 0.3, "basket_weight": 0.0}
 #: Member blend weights (repeat and co-purchase), in score units.
 MEMBER_GRID = (0.0, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
 #: Neighbour-term weights, in score units.
 NEIGHBOUR_GRID = (0.0, 0.3, 1.0, 3.0, 10.0, 30.0)
+#: "Bought before" and own-baskets term weights, in score units.
+KNOWN_GRID = (0.0, 1.0, 3.0, 10.0, 30.0)
+BASKET_GRID = (0.0, 1.0, 3.0, 10.0, 30.0, 100.0)
 #: Half-lives (days) of the member's own history tried; 0 = no decay.
 HISTORY_HALF_LIVES = (0.0, 15.0, 30.0, 60.0, 120.0, 240.0)
 #: Similar members summed per member (TIFU-KNN's k) tried.
@@ -76,12 +84,14 @@ RECENCY_HALF_LIFE = 90.0
 
 def guest_recommender(model: Any, params: Any, co_tables: tuple[np.ndarray, np.ndarray] | None = None) -> Any:
     """The edge's guest recommender from a :class:`~retrain_server.guest.GuestModel` (optionally other co tables)."""
-    from agent.recommenders.guest import GuestRecommender
+    from agent.recommenders.guest import GuestRecommender, RecentBaskets
 
     a = model.edge_arrays()
     co_nb, co_sc = co_tables if co_tables is not None else (a["co_neighbors"], a["co_scores"])
+    b = model.baskets
+    baskets = None if b is None else RecentBaskets(b["starts"], b["items"], b["postings_indptr"], b["postings"])
     return GuestRecommender(a["item_ids"], co_nb, co_sc, a["sim_neighbors"], a["sim_scores"],
-                            a["popular"], params)
+                            a["popular"], params, baskets)
 
 
 def copurchase_counts(log: PurchaseLog, catalog: Catalog, co_half_life_days: float = 0.0) -> tuple[Any, np.ndarray]:
@@ -118,15 +128,24 @@ def retrain_guest_copurchase(model: Any, log: PurchaseLog, config: Any, co_half_
     TF-IDF part (which depends on the catalogue only) is reused. ``counts``:
     precomputed :func:`copurchase_counts` of ``log``.
     """
-    from ..guest import co_purchase_tables
+    from ..guest import co_purchase_tables, recent_basket_arrays
 
     co, item_counts = counts if counts is not None else copurchase_counts(log, model.catalog, co_half_life_days)
+    key = (id(log), config.recent_baskets, config.basket_postings)
+    if key not in _BASKETS:
+        _BASKETS.clear()  # one log at a time: the tables are large
+        _BASKETS[key] = (log, recent_basket_arrays(log, model.catalog.ids, max_baskets=config.recent_baskets,
+                                                   postings_per_item=config.basket_postings))
     co_nb, co_sc = co_purchase_tables(co, item_counts, config.co_neighbors,
                                       config.popularity_alpha, config.min_co_count,
                                       cart_alpha=config.cart_alpha)
     popular = np.lexsort((np.arange(len(model.catalog)), -item_counts))[: config.n_popular]
     return replace(model, co_counts=co, item_counts=item_counts, co_neighbors=co_nb,
-                   co_scores=co_sc, popular=popular.astype(np.int32), config=config)
+                   co_scores=co_sc, popular=popular.astype(np.int32), config=config, baskets=_BASKETS[key][1])
+
+
+#: The last recent-basket table built by :func:`retrain_guest_copurchase` (its log is kept so the id stays valid).
+_BASKETS: dict[tuple[int, int, int], tuple[PurchaseLog, Any]] = {}
 
 
 def cart_damped(tables: tuple[np.ndarray, np.ndarray], item_counts: np.ndarray,
@@ -159,7 +178,9 @@ def tune_guest(model: Any, cases: Sequence[Case], k: int, *, log: PurchaseLog | 
 
     def run(m: Any, tables: tuple[np.ndarray, np.ndarray], params: dict[str, Any], stage: list,
             choice: dict[str, Any]) -> tuple[float, float]:
-        r = evaluate(guest_recommender(m, GuestParams(**params), tables), cases, k=k, hide_user=True)
+        # stages 0-3 without the recent-baskets term (as before it existed); stage 4 adds it
+        r = evaluate(guest_recommender(m, GuestParams(**{"basket_weight": 0.0, **params}), tables), cases, k=k,
+                     hide_user=True)
         stage.append({**choice, "hr": r.hr, "mrr": r.mrr, "se": r.se})
         _LOG.info("guest val %s: HR %.4f MRR %.4f", choice, r.hr, r.mrr)
         return r.hr, r.mrr
@@ -198,15 +219,26 @@ def tune_guest(model: Any, cases: Sequence[Case], k: int, *, log: PurchaseLog | 
                 score = run(model, best2[2], params, stage3, params)
                 if best3 is None or score > best3[0]:
                     best3 = (score, params)
-    return {"training": best2[1], "params": best3[1], "co_half_life_days": best0[1],
-            "val_hr": best3[0][0], "val_mrr": best3[0][1], "stage0_decay": stage0, "stage1": stage1,
-            "stage2_cart": stage2, "stage3_serving": stage3, "seconds": time.perf_counter() - t0}
+    stage4: list[dict[str, Any]] = []
+    best4: Any = (best3[0], {**best3[1], "basket_weight": 0.0})
+    if model.baskets is not None:
+        for bw in GUEST_BASKET_GRID["basket_weight"]:
+            for kn in GUEST_BASKET_GRID["basket_neighbours"] if bw else ():
+                params = {**best3[1], "basket_weight": bw, "basket_neighbours": kn}
+                score = run(model, best2[2], params, stage4, {"basket_weight": bw, "basket_neighbours": kn})
+                if score > best4[0]:
+                    best4 = (score, params)
+    return {"training": best2[1], "params": best4[1], "co_half_life_days": best0[1],
+            "val_hr": best4[0][0], "val_mrr": best4[0][1], "stage0_decay": stage0, "stage1": stage1,
+            "stage2_cart": stage2, "stage3_serving": stage3, "stage4_baskets": stage4,
+            "seconds": time.perf_counter() - t0}
 
 
 # --------------------------------------------------------------------------- member
 
 Term = tuple[np.ndarray, np.ndarray]
-_TERMS = ("repeat", "co", "neighbours")
+#: ScoreParts' sparse terms, in the order of a weight combination's columns
+_TERMS = ScoreParts.SPARSE
 
 
 @dataclass
@@ -240,7 +272,7 @@ class MemberGrid:
             rows = []
             for req in requests:
                 p = variant.score_parts(req)
-                rows.append({"repeat": p.repeat, "co": p.co, "neighbours": p.neighbours})
+                rows.append({name: getattr(p, name) for name in _TERMS})
             self.terms[name] = rows
         self.cache = [self._cache(rec, req, case, i) for i, (req, case) in enumerate(zip(requests, self.cases))]
         self.seconds = time.perf_counter() - t0
@@ -265,9 +297,10 @@ class MemberGrid:
     def ranks(self, variant: str, combos: np.ndarray) -> np.ndarray:
         """1-based ranks (0 = not in the top k) of every case's target, ``[len(combos), n_cases]``.
 
-        ``combos``: absolute weights ``[C, 3]`` for (repeat, co, neighbours).
+        ``combos``: absolute weights ``[C, 5]`` for (repeat, co, neighbours, known, basket).
         """
-        combos = np.asarray(combos, dtype=np.float64).reshape(-1, 3)
+        n_terms = len(_TERMS)
+        combos = np.asarray(combos, dtype=np.float64).reshape(-1, n_terms)
         out = np.zeros((combos.shape[0], len(self.cases)), dtype=np.int64)
         for c_i, (cached, terms) in enumerate(zip(self.cache, self.terms[variant])):
             t = cached.target
@@ -276,12 +309,12 @@ class MemberGrid:
             parts = [terms[name] for name in _TERMS]
             items = np.concatenate([p[0] for p in parts]).astype(np.int64)
             values = np.concatenate([np.asarray(p[1], dtype=np.float64) for p in parts])
-            which = np.repeat(np.arange(3), [p[0].size for p in parts])
+            which = np.repeat(np.arange(n_terms), [p[0].size for p in parts])
             keys, inverse = np.unique(items, return_inverse=True)
-            vals = np.zeros((keys.size, 3))
+            vals = np.zeros((keys.size, n_terms))
             np.add.at(vals, (inverse, which), values)
             is_t = keys == t
-            st = cached.target_tt + combos @ (vals[is_t].sum(axis=0) if is_t.any() else np.zeros(3))  # [C]
+            st = cached.target_tt + combos @ (vals[is_t].sum(axis=0) if is_t.any() else np.zeros(n_terms))  # [C]
             keys, vals = keys[~is_t], vals[~is_t]
             tt_s = cached.pool_tt[[cached.pool[x] for x in keys.tolist()]] if keys.size else np.zeros(0)
             s = tt_s[None, :] + combos @ vals.T  # [C, S]
@@ -296,25 +329,26 @@ class MemberGrid:
         return out
 
     def search(self, variant: str, unit: float, repeat: Sequence[float] = MEMBER_GRID,
-               co: Sequence[float] = MEMBER_GRID, neighbours: Sequence[float] = (0.0,)) -> dict[str, Any]:
+               co: Sequence[float] = MEMBER_GRID, neighbours: Sequence[float] = (0.0,),
+               known: Sequence[float] = (0.0,), basket: Sequence[float] = (0.0,)) -> dict[str, Any]:
         """Best weights (in score units x ``unit``) for ``variant`` by (HR, MRR), with the whole grid."""
-        grid = list(itertools.product(repeat, co, neighbours))
+        names = [f"{t}_units" for t in TERMS]  # repeat, co, neighbour, known, basket
+        grid = list(itertools.product(repeat, co, neighbours, known, basket))
         combos = np.array(grid, dtype=np.float64) * unit
         ranks = self.ranks(variant, combos)
         results = []
         best: tuple[float, float, int] | None = None
-        for j, (ru, cu, nu) in enumerate(grid):
+        for j, values in enumerate(grid):
             hr, mrr = hr_mrr(ranks[j].tolist(), self.k)
-            results.append({"repeat_units": ru, "co_units": cu, "neighbour_units": nu, "hr": hr, "mrr": mrr})
+            results.append({**dict(zip(names, values)), "hr": hr, "mrr": mrr})
             if best is None or (hr, mrr) > best[:2]:
                 best = (hr, mrr, j)
         assert best is not None
-        ru, cu, nu = grid[best[2]]
+        units = dict(zip(names, grid[best[2]]))
         hits = ((ranks[best[2]] >= 1) & (ranks[best[2]] <= self.k)).astype(np.float64)
-        _LOG.info("member val %s: best units repeat %s co %s neighbours %s: HR %.4f MRR %.4f",
-                  variant, ru, cu, nu, best[0], best[1])
-        return {"variant": variant, "units": {"repeat_units": ru, "co_units": cu, "neighbour_units": nu},
-                "params": {"repeat_weight": ru * unit, "co_weight": cu * unit, "neighbour_weight": nu * unit},
+        _LOG.info("member val %s: best units %s: HR %.4f MRR %.4f", variant, units, best[0], best[1])
+        return {"variant": variant, "units": units,
+                "params": {f"{t}_weight": units[f"{t}_units"] * unit for t in TERMS},
                 "val_hr": best[0], "val_mrr": best[1], "score_unit": unit, "hits": hits, "grid": results}
 
 
