@@ -89,9 +89,11 @@ class ModelSnapshot:
         return {"guest": self.version, "member": self.version if self.member else None}
 
     def recommend(self, request: RecommendRequest) -> Recommendation:
-        """Members go to the member model when it is loaded, everyone else to the guest model."""
+        """Members the member model knows go to it; everyone else (guests, members it has not seen yet) to
+        the guest model, which answers them better (README, "Evaluation": 0.133 vs 0.115 HR@10 for
+        unknown members on Complete Journey, 0.293 vs 0.221 on Instacart)."""
         unknown = self.guest.unknown_ids(request.cart + request.wishlist)
-        if request.user_id is not None and self.member is not None:
+        if request.user_id is not None and self.member is not None and self.member.knows_user(request.user_id):
             return Recommendation(self.member.recommend(request), "member", self.version, unknown)
         return Recommendation(self.guest.recommend(request), "guest", self.version, unknown)
 
