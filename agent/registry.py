@@ -161,11 +161,11 @@ def guest_from_source(source: layout.Source, params: GuestParams | None = None) 
         raise BundleError(f"guest model incomplete, missing: {', '.join(missing)}")
     a = {name: source.array(path) for name, path in layout.GUEST_ARRAYS.items() if name != "item_names"}
     baskets = None
-    if all(source.has(p) for p in layout.GUEST_BASKETS.values()):  # optional: older bundles have none
-        b = {name: source.array(path) for name, path in layout.GUEST_BASKETS.items()}
-        baskets = RecentBaskets(b["starts"].astype(np.int64, copy=False), b["items"].astype(np.int32, copy=False),
-                                b["postings_indptr"].astype(np.int64, copy=False),
-                                b["postings"].astype(np.int32, copy=False))
+    if _optional_table(source, layout.GUEST_BASKETS, "recent-basket table"):  # older bundles have none
+        p = layout.GUEST_BASKETS
+        baskets = RecentBaskets(_indices(source, p["starts"], np.int64), _indices(source, p["items"], np.int32),
+                                _indices(source, p["postings_indptr"], np.int64),
+                                _indices(source, p["postings"], np.int32))
     try:
         return GuestRecommender(a["item_ids"], a["co_neighbors"], a["co_scores"],
                                 a["sim_neighbors"], a["sim_scores"], a["popular"], params, baskets)
@@ -217,14 +217,37 @@ def _member_table(source: layout.Source, paths: Mapping[str, str], values: str) 
     return MemberHistory(indptr, items, vals)
 
 
+def _optional_table(source: layout.Source, paths: Mapping[str, str], what: str) -> bool:
+    """True when every part of an optional table is present, False when none is; a partial set is refused."""
+    present = [p for p in paths.values() if source.has(p)]
+    if present and len(present) != len(paths):
+        missing = sorted(set(paths.values()) - set(present))
+        raise BundleError(f"{what} incomplete, missing: {', '.join(missing)}")
+    return bool(present)
+
+
+def _indices(source: layout.Source, relpath: str, dtype: type) -> np.ndarray:
+    """A 1-D integer array that fits ``dtype`` (checked before the cast, so nothing wraps around)."""
+    a = source.array(relpath)
+    if a.ndim != 1 or a.dtype.kind not in "iu":
+        raise BundleError(f"{relpath}: expected a 1-D integer array, got {a.dtype} {a.shape}")
+    info = np.iinfo(dtype)
+    if a.size and (a.min() < info.min or a.max() > info.max):
+        raise BundleError(f"{relpath}: values outside {np.dtype(dtype).name}")
+    return a.astype(dtype, copy=False)
+
+
 def _member_baskets(source: layout.Source) -> MemberBaskets | None:
-    """The members' recent baskets (``baskets_*.npy``), or None when any part is missing."""
+    """The members' recent baskets (``baskets_*.npy``), or None when the bundle has none."""
     paths = layout.MEMBER_BASKETS
-    if not all(source.has(p) for p in paths.values()):
+    if not _optional_table(source, paths, "member basket table"):
         return None
-    t = {name: source.array(path) for name, path in paths.items()}
-    indptr, starts = t["indptr"].astype(np.int64, copy=False), t["starts"].astype(np.int64, copy=False)
-    items, weights = t["items"].astype(np.int32, copy=False), t["weights"].astype(np.float32, copy=False)
+    indptr, starts = _indices(source, paths["indptr"], np.int64), _indices(source, paths["starts"], np.int64)
+    items = _indices(source, paths["items"], np.int32)
+    weights = source.array(paths["weights"])
+    if weights.ndim != 1 or weights.dtype.kind != "f" or not np.all(np.isfinite(weights)) or np.any(weights < 0):
+        raise BundleError(f"{paths['weights']}: expected finite weights >= 0 in a 1-D float array")
+    weights = weights.astype(np.float32, copy=False)
     if (indptr.ndim != 1 or not len(indptr) or indptr[0] != 0 or np.any(np.diff(indptr) < 0)
             or indptr[-1] != len(starts) - 1 or starts.ndim != 1 or starts[0] != 0
             or np.any(np.diff(starts) <= 0) or starts[-1] != len(items) or len(weights) != len(starts) - 1):

@@ -59,7 +59,8 @@ training.fine_tune_min_steps   gradient steps per fine-tuning epoch at least (sm
 training.full_retrain_days   train the member model from scratch on every purchase in the database (gated like
                        any night) once its last full training is this many days old, default 7 (0: never;
                        nightly fine-tuning alone drifts a little each night); `nightly --full` forces it
-guest_training.*       co_neighbors, sim_neighbors, popularity_alpha, cart_alpha, min_co_count, n_popular
+guest_training.*       co_neighbors, sim_neighbors, popularity_alpha, cart_alpha, min_co_count, n_popular,
+                       recent_baskets (50000; 0 = no recent-basket table), basket_postings (1000)
 decay.history_half_life_days   half-life of a member's own purchases in the counts (repeat term, history
                        tables), default 30; 0 = no decay
 decay.co_half_life_days        half-life of co-purchase and per-product counts (guest tables, co-purchase

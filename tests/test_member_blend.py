@@ -218,3 +218,47 @@ def test_serving_weights_cover_every_term(snapshot, trained):
     for term, units in zip(TERMS, (1.0, 2.0, 0.0, 3.0, 4.0)):
         assert w[f"{term}_weight"] == pytest.approx(units * unit, rel=1e-4)
         assert w[f"{term}_units"] == units
+
+
+def test_malformed_or_partial_basket_tables_are_refused_at_load(tmp_path, trained):
+    """Arrays that would crash a request later (wrong shape, wrapping values, bad weights, a missing part)
+    are refused when the bundle loads, naming the file."""
+    from agent.errors import BundleError
+    from agent.layout import DirectorySource
+    from agent.registry import guest_from_source
+
+    def fresh() -> DirectorySource:
+        root = tmp_path / f"p{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(trained.parameters, root)
+        return DirectorySource(root)
+
+    source = fresh()
+    assert guest_from_source(source).baskets_ is not None and member_from_source(source, None).baskets_ is not None
+    cases = [
+        (layout.GUEST_BASKETS["items"], lambda a: a.reshape(-1, 1), "1-D integer"),
+        (layout.GUEST_BASKETS["postings_indptr"], lambda a: a.astype(np.float64), "1-D integer"),
+        (layout.GUEST_BASKETS["postings"], lambda a: a.astype(np.int64) + 2**32, "outside int32"),
+        (layout.MEMBER_BASKETS["weights"], lambda a: np.where(np.arange(a.size) == 0, np.inf, a), "finite"),
+        (layout.MEMBER_BASKETS["weights"], lambda a: a.reshape(-1, 1), "1-D float"),
+    ]
+    for relpath, mutate, needle in cases:
+        source = fresh()
+        np.save(source.root / relpath, mutate(np.load(source.root / relpath)))
+        with pytest.raises(BundleError, match=needle):
+            guest = guest_from_source(source)
+            member_from_source(source, guest)
+    for paths, what in ((layout.GUEST_BASKETS, "recent-basket table"), (layout.MEMBER_BASKETS, "member basket")):
+        source = fresh()
+        (source.root / next(iter(paths.values()))).unlink()
+        with pytest.raises(BundleError, match=f"{what}.*incomplete"):
+            guest = guest_from_source(source)
+            member_from_source(source, guest)
+
+
+def test_the_unknown_user_row_is_nobodys(snapshot, trained):
+    m = snapshot.member
+    placeholder = m.user_ids_[0] if hasattr(m, "user_ids_") else next(iter(m.user_index_))
+    assert m.user_index_[placeholder] == 0 and not m.knows_user(placeholder)
+    assert m.knows_user(trained.member_id) and not m.knows_user(None) and not m.knows_user("stranger")
+    rec = snapshot.recommend(RecommendRequest(cart=tuple(trained.family_items(2)[:2]), user_id=placeholder))
+    assert rec.model == "guest"

@@ -203,7 +203,8 @@ class MemberRecommender:
             raise ValueError(f"user tower dim {dim} != item embedding dim {self.item_embeddings_.shape[1]}")
 
     def knows_user(self, user_id: str | None) -> bool:
-        return user_id is not None and user_id in self.user_index_
+        """True for a member the model was trained on (row 0, the unknown-user row, is nobody's)."""
+        return user_id is not None and self.user_index_.get(user_id, 0) > 0
 
     def user_vector(self, request: RecommendRequest) -> np.ndarray:
         """The user tower's output for this request (unknown member -> OOV row).

@@ -5,8 +5,9 @@ Everything here sees validation cases only (carved from the training months,
 
 * **Guest** (:func:`tune_guest`): stage 0 the co-purchase half-life, stage 1
   ``popularity_alpha`` x ``min_co_count``, stage 2 ``cart_alpha``, stage 3 the
-  serving knobs. The TF-IDF part depends on the catalogue only and is reused;
-  only the co-purchase counts and tables are recomputed.
+  serving knobs, stage 4 the recent-baskets term (weight x voting baskets).
+  The TF-IDF part depends on the catalogue only and is reused; only the
+  co-purchase counts and tables (and the recent-basket table) are recomputed.
 * **Member blend** (:class:`MemberGrid`): each case's score parts come from the
   model's public :meth:`~agent.recommenders.member.MemberRecommender.score_parts`;
   the rank of the target under any weights is then exact arithmetic over the
@@ -161,13 +162,15 @@ def cart_damped(tables: tuple[np.ndarray, np.ndarray], item_counts: np.ndarray,
 
 def tune_guest(model: Any, cases: Sequence[Case], k: int, *, log: PurchaseLog | None = None,
                half_lives: Sequence[float] = CO_HALF_LIVES) -> dict[str, Any]:
-    """Grid search of the guest model on validation cases, in four stages.
+    """Grid search of the guest model on validation cases, in five stages.
 
     ``model``: a guest model trained on the rows before the validation window
     (``log``); stage 0 recomputes its counts for each co-purchase half-life
     (skipped without ``log``), stage 1 re-scores them for ``popularity_alpha`` x
     ``min_co_count``, stage 2 ``cart_alpha``, stage 3 the serving knobs
-    (:data:`GUEST_PARAMS_GRID`). A decay is kept only when it beats no decay.
+    (:data:`GUEST_PARAMS_GRID`), all without the recent-baskets term, then stage 4
+    that term (:data:`GUEST_BASKET_GRID`), kept only when it beats stage 3. A decay
+    is kept only when it beats no decay.
     """
     from agent.recommenders.guest import GuestParams
 
@@ -257,7 +260,7 @@ class MemberGrid:
 
     ``rec`` gives the two-tower part (its :meth:`score_parts`, asked once per
     case); each *variant* is a recommender built with other tables (history
-    half-life, co-purchase counts, neighbour table) whose sparse terms are taken
+    half-life, co-purchase counts, neighbour table, own-basket table) whose sparse terms are taken
     from its own :meth:`score_parts`. Only items a term touches can overtake the
     target by more than their two-tower score, so the cache keeps their
     two-tower scores and a sorted top of the rest.
