@@ -34,7 +34,7 @@ from .guest import GuestModel, GuestTrainingConfig, build_guest_model, recent_ba
 
 _LOG = logging.getLogger(__name__)
 
-__all__ = ["train_bundle", "member_writer", "state_writer", "default_checkpoint_dir", "decayed_counts"]
+__all__ = ["train_bundle", "member_writer", "state_writer", "kept_serving", "default_checkpoint_dir", "decayed_counts"]
 
 
 def default_checkpoint_dir(out: Path) -> Path:
@@ -141,7 +141,7 @@ def state_writer(state: Any, guest: GuestModel, *, calibration_log: PurchaseLog,
             write_basket_arrays(recent, ages, user_lookup, item_lookup, member_dir,
                                 half_life_days=units.basket_half_life_days, max_baskets=units.baskets_per_member)
         if fallback_serving and not (calibration_log.user_ids != "").any():
-            serving = dict(fallback_serving)
+            serving = kept_serving(fallback_serving, units)
         else:
             serving = _calibrate(member_dir, calibration_log, guest, units)
         meta_path = member_dir / Path(layout.MEMBER_META).name
@@ -152,6 +152,24 @@ def state_writer(state: Any, guest: GuestModel, *, calibration_log: PurchaseLog,
                 "epochs": state.config.epochs, "serving": serving}
 
     return write
+
+
+def kept_serving(previous: dict[str, Any], units: BlendUnits) -> dict[str, Any]:
+    """The previous version's blend weights, with any term it predates weighted from ``units`` and its score unit.
+
+    A night without member purchases cannot calibrate, so the published weights
+    are kept; a term added since (e.g. ``basket_weight``) would otherwise load as
+    0 and its table ship unused.
+    """
+    from .blend import TERMS
+
+    serving = dict(previous)
+    unit = float(serving.get("score_unit") or 0.0)
+    for term in TERMS:
+        if f"{term}_weight" not in serving:
+            serving[f"{term}_units"] = getattr(units, f"{term}_units")
+            serving[f"{term}_weight"] = round(serving[f"{term}_units"] * unit, 6)
+    return serving
 
 
 def _calibrate(member_dir: Path, log: PurchaseLog, guest: GuestModel, units: BlendUnits) -> dict[str, float]:

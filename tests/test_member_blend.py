@@ -262,3 +262,15 @@ def test_the_unknown_user_row_is_nobodys(snapshot, trained):
     assert m.knows_user(trained.member_id) and not m.knows_user(None) and not m.knows_user("stranger")
     rec = snapshot.recommend(RecommendRequest(cart=tuple(trained.family_items(2)[:2]), user_id=placeholder))
     assert rec.model == "guest"
+
+
+def test_kept_weights_gain_the_terms_their_version_predates():
+    from retrain_server.train import kept_serving
+
+    old = {"repeat_weight": 1.5, "co_weight": 1.5, "neighbour_weight": 0.0, "score_unit": 0.15,
+           "repeat_units": 10.0, "co_units": 10.0, "neighbour_units": 0.0}
+    got = kept_serving(old, BlendUnits(basket_units=3.0, known_units=0.0))
+    assert got["repeat_weight"] == 1.5 and got["co_weight"] == 1.5  # what the version had is kept as it was
+    assert got["basket_weight"] == pytest.approx(0.45) and got["basket_units"] == 3.0
+    assert got["known_weight"] == 0.0
+    assert kept_serving({**old, "basket_weight": 0.2}, BlendUnits(basket_units=3.0))["basket_weight"] == 0.2
