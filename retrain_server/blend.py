@@ -27,9 +27,9 @@ import numpy as np
 import scipy.sparse as sp
 
 from agent.recommenders.base import RecommendRequest
-from agent.recommenders.member import MemberRecommender
+from agent.recommenders.member import MemberRecommender, ScoreParts
 
-from .data import PurchaseLog
+from .data import PurchaseLog, basket_items
 
 _LOG = logging.getLogger(__name__)
 
@@ -37,8 +37,8 @@ __all__ = ["TERMS", "BlendUnits", "calibration_requests", "score_unit", "serving
            "basket_table"]
 
 #: The blend's sparse terms: ``<term>_units`` in :class:`BlendUnits`, ``<term>_weight`` in
-#: :class:`~agent.recommenders.member.MemberParams` (the order of ``ScoreParts.SPARSE``).
-TERMS = ("repeat", "co", "neighbour", "known", "basket")
+#: :class:`~agent.recommenders.member.MemberParams` (named and ordered by ``ScoreParts.WEIGHTS``).
+TERMS = tuple(w.removesuffix("_weight") for w in ScoreParts.WEIGHTS)
 
 #: Entries of one dense block of member-member similarities (float64: 64 MiB).
 _BLOCK_ENTRIES = 2**23
@@ -202,13 +202,10 @@ def basket_table(log: PurchaseLog, ages: np.ndarray, user_lookup: np.ndarray, it
     keep = order[(np.arange(order.size) - first) < max_baskets]  # still by member, newest first
     rank = np.full(len(sess), -1, np.int64)
     rank[keep] = np.arange(keep.size)
-    r = rank[sess_of]
-    pairs = np.unique(np.stack([r[r >= 0], it[ok][r >= 0]], 1), axis=0)  # (basket row, item), distinct, sorted
-    counts = np.bincount(pairs[:, 0], minlength=keep.size)
-    starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    starts, basket_item = basket_items(rank[sess_of], it[ok], keep.size)
     indptr = np.concatenate([[0], np.cumsum(np.bincount(owner[keep], minlength=n_users))]).astype(np.int64)
     weights = Decay.weight(half_life_days, age[keep]).astype(np.float32)
     _LOG.info("basket table: %d members, %d baskets, %d items", int((np.diff(indptr) > 0).sum()), keep.size,
-              pairs.shape[0])
-    return indptr, starts, pairs[:, 1].astype(np.int32), weights
+              basket_item.size)
+    return indptr, starts, basket_item, weights
 

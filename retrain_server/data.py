@@ -23,7 +23,7 @@ from .errors import DataError
 _LOG = logging.getLogger(__name__)
 
 __all__ = ["Catalog", "PurchaseLog", "DataError", "load_products", "load_purchases",
-           "write_products", "write_purchases"]
+           "write_products", "write_purchases", "basket_items"]
 
 #: gender / age value for "unknown" in the integer columns of PurchaseLog.
 UNKNOWN = -1
@@ -186,3 +186,15 @@ def write_purchases(path: str | Path, log: PurchaseLog) -> None:
                 "gender": None if g == UNKNOWN else g, "age": None if a == UNKNOWN else a,
                 "timestamp": datetime.fromtimestamp(ts, timezone.utc).isoformat(),
             }, ensure_ascii=False) + "\n")
+
+
+def basket_items(basket_of_row: np.ndarray, items: np.ndarray, n_baskets: int) -> tuple[np.ndarray, np.ndarray]:
+    """Baskets as CSR: ``(starts int64 [n_baskets + 1], items int32)``, each basket's distinct items sorted.
+
+    ``basket_of_row``: the basket (0..n_baskets-1) of each row, -1 for rows left out.
+    """
+    keep = basket_of_row >= 0
+    pairs = np.unique(np.stack([basket_of_row[keep], items[keep]], 1), axis=0)  # (basket, item), distinct, sorted
+    starts = np.concatenate([[0], np.cumsum(np.bincount(pairs[:, 0], minlength=n_baskets))]).astype(np.int64)
+    return starts, pairs[:, 1].astype(np.int32)
+

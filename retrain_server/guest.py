@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from .data import Catalog, PurchaseLog
+from .data import Catalog, PurchaseLog, basket_items
 
 _LOG = logging.getLogger(__name__)
 
@@ -347,16 +347,15 @@ def recent_basket_arrays(log: PurchaseLog, item_ids: np.ndarray, *, max_baskets:
     order = np.lexsort((sess, -newest))[:max_baskets]  # newest first
     rank = np.full(len(sess), -1, np.int64)
     rank[order] = np.arange(order.size)
-    r = rank[sess_of]
-    pairs = np.unique(np.stack([r[r >= 0], it[ok][r >= 0]], 1), axis=0)  # (basket, item), sorted by basket
-    starts = np.concatenate([[0], np.cumsum(np.bincount(pairs[:, 0], minlength=order.size))]).astype(np.int64)
-    by_item = pairs[np.lexsort((pairs[:, 0], pairs[:, 1]))]  # by item, newest basket first
+    starts, items = basket_items(rank[sess_of], it[ok], order.size)
+    basket = np.repeat(np.arange(order.size), np.diff(starts))
+    by_item = np.stack([basket, items], 1)[np.lexsort((basket, items))]  # by item, newest basket first
     n_items = len(item_ids)
     first = np.searchsorted(by_item[:, 1], by_item[:, 1], side="left")
     keep = (np.arange(len(by_item)) - first) < postings_per_item
     by_item = by_item[keep]
     postings_indptr = np.concatenate([[0], np.cumsum(np.bincount(by_item[:, 1], minlength=n_items))])
-    _LOG.info("recent baskets: %d baskets, %d items, %d postings", order.size, len(pairs), len(by_item))
-    return {"starts": starts, "items": pairs[:, 1].astype(np.int32),
+    _LOG.info("recent baskets: %d baskets, %d items, %d postings", order.size, len(items), len(by_item))
+    return {"starts": starts, "items": items,
             "postings_indptr": postings_indptr.astype(np.int64), "postings": by_item[:, 0].astype(np.int32)}
 

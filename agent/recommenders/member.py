@@ -131,14 +131,14 @@ class ScoreParts:
     known: tuple[np.ndarray, np.ndarray] = _NONE
     basket: tuple[np.ndarray, np.ndarray] = _NONE
 
-    #: the sparse terms, in the order :meth:`weights` returns their weights
+    #: the sparse terms, and the :class:`MemberParams` field weighting each (same order)
     SPARSE = ("repeat", "co", "neighbours", "known", "basket")
+    WEIGHTS = ("repeat_weight", "co_weight", "neighbour_weight", "known_weight", "basket_weight")
 
     @staticmethod
     def weights(params: MemberParams) -> tuple[float, ...]:
         """The weight of each of :attr:`SPARSE`'s terms."""
-        return (params.repeat_weight, params.co_weight, params.neighbour_weight, params.known_weight,
-                params.basket_weight)
+        return tuple(getattr(params, w) for w in ScoreParts.WEIGHTS)
 
     def total(self, params: MemberParams, *, inplace: bool = False) -> np.ndarray:
         """``two_tower`` plus each sparse term times its weight (``repeat_weight * repeat + ...``)."""

@@ -134,7 +134,8 @@ def retrain_guest_copurchase(model: Any, log: PurchaseLog, config: Any, co_half_
     co, item_counts = counts if counts is not None else copurchase_counts(log, model.catalog, co_half_life_days)
     key = (id(log), config.recent_baskets, config.basket_postings)
     if key not in _BASKETS:
-        _BASKETS.clear()  # one log at a time: the tables are large
+        if len(_BASKETS) >= 2:  # the fit and the train log alternate; the tables are a few MB each
+            _BASKETS.pop(next(iter(_BASKETS)))
         _BASKETS[key] = (log, recent_basket_arrays(log, model.catalog.ids, max_baskets=config.recent_baskets,
                                                    postings_per_item=config.basket_postings))
     co_nb, co_sc = co_purchase_tables(co, item_counts, config.co_neighbors,
@@ -145,7 +146,8 @@ def retrain_guest_copurchase(model: Any, log: PurchaseLog, config: Any, co_half_
                    co_scores=co_sc, popular=popular.astype(np.int32), config=config, baskets=_BASKETS[key][1])
 
 
-#: The last recent-basket table built by :func:`retrain_guest_copurchase` (its log is kept so the id stays valid).
+#: The last two recent-basket tables built by :func:`retrain_guest_copurchase` (each log is kept so its id stays
+#: valid).
 _BASKETS: dict[tuple[int, int, int], tuple[PurchaseLog, Any]] = {}
 
 
