@@ -83,10 +83,15 @@ class ModelSnapshot:
     member: MemberRecommender | None = None
     names: Mapping[str, str] = field(default_factory=dict)
     metrics: Mapping[str, Any] = field(default_factory=dict)
+    #: model -> the version it was trained in, when not this one (a nightly run that kept the
+    #: published member model beside a new guest model ships it under the new version)
+    origins: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def model_versions(self) -> dict[str, str | None]:
-        return {"guest": self.version, "member": self.version if self.member else None}
+        """Which version each model was trained in (the agent's status and ``/health``)."""
+        return {"guest": self.origins.get("guest", self.version),
+                "member": self.origins.get("member", self.version) if self.member else None}
 
     def recommend(self, request: RecommendRequest) -> Recommendation:
         """Members the member model knows go to it; everyone else (guests, members it has not seen yet) to
@@ -133,8 +138,10 @@ def load_snapshot(root: str | Path, public_key: Any | None, *, allow_unsigned: b
     its arrays are served from memory mappings (:mod:`agent.bundle`).
     """
     manifest = verify_parameters(root, public_key, allow_unsigned=allow_unsigned, map_files=map_files)
+    origins = {name: d["version"] for name, d in manifest.models.items()
+               if isinstance(d, Mapping) and isinstance(d.get("version"), str)}
     snap = snapshot_from_source(manifest, manifest.version, guest_params=guest_params,
-                                member_overrides=member_overrides, metrics=manifest.metrics)
+                                member_overrides=member_overrides, metrics=manifest.metrics, origins=origins)
     _LOG.info("loaded models %s from %s (guest: %d items, member: %s, signed: %s, %d files mapped)",
               manifest.version, root, snap.guest.n_items,
               f"{len(snap.member.item_ids_)} items" if snap.member else "absent", manifest.signed,
@@ -144,12 +151,14 @@ def load_snapshot(root: str | Path, public_key: Any | None, *, allow_unsigned: b
 
 def snapshot_from_source(source: layout.Source, version: str, *, guest_params: GuestParams | None = None,
                          member_overrides: Mapping[str, Any] | None = None,
-                         metrics: Mapping[str, Any] | None = None) -> ModelSnapshot:
+                         metrics: Mapping[str, Any] | None = None,
+                         origins: Mapping[str, str] | None = None) -> ModelSnapshot:
     """Build and smoke-test a snapshot from a source's files (see :mod:`agent.layout`)."""
     guest = guest_from_source(source, guest_params)
     member = member_from_source(source, guest, member_overrides or {})
     names = ProductNames(guest.index_, source.array(layout.GUEST_ARRAYS["item_names"]))
-    snap = ModelSnapshot(version=version, guest=guest, member=member, names=names, metrics=dict(metrics or {}))
+    snap = ModelSnapshot(version=version, guest=guest, member=member, names=names, metrics=dict(metrics or {}),
+                         origins=dict(origins or {}))
     snap.smoke_test()
     return snap
 

@@ -355,6 +355,11 @@ CONSOLE_HTML = """<!doctype html>
     if (m.published) { return "published"; }
     return m.reason ? "refused" : "pending";
   }
+  function kept(k) {  // a model the gate refused, replaced by its published version
+    return Object.keys(k).map(function (name) {
+      return "kept the published " + name + " model (" + k[name].version + "): " + (k[name].reason || "");
+    }).join("; ");
+  }
   function hr(m, kind) { var v = (m.metrics || {})[kind + "_hr@10"]; return v == null ? null : Number(v); }
 
   function renderModels(models) {
@@ -372,7 +377,8 @@ CONSOLE_HTML = """<!doctype html>
       var current = m.published && !seenPublished;
       seenPublished = seenPublished || m.published;
       cell(r, [badge(res), current ? el("span", { "class": "small" }, " current") : null,
-               m.reason ? el("div", { "class": "reason" }, m.reason) : null], "result");
+               m.reason ? el("div", { "class": "reason" }, m.reason) : null,
+               mt.kept ? el("div", { "class": "small kept" }, kept(mt.kept)) : null], "result");
       var pubG = mt["published_guest_hr@10"], pubM = mt["published_member_hr@10"];
       cell(r, [num(hr(m, "guest"), 4), pubG != null ? el("div", { "class": "small" }, "was " + num(pubG, 4)) : null],
            "num");

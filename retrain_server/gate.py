@@ -5,7 +5,9 @@ questions — the newest day's held-out sessions, one hidden product each
 (:func:`retrain_server.evaluation.protocol.held_out_cases`) — asked exactly as the edge
 asks (the snapshot's ``recommend``). Guests' HR@10 over every question, members'
 HR@10 over the members' questions. A candidate whose HR@10 is lower by more
-than ``tolerance`` on either is refused.
+than ``tolerance`` on either is refused (:attr:`GateResult.failed` says which);
+the nightly job then tries the candidate with the published version of the
+failed model in its place, so one model's bad night does not hold back the other.
 
 Which sessions are held out is a pure function of the session id
 (:func:`holdout_mask`), so re-running a night holds out the same ones.
@@ -69,6 +71,8 @@ class GateResult:
     passed: bool
     reason: str | None
     metrics: Mapping[str, Any] = field(default_factory=dict)
+    #: the models ("guest", "member") whose HR@10 fell by more than the tolerance
+    failed: tuple[str, ...] = ()
 
 
 def judge(candidate: Mapping[str, Any], published: Mapping[str, Any] | None, config: GateConfig) -> GateResult:
@@ -82,7 +86,7 @@ def judge(candidate: Mapping[str, Any], published: Mapping[str, Any] | None, con
     if candidate.get("guest_cases", 0) < config.min_cases:
         return GateResult(True, None, {**metrics, "gate": f"only {candidate.get('guest_cases', 0)} held-out "
                                                           f"questions (< {config.min_cases}): not compared"})
-    problems = []
+    problems, failed = [], []
     for key in (f"guest_hr@{K}", f"member_hr@{K}"):
         new, old = candidate.get(key), published.get(key)
         if new is None or old is None:
@@ -91,7 +95,8 @@ def judge(candidate: Mapping[str, Any], published: Mapping[str, Any] | None, con
             continue
         if new < old - config.tolerance:
             problems.append(f"{key} {new:.4f} < published {old:.4f} - tolerance {config.tolerance}")
+            failed.append(key.split("_")[0])
     if problems:
         return GateResult(False, "candidate worse than the published models: " + "; ".join(problems),
-                          {**metrics, "gate": "refused"})
+                          {**metrics, "gate": "refused"}, tuple(failed))
     return GateResult(True, None, {**metrics, "gate": "passed"})

@@ -14,6 +14,8 @@ For day D (default: yesterday in the store's time zone), one run:
    rebuilds the member history tables;
 5. gates the candidate against the published models on the newest day's
    held-out sessions (:mod:`.gate`; those sessions are counted the next night);
+   when only one of the two models is refused, the other ships beside the
+   published version of the refused one (gated again as that mix);
 6. commits the new state and watermark in one transaction, then — when the
    gate passed — packs the signed bundle, installs the new parameters,
    checks the bundle is reachable at its URL and announces it on
@@ -42,7 +44,7 @@ from zoneinfo import ZoneInfo
 
 import numpy as np
 
-from agent.bundle import MANIFEST
+from agent.bundle import MANIFEST, SIGNATURE
 from agent.layout import DirectorySource
 from agent.registry import load_snapshot, snapshot_from_source
 
@@ -237,9 +239,16 @@ class NightlyJob:
         version, created_at = doc["version"], datetime.fromisoformat(doc["created_at"])
         timings["export_s"] = round(time.perf_counter() - t0, 2)
         self.after_step("export")
-        # 6. gate
+        # 6. gate (one model refused: the candidate with the published version of that model in its place)
         t0 = time.perf_counter()
-        verdict = self._gate(candidate, version, gate_log)
+        cases = gate_cases(gate_log)
+        published = self._published_scores(cases)
+        verdict = self._gate(candidate, version, cases, published)
+        if not verdict.passed:
+            kept = self._keep_published(candidate, generation, verdict, cases, published)
+            if kept is not None:
+                candidate, doc, verdict = kept
+                version, created_at = doc["version"], datetime.fromisoformat(doc["created_at"])
         timings["gate_s"] = round(time.perf_counter() - t0, 2)
         metrics = {**verdict.metrics, "through_day": day.isoformat(), "rows_learned": len(learn),
                    "sessions_total": counts.sessions, "member_training": member_training}
@@ -353,20 +362,68 @@ class NightlyJob:
         recent = recent.select(~np.isin(recent.session_ids, np.unique(gate_log.session_ids)))
         return recent, ages_in_days(recent.timestamps, day, cfg.timezone)
 
-    def _gate(self, candidate: Path, version: str, gate_log: PurchaseLog) -> GateResult:
-        cases = gate_cases(gate_log)
+    def _published_scores(self, cases: list[Any]) -> dict[str, Any] | None:
+        """The published models' gate scores, None when there are none (or they cannot be loaded)."""
+        if not (self.cfg.parameters / MANIFEST).exists():
+            return None
+        try:
+            key = load_public_key_from_private(self.cfg.signing_key)
+            return score_snapshot(load_snapshot(self.cfg.parameters, key), cases)
+        except Exception as exc:  # an unreadable published version must not block a good one
+            _LOG.warning("published models could not be loaded for the gate (%s): not compared", exc)
+            return None
+
+    def _gate(self, candidate: Path, version: str, cases: list[Any], published: dict[str, Any] | None) -> GateResult:
         new = score_snapshot(snapshot_from_source(DirectorySource(candidate), version), cases)
-        published = None
-        if (self.cfg.parameters / MANIFEST).exists():
-            try:
-                key = load_public_key_from_private(self.cfg.signing_key)
-                published = score_snapshot(load_snapshot(self.cfg.parameters, key), cases)
-            except Exception as exc:  # an unreadable published version must not block a good one
-                _LOG.warning("published models could not be loaded for the gate (%s): not compared", exc)
         verdict = judge(new, published, self.cfg.gate)
         _LOG.info("gate: %s (%s)", "passed" if verdict.passed else "REFUSED",
                   ", ".join(f"{k}={v}" for k, v in verdict.metrics.items()))
         return verdict
+
+    def _keep_published(self, candidate: Path, generation: str, verdict: GateResult, cases: list[Any],
+                        published: dict[str, Any] | None) -> tuple[Path, dict[str, Any], GateResult] | None:
+        """One model refused, the other not: the candidate with the published version of the refused
+        model in its place, gated again (the member blend reads the guest's co-purchase tables, so
+        the mix is judged, not assumed). None when that is not possible or not good enough.
+
+        A day unlike the others (a sale many times the usual size) can move one model past the
+        tolerance; the other model's night of learning still ships. The manifest's ``models`` entry
+        of the kept model names the version it came from (agents report it in their status).
+        """
+        from agent import layout
+
+        if published is None or len(verdict.failed) != 1:
+            return None
+        failed = verdict.failed[0]
+        model_dir = {"guest": layout.GUEST_DIR, "member": layout.MEMBER_DIR}[failed]
+        other = layout.MEMBER_DIR if failed == "guest" else layout.GUEST_DIR
+        source = self.cfg.parameters / model_dir
+        if not source.is_dir() or not (candidate / other).is_dir():
+            return None  # nothing of the candidate would ship
+        installed = json.loads((self.cfg.parameters / MANIFEST).read_text(encoding="utf-8"))
+        origin = dict((installed.get("models") or {}).get(failed) or {})
+        origin.setdefault("version", installed["version"])
+        mixed = self.candidates / f"{candidate.name}-kept-{failed}"
+        shutil.rmtree(mixed, ignore_errors=True)
+        shutil.copytree(candidate, mixed, ignore=shutil.ignore_patterns(MANIFEST, SIGNATURE, model_dir))
+        shutil.copytree(source, mixed / model_dir)
+        doc = json.loads((candidate / MANIFEST).read_text(encoding="utf-8"))
+        models = {**doc.get("models", {}), failed: origin}
+        doc = write_manifest(mixed, metrics={}, models=models, signing_key=self.cfg.signing_key)
+        again = self._gate(mixed, doc["version"], cases, published)
+        if not again.passed:
+            _LOG.warning("the candidate with the published %s model (%s) is refused too: %s", failed,
+                         origin["version"], again.reason)
+            shutil.rmtree(mixed, ignore_errors=True)
+            return None
+        key = f"{failed}_hr@10"
+        metrics = {**again.metrics, "gate": f"passed with the published {failed} model",
+                   "kept": {failed: {"version": origin["version"], "candidate_hr@10": verdict.metrics.get(key),
+                                     "reason": verdict.reason}}}
+        _LOG.warning("nightly: the candidate's %s model is refused (%s); shipping the published one (%s) with "
+                     "tonight's %s model", failed, verdict.reason, origin["version"], other.split("_")[0])
+        shutil.rmtree(candidate, ignore_errors=True)
+        return mixed, doc, GateResult(True, None, metrics)
 
     def publish(self, conn: Any, version: str, timings: dict[str, float] | None = None) -> BundleInfo:
         """Pack, install as the server's parameters, check the URL, announce; mark published."""

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
+import psycopg
 import pytest
 from fastapi.testclient import TestClient
 from paho.mqtt.enums import CallbackAPIVersion
@@ -204,6 +205,13 @@ def test_console_shows_agents_going_offline_and_a_refused_night(world, browser, 
     assert first.published and second.published
     worse = world.job(**{"gate.holdout_percent": 40, **WORSE_GUEST}).run(last)
     assert not worse.published and "guest_hr@10" in worse.reason
+    # A night that shipped with the published member model in place of a refused one says so (the
+    # record test_nightly's split-gate test produces; member training is too slow to repeat here).
+    kept = {"member": {"version": first.version, "candidate_hr@10": 0.1,
+                       "reason": "candidate worse than the published models: member_hr@10 0.1000 < published 0.5000"}}
+    with psycopg.connect(world.dsn, autocommit=True) as conn:
+        conn.execute("UPDATE model_versions SET metrics = metrics || %s::jsonb WHERE version = %s",
+                     (json.dumps({"kept": kept}), second.version))
 
     port = free_port()
     cfg = world.tmp / "retrain.yaml"
@@ -238,6 +246,9 @@ def test_console_shows_agents_going_offline_and_a_refused_night(world, browser, 
         assert worse.reason in page.inner_text(f'tr[data-version="{worse.version}"] td.result')
         for v in (first.version, second.version):
             assert page.get_attribute(f'tr[data-version="{v}"]', "data-result") == "published"
+        shown = page.inner_text(f'tr[data-version="{second.version}"] td.result')
+        assert f"kept the published member model ({first.version}): {kept['member']['reason']}" in shown
+        assert "kept" not in page.inner_text(f'tr[data-version="{first.version}"] td.result')
         assert page.locator("#plot circle.point.guest").count() == 3
         assert page.locator("#plot circle.point.refused").count() >= 1
         models = json.loads(page.evaluate("fetch('api/models').then(r => r.text())"))

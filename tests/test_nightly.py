@@ -264,6 +264,85 @@ def test_a_worse_candidate_is_not_published_and_the_reason_is_kept(world):
     assert not (world.bundle_dir / f"{worse.version}.tar.gz").exists()
 
 
+def _spoil(candidates: Path, models: set[str]):
+    """An ``after_step`` hook that makes tonight's candidate worse in ``models`` before the gate:
+    the member model ranks by random item vectors alone; the guest model's recent baskets vote
+    for random products (a term the member blend does not read, so only the guest suffers)."""
+    def after(step: str) -> None:
+        if step != "export":
+            return
+        (cand,) = [p for p in candidates.iterdir() if p.name.startswith("run-")]
+        rng = np.random.default_rng(0)
+        if "member" in models:
+            m = cand / layout.MEMBER_DIR
+            emb = np.load(m / "item_embeddings.npy")
+            np.save(m / "item_embeddings.npy", rng.standard_normal(emb.shape).astype(emb.dtype))
+            meta = json.loads((m / "member_meta.json").read_text())
+            (m / "member_meta.json").write_text(json.dumps({**meta, "serving": {}}))
+        if "guest" in models:
+            path = cand / layout.GUEST_BASKETS["items"]
+            items = np.load(path)
+            np.save(path, rng.integers(0, items.max() + 1, items.size).astype(items.dtype))
+    return after
+
+
+def _files(bundle: Path, prefix: str) -> dict[str, str]:
+    with tarfile.open(bundle) as tar:
+        doc = json.load(tar.extractfile("manifest.json"))
+    return {k: v["sha256"] for k, v in doc["files"].items() if k.startswith(prefix)}
+
+
+@pytest.mark.parametrize("spoiled", [{"member"}, {"guest"}, {"guest", "member"}])
+def test_a_refused_model_is_replaced_by_its_published_version_and_the_other_ships(world, spoiled):
+    """One model's bad night (a sale day many times the usual size, a training gone wrong) must not
+    hold back the other model's: the candidate ships with the published version of the refused model."""
+    # a tolerance above the noise of ~30 questions (one hit is 0.03); the spoiled models fall far below it
+    settings = {"training.member": True, "training.epochs": 1, "gate.holdout_percent": 40, "gate.tolerance": 0.1}
+    d0 = world.last_day
+    first = world.job(**settings).run(d0)
+    assert first.published
+    # a day of members' baskets like the store's own (new session ids), so the gate has members' questions
+    p = world.store.purchases
+    members = sorted({s for s, u in zip(p.session_ids.tolist(), p.user_ids.tolist()) if u})[:80]
+    noon = datetime.combine(d0 + timedelta(days=1), datetime.min.time(), KST) + timedelta(hours=12)
+    sessions = []
+    for n, sid in enumerate(members):
+        rows = p.session_ids == sid
+        sessions.append((f"again-{sid}", p.user_ids[rows][0], p.product_ids[rows].tolist(),
+                         noon + timedelta(seconds=n)))
+    world.insert(sessions)
+    job = NightlyJob(world.config(**settings), after_step=_spoil(world.tmp / "state" / "candidates", spoiled))
+    second = job.run(d0 + timedelta(days=1))
+    assert second.version and second.metrics["member_cases"] >= 5, second.metrics
+    _, history = world.state()
+    if spoiled == {"guest", "member"}:  # nothing of tonight's is good enough: nothing ships
+        assert not second.published and "guest_hr@10" in second.reason and "member_hr@10" in second.reason
+        assert world.snapshot().version == first.version and "kept" not in second.metrics
+        assert history[0]["reason"] == second.reason
+        return
+    (bad,) = spoiled
+    good = ({"guest", "member"} - spoiled).pop()
+    assert second.published and second.reason is None, (second.reason, second.metrics)
+    kept = second.metrics["kept"][bad]
+    assert kept["version"] == first.version and f"{bad}_hr@10" in kept["reason"]
+    assert kept["candidate_hr@10"] < second.metrics[f"published_{bad}_hr@10"] - world.config().gate.tolerance
+    assert second.metrics["gate"] == f"passed with the published {bad} model"
+    # the refused model's files are the published ones, byte for byte; the other model is tonight's
+    old, new = world.bundle_dir / f"{first.version}.tar.gz", world.bundle_dir / f"{second.version}.tar.gz"
+    assert _files(new, f"{bad}_model/") == _files(old, f"{bad}_model/")
+    assert _files(new, f"{good}_model/") != _files(old, f"{good}_model/")
+    snap = world.snapshot()
+    assert snap.version == second.version
+    assert snap.model_versions == {bad: first.version, good: second.version}
+    assert _retained_update(world.broker, world.prefix)["version"] == second.version
+    assert history[0]["version"] == second.version and history[0]["published"] and history[0]["reason"] is None
+    assert history[0]["metrics"]["kept"][bad]["version"] == first.version
+    # a normal night ships both of its models again
+    third = world.job(**settings).run(d0 + timedelta(days=2))
+    assert third.published and "kept" not in third.metrics, (third.reason, third.metrics)
+    assert world.snapshot().model_versions == {"guest": third.version, "member": third.version}
+
+
 _KILLER = """
 import os, signal, sys
 from datetime import date
