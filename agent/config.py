@@ -94,7 +94,8 @@ guest.co_top_k_per_item / expand_top / sim_top_k / sim_weight / fallback_min_can
 guest.basket_weight / basket_neighbours
                        the recent-baskets (session kNN) term: weight relative to the best co-purchase
                        score and baskets that vote, default 10 / 50 (off without baskets_*.npy)
-member.repeat_weight / co_weight   default: the values trained into member_meta.json
+member.repeat_weight / co_weight / neighbour_weight / known_weight / basket_weight
+                       the blend's weights, default: the values trained into member_meta.json
 member.threads         onnxruntime threads, default 1
 updates.enabled        follow PREFIX/models/updated: download, verify, swap (default true)
 updates.jitter_s       longest random wait before downloading an update, default 30 (0 = none)
@@ -213,7 +214,14 @@ class MemberOverrides:
 
     repeat_weight: float | None = None
     co_weight: float | None = None
+    neighbour_weight: float | None = None
+    known_weight: float | None = None
+    basket_weight: float | None = None
     threads: int = 1
+
+    def weights(self) -> dict[str, float | None]:
+        """The blend weights to override (MemberParams field -> value; None keeps the trained one)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name.endswith("_weight")}
 
 
 @dataclass(frozen=True)
@@ -479,7 +487,8 @@ def parse_config(data: Mapping[str, Any], overrides: Mapping[str, Any] | None = 
             r.problems.append(f"broker.shared_group: {exc}")
     baskets = read_section(r, "baskets", BasketsConfig, idle_ttl_s=1, max_baskets=1, max_bytes=2**20)
     guest = read_section(r, "guest", GuestParams, **{f.name: 0 for f in dataclasses.fields(GuestParams)})
-    member = read_section(r, "member", MemberOverrides, repeat_weight=0, co_weight=0, threads=1)
+    member = read_section(r, "member", MemberOverrides, threads=1,
+                          **{f.name: 0 for f in dataclasses.fields(MemberOverrides) if f.name.endswith("_weight")})
     http = read_section(r, "http", HttpConfig, host=None, port=0, max_connections=1, max_connections_per_client=0,
                     header_timeout_s=0.1, body_timeout_s=0.1, keepalive_timeout_s=0.1)
     if http["port"] is not None and http["port"] > 65535:

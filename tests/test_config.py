@@ -153,7 +153,7 @@ def test_every_key_reaches_its_section(pub):
                             http={"port": 8080, "host": "0.0.0.0", "allowed_hosts": ["basket-7"],
                                   "max_connections": 9, "header_timeout_s": 2},
                             limits={"max_event_age_s": 300, "max_top_k": 20}, status_interval_s=5,
-                            drain_timeout_s=1, guest={"sim_weight": 0.25}, member={"threads": 2},
+                            drain_timeout_s=1, guest={"sim_weight": 0.25}, member={"threads": 2, "basket_weight": 0.5},
                             updates={"keep_versions": 5}), env={"BASKET_HTTP_TOKEN": "t" * 16})
     s = cfg.service
     assert s is not None
@@ -163,6 +163,8 @@ def test_every_key_reaches_its_section(pub):
     assert cfg.http == HttpConfig(host="0.0.0.0", port=8080, token="t" * 16, allowed_hosts=("basket-7",),
                                   max_connections=9, header_timeout_s=2.0)
     assert (cfg.guest.sim_weight, cfg.member.threads, cfg.updates.keep_versions) == (0.25, 2, 5)
+    assert cfg.member.weights() == {"repeat_weight": None, "co_weight": None, "neighbour_weight": None,
+                                    "known_weight": None, "basket_weight": 0.5}
     shown = str(cfg.redacted())
     assert "t" * 16 not in repr(cfg) and "t" * 16 not in shown and "***" in shown
 

@@ -117,6 +117,16 @@ def test_serving_weights_come_from_the_bundle_and_can_be_overridden(trained, sna
     top_own = {p for p, _ in sorted(((p, own.count(p)) for p in set(own)), key=lambda x: -x[1])[:10]}
     out = boosted.member.recommend(RecommendRequest(user_id=trained.member_id, top_k=5))
     assert set(out) <= set(own) and len(set(out) & top_own) >= 3
+    # basket-agent's loader takes every blend weight from agent.yaml's member.* (left out: as trained)
+    from agent.cli import make_loader
+    from agent.config import parse_config
+
+    cfg = parse_config({"broker": {"host": "localhost"}, "agent_id": "t", "parameters": str(trained.parameters),
+                        "public_key": str(trained.public_key),
+                        "member": {"known_weight": 7.5, "basket_weight": 0, "neighbour_weight": 0.25}})
+    p = make_loader(cfg)(trained.parameters).member.params
+    assert (p.known_weight, p.basket_weight, p.neighbour_weight) == (7.5, 0.0, 0.25)
+    assert (p.repeat_weight, p.co_weight) == (trained_weights.repeat_weight, trained_weights.co_weight)
 
 
 def test_co_purchase_blend_follows_the_guest_evidence(trained):
