@@ -94,7 +94,7 @@ guest.co_top_k_per_item / expand_top / sim_top_k / sim_weight / fallback_min_can
 guest.basket_weight / basket_neighbours
                        the recent-baskets (session kNN) term: weight relative to the best co-purchase
                        score and baskets that vote, default 10 / 50 (off without baskets_*.npy)
-member.repeat_weight / co_weight / neighbour_weight / known_weight / basket_weight
+member.repeat_weight / co_weight / neighbour_weight / known_weight / basket_weight / store_weight
                        the blend's weights, default: the values trained into member_meta.json
 member.threads         onnxruntime threads, default 1
 updates.enabled        follow PREFIX/models/updated: download, verify, swap (default true)
@@ -217,6 +217,7 @@ class MemberOverrides:
     neighbour_weight: float | None = None
     known_weight: float | None = None
     basket_weight: float | None = None
+    store_weight: float | None = None
     threads: int = 1
 
     def weights(self) -> dict[str, float | None]:

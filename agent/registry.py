@@ -24,7 +24,7 @@ from .bundle import verify_parameters
 from .errors import BundleError
 from .recommenders.base import RecommendRequest
 from .recommenders.guest import GuestParams, GuestRecommender, RecentBaskets
-from .recommenders.member import MemberBaskets, MemberHistory, MemberParams, MemberRecommender
+from .recommenders.member import MemberBaskets, MemberHistory, MemberParams, MemberRecommender, ScoreParts
 
 _LOG = logging.getLogger(__name__)
 
@@ -271,11 +271,7 @@ def _member_params_from_meta(source: layout.Source) -> MemberParams:
     try:
         meta = json.loads(source.read_bytes(layout.MEMBER_META).decode("utf-8"))
         serving = meta.get("serving") or {}
-        return MemberParams(repeat_weight=float(serving.get("repeat_weight", 0.0)),
-                            co_weight=float(serving.get("co_weight", 0.0)),
-                            neighbour_weight=float(serving.get("neighbour_weight", 0.0)),
-                            known_weight=float(serving.get("known_weight", 0.0)),
-                            basket_weight=float(serving.get("basket_weight", 0.0)))
+        return MemberParams(**{w: float(serving.get(w, 0.0)) for w in ScoreParts.WEIGHTS})
     except (ValueError, TypeError, AttributeError) as exc:
         raise BundleError(f"{layout.MEMBER_META} is malformed: {exc}") from exc
 

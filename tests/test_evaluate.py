@@ -233,10 +233,12 @@ def test_end_to_end_table_has_every_row(tmp_path, member: bool) -> None:
         assert any(m.startswith("member + Two-Tower recency weights alone") for m in methods)
         assert any(m.startswith("member + own baskets with the cart") for m in methods)
         assert any(m.startswith("member + bought-before bonus") for m in methods)
+        assert any(m.startswith("member + the store's recent baskets") for m in methods)
+        assert report["tuning"]["member"]["own_terms"]["store"]["paired_se"] >= 0
         assert report["timings"]["member"]["seconds_per_epoch"] > 0
         chosen = report["chosen"]["member"]
         assert set(chosen["units"]) == {"repeat_units", "co_units", "neighbour_units", "known_units",
-                                        "basket_units"}
+                                        "basket_units", "store_units"}
         assert isinstance(chosen["baskets"], bool)
         assert chosen["history_half_life_days"] in (0.0, 15.0, 30.0, 60.0, 120.0, 240.0)
         assert report["gains"] and all(g["paired_se"] >= 0 for g in report["gains"])
@@ -272,15 +274,17 @@ def test_member_grid_ranks_match_the_recommender(trained) -> None:
     grid = MemberGrid(rec, cases, 10, {"as loaded": rec})
     p = rec.params
     assert rec.baskets_ is not None and p.basket_weight > 0  # the shipped blend has the own-baskets term
-    # columns: repeat, co, neighbours, known, basket (ScoreParts.SPARSE)
-    weights = np.array([[0.0] * 5, [p.repeat_weight, p.co_weight, 0.0, p.known_weight, p.basket_weight],
-                        [5.0, 0.0, 0.0, 0.0, 0.0], [0.0, 50.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 3.0, 0.0],
-                        [0.0, 0.0, 0.0, 0.0, 20.0], [1.0, 2.0, 0.0, 0.5, 4.0]])
+    assert snap.guest.baskets_ is not None  # the store's recent baskets, for the store term
+    # columns: repeat, co, neighbours, known, basket, store (ScoreParts.SPARSE)
+    weights = np.array([[0.0] * 6, [p.repeat_weight, p.co_weight, 0.0, p.known_weight, p.basket_weight, 0.0],
+                        [5.0, 0.0, 0.0, 0.0, 0.0, 0.0], [0.0, 50.0, 0.0, 0.0, 0.0, 0.0],
+                        [0.0, 0.0, 0.0, 3.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0, 20.0, 0.0],
+                        [0.0, 0.0, 0.0, 0.0, 0.0, 30.0], [1.0, 2.0, 0.0, 0.5, 4.0, 6.0]])
     ranks = grid.ranks("as loaded", weights)
-    for j, (rw, cw, _, kw, bw) in enumerate(weights.tolist()):
+    for j, (rw, cw, _, kw, bw, sw) in enumerate(weights.tolist()):
         variant = load_snapshot(trained.parameters, load_public_key(trained.public_key),
                                 member_overrides={"repeat_weight": rw, "co_weight": cw, "known_weight": kw,
-                                                  "basket_weight": bw}).member
+                                                  "basket_weight": bw, "store_weight": sw}).member
         expected = evaluate(variant, cases, k=10).ranks
         agree = np.mean(np.asarray(expected) == ranks[j])
         assert agree >= 0.95, (j, agree)  # float32 vs float64 ties may differ in a rare case

@@ -209,13 +209,41 @@ def test_known_and_basket_terms_are_loaded_weighted_and_validated(tmp_path, snap
         member_from_source(source, snapshot.guest)
 
 
+def test_store_term_is_the_guest_models_recent_basket_votes(snapshot, trained):
+    """The member blend's ``store`` term: the store's recent baskets most like the cart vote (the guest
+    model's session kNN, summed per product); off (not even computed) at weight 0."""
+    g, m = snapshot.guest, snapshot.member
+    assert g.baskets_ is not None and m.params.store_weight == 0.0  # shipped off until validation keeps it
+    cart = tuple(trained.family_items(2)[:3])
+    req = RecommendRequest(cart=cart, user_id=trained.member_id, top_k=10)
+    items, votes = m.score_parts(req).store
+    raw_items, raw_votes = g.baskets_.scores(g.indices(cart), g.params.basket_neighbours)
+    expected: dict[str, float] = {}
+    for i, v in zip(g.item_ids_[raw_items].tolist(), raw_votes.tolist()):
+        expected[i] = expected.get(i, 0.0) + v
+    assert items.size and dict(zip(m.item_ids_[items].tolist(), votes.tolist())) == pytest.approx(expected)
+    assert 0 < votes.max() <= 1.0 + 1e-9  # a share of the voting baskets
+    assert m.score_parts(RecommendRequest(user_id=trained.member_id)).store[0].size == 0  # empty cart
+    # a huge weight: the member's answer is the guest model's session-kNN ranking
+    key = load_public_key(trained.public_key)
+    strong = load_snapshot(trained.parameters, key, member_overrides={"store_weight": 1e6}).member
+    assert strong.params.store_weight == 1e6
+    by_vote = sorted(((v, -i) for i, v in zip(items.tolist(), votes.tolist()) if m.item_ids_[i] not in cart),
+                     reverse=True)
+    tenth = by_vote[min(9, len(by_vote) - 1)][0]
+    got = strong.recommend(req)
+    vote_of = dict(zip(m.item_ids_[items].tolist(), votes.tolist()))
+    assert all(vote_of.get(p, 0.0) >= tenth - 1e-6 for p in got[:min(10, len(by_vote))])
+    np.testing.assert_allclose(strong.score_parts(req).total(strong.params), strong.scores(req), rtol=1e-5, atol=1e-2)
+
+
 def test_serving_weights_cover_every_term(snapshot, trained):
     from retrain_server.blend import TERMS
 
     w = serving_weights(snapshot.member, trained.store.purchases,
-                        BlendUnits(repeat_units=1.0, co_units=2.0, known_units=3.0, basket_units=4.0))
+                        BlendUnits(repeat_units=1.0, co_units=2.0, known_units=3.0, basket_units=4.0, store_units=5.0))
     unit = w["score_unit"]
-    for term, units in zip(TERMS, (1.0, 2.0, 0.0, 3.0, 4.0)):
+    for term, units in zip(TERMS, (1.0, 2.0, 0.0, 3.0, 4.0, 5.0)):
         assert w[f"{term}_weight"] == pytest.approx(units * unit, rel=1e-4)
         assert w[f"{term}_units"] == units
 

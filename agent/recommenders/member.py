@@ -10,9 +10,11 @@ Grocery shoppers rebuy, so the score can be blended with the member's own
 from the guest model (``co_weight``) and, optionally, with what similar
 members buy (``neighbour_weight``, a per-member table computed on the
 server), with a flat bonus for anything the member has bought before
-(``known_weight``) and with the member's own recent baskets that shared
+(``known_weight``), with the member's own recent baskets that shared
 products with this cart (``basket_weight``: what *this* shopper buys together
-with what is in the basket, :class:`MemberBaskets`); every weight is chosen
+with what is in the basket, :class:`MemberBaskets`) and with the store's recent
+baskets most like the cart (``store_weight``: the guest model's session-kNN
+votes, :class:`~.guest.RecentBaskets`); every weight is chosen
 by measurement (``retrain-server evaluate``) and 0 turns its term off. :meth:`MemberRecommender.score_parts` returns the
 unweighted terms, so tuning and calibration never reach into the model.
 """
@@ -50,6 +52,9 @@ class MemberParams:
     known_weight: float = 0.0
     #: weight of the member's own recent baskets that share products with the cart (``baskets_*.npy``)
     basket_weight: float = 0.0
+    #: weight of the store's recent baskets most like the cart (the guest model's ``baskets_*.npy``: the
+    #: share of the voting baskets holding a product, 0..1)
+    store_weight: float = 0.0
     #: onnxruntime intra-op threads (1: latency at batch 1, leaves cores free)
     threads: int = 1
 
@@ -120,7 +125,8 @@ class ScoreParts:
     ``two_tower`` is dense (every item); the others are sparse ``(items, values)``:
     ``repeat`` = log(1 + own decayed count), ``co`` = co-purchase score / its
     maximum, ``neighbours`` = the similar members' score, ``known`` = 1 for
-    every item the member bought, ``basket`` = :meth:`MemberBaskets.scores`.
+    every item the member bought, ``basket`` = :meth:`MemberBaskets.scores`,
+    ``store`` = the store's recent baskets' votes (:meth:`RecentBaskets.scores`, summed).
     :meth:`total` is the blend the edge ranks by.
     """
 
@@ -130,10 +136,11 @@ class ScoreParts:
     neighbours: tuple[np.ndarray, np.ndarray] = _NONE
     known: tuple[np.ndarray, np.ndarray] = _NONE
     basket: tuple[np.ndarray, np.ndarray] = _NONE
+    store: tuple[np.ndarray, np.ndarray] = _NONE
 
     #: the sparse terms, and the :class:`MemberParams` field weighting each (same order)
-    SPARSE = ("repeat", "co", "neighbours", "known", "basket")
-    WEIGHTS = ("repeat_weight", "co_weight", "neighbour_weight", "known_weight", "basket_weight")
+    SPARSE = ("repeat", "co", "neighbours", "known", "basket", "store")
+    WEIGHTS = ("repeat_weight", "co_weight", "neighbour_weight", "known_weight", "basket_weight", "store_weight")
 
     @staticmethod
     def weights(params: MemberParams) -> tuple[float, ...]:
@@ -237,13 +244,13 @@ class MemberRecommender:
 
     def score_parts(self, request: RecommendRequest) -> ScoreParts:
         """Every term of the blend for this request, unweighted (tuning and calibration use this)."""
-        return self._parts(request, repeat=True, co=True, neighbours=True, known=True, basket=True)
+        return self._parts(request, repeat=True, co=True, neighbours=True, known=True, basket=True, store=True)
 
     def _parts(self, request: RecommendRequest, *, repeat: bool, co: bool, neighbours: bool,
-               known: bool, basket: bool) -> ScoreParts:
+               known: bool, basket: bool, store: bool) -> ScoreParts:
         s = self.item_embeddings_ @ self.user_vector(request)
         user = self.user_index_.get(request.user_id) if request.user_id is not None else None
-        rep = nb = co_part = bought = own = _NONE
+        rep = nb = co_part = bought = own = votes = _NONE
         if (repeat or known) and self.history_ is not None and user is not None:
             items, counts = self.history_.row(user)
             if repeat:
@@ -254,24 +261,30 @@ class MemberRecommender:
             own = self.baskets_.scores(user, self.item_indices(request.cart))
         if neighbours and self.neighbours_ is not None and user is not None:
             nb = self.neighbours_.row(user)
-        if co and self.guest_ is not None and request.cart:
-            cart = self.guest_.indices(request.cart)
-            items, scores = self.guest_.co_purchase_scores(cart) if cart.size else (cart, None)
-            if items.size:
-                if self.guest_to_item_ is not None:
-                    items = self.guest_to_item_[items]
-                    scores = scores[items >= 0]
-                    items = items[items >= 0]
+        g = self.guest_
+        if (co or store) and g is not None and request.cart:
+            cart = g.indices(request.cart)
+            if co and cart.size:
+                items, scores = self._to_items(*g.co_purchase_scores(cart))
                 if items.size and scores.max() > 0:
                     co_part = (items, scores / scores.max())
-        return ScoreParts(s, rep, co_part, nb, bought, own)
+            if store and cart.size and g.baskets_ is not None:
+                votes = self._to_items(*sum_by_item(*g.baskets_.scores(cart, g.params.basket_neighbours)))
+        return ScoreParts(s, rep, co_part, nb, bought, own, votes)
+
+    def _to_items(self, items: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Guest model indices -> item_lookup indices (products the member model lacks dropped)."""
+        if self.guest_to_item_ is None or not items.size:
+            return items, scores
+        items = self.guest_to_item_[items]
+        return items[items >= 0], scores[items >= 0]
 
     def scores(self, request: RecommendRequest) -> np.ndarray:
         """Blended score of every item (item_lookup order); terms with weight 0 are not computed."""
         p = self.params
         parts = self._parts(request, repeat=bool(p.repeat_weight), co=bool(p.co_weight),
                             neighbours=bool(p.neighbour_weight), known=bool(p.known_weight),
-                            basket=bool(p.basket_weight))
+                            basket=bool(p.basket_weight), store=bool(p.store_weight))
         return parts.total(p, inplace=True)
 
     def recommend(self, request: RecommendRequest) -> list[str]:

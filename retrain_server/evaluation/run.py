@@ -39,6 +39,7 @@ from .tuning import (
     RECENCY_HALF_LIFE,
     SEED_GUEST_PARAMS,
     SEED_GUEST_TRAINING,
+    STORE_GRID,
     MemberGrid,
     around,
     copurchase_counts,
@@ -427,6 +428,20 @@ def _member_rows(cfg: EvaluationConfig, catalog: Catalog, fit: PurchaseLog, trai
     both = results["known + baskets"]
     if both["val_hr"] - results[final_name]["val_hr"] > paired_se(both["hits"], results[final_name]["hits"]):
         final_name = "known + baskets"
+    # The store's recent baskets most like the cart (the guest model's session kNN, which lifted guests
+    # by a sixth) on top of what was kept: kept only when it beats that by a paired SE.
+    uf = results[final_name]["units"]
+    results["store"] = own_grid.search("baskets" if uf["basket_units"] else "kept", unit_val,
+                                       repeat=around(uf["repeat_units"]), co=around(uf["co_units"]),
+                                       neighbours=(uf["neighbour_units"],), known=(uf["known_units"],),
+                                       basket=around(uf["basket_units"], BASKET_GRID) if uf["basket_units"]
+                                       else (0.0,), store=STORE_GRID)
+    own_gains["store"] = (results["store"]["val_hr"] - results[final_name]["val_hr"],
+                          paired_se(results["store"]["hits"], results[final_name]["hits"]))
+    keep_store = own_gains["store"][0] > own_gains["store"][1] and results["store"]["units"]["store_units"] > 0
+    store_base = final_name
+    if keep_store:
+        final_name = "store"
     final_tables = with_baskets if results[final_name]["units"]["basket_units"] else kept
     timings["member_tuning_seconds"] = time.perf_counter() - t0
     strip = lambda r: {k2: v for k2, v in r.items() if k2 not in ("hits", "grid")}  # noqa: E731
@@ -487,9 +502,18 @@ def _member_rows(cfg: EvaluationConfig, catalog: Catalog, fit: PurchaseLog, trai
                  "baskets": "member + own baskets with the cart (on the history decay)"}
     for n, label in own_names.items():
         test_row(label, tb, with_baskets if n == "baskets" else kept, results[n]["units"], unit_test,
-                 "kept" if n in final_name else
+                 "kept" if n in store_base else
                  f"not kept: validation gain {own_gains[n][0]:+.4f} vs paired SE {own_gains[n][1]:.4f}")
         comparisons.append((rows[-1]["method"], h_row))
+    base_tables = with_baskets if results[store_base]["units"]["basket_units"] else kept
+    test_row("member, the terms kept before the store's baskets (test reference)", tb, base_tables,
+             results[store_base]["units"], unit_test)
+    base_row = rows[-1]["method"]
+    test_row("member + the store's recent baskets with the cart (session kNN, on the kept terms)", tb, base_tables,
+             results["store"]["units"], unit_test,
+             "kept" if keep_store else
+             f"not kept: validation gain {own_gains['store'][0]:+.4f} vs paired SE {own_gains['store'][1]:.4f}")
+    comparisons.append((rows[-1]["method"], base_row))
     every = _Tables(history_half_life=best_hl or 60.0, co_half_life=co_decay, neighbours=best_nb, baskets=True)
     every_grid = MemberGrid(val_b.build(before), val_cases, k, {"every": val_b.build(every)})
     u_h = results[f"history {best_hl:g}"]["units"]
@@ -497,13 +521,15 @@ def _member_rows(cfg: EvaluationConfig, catalog: Catalog, fit: PurchaseLog, trai
                                     co=around(u_h["co_units"]), neighbours=NEIGHBOUR_GRID,
                                     known=around(results[final_name]["units"]["known_units"], KNOWN_GRID),
                                     basket=around(results[final_name]["units"]["basket_units"] or 3.0,
-                                                  BASKET_GRID))["units"]
-    test_row("member, every change together (decays, neighbours, own baskets, bought-before; base Two-Tower)", tb,
-             every, every_units, unit_test)
+                                                  BASKET_GRID),
+                                    store=around(results["store"]["units"]["store_units"] or 10.0,
+                                                 STORE_GRID))["units"]
+    test_row("member, every change together (decays, neighbours, own and store baskets, bought-before; "
+             "base Two-Tower)", tb, every, every_units, unit_test)
     comparisons.append((rows[-1]["method"], before_name))
     kept_builder = builders["test_recency"] if keep_recency else tb
     kept_units = {**(rec_results["kept"] if keep_recency else results[kept_name])["units"],
-                  **{n: results[final_name]["units"][n] for n in ("known_units", "basket_units")}}
+                  **{n: results[final_name]["units"][n] for n in ("known_units", "basket_units", "store_units")}}
     kept_unit = score_unit(kept_builder.build(before), calibration_requests(train)) if keep_recency else unit_test
     test_row("member, the changes kept on validation, weights tuned on validation", kept_builder, final_tables,
              kept_units, kept_unit)

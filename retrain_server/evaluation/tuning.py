@@ -43,7 +43,8 @@ from .protocol import DAY, Case, evaluate, hr_mrr
 _LOG = logging.getLogger(__name__)
 
 __all__ = ["GUEST_TRAINING_GRID", "GUEST_CART_GRID", "GUEST_PARAMS_GRID", "GUEST_BASKET_GRID", "SEED_GUEST_TRAINING",
-           "SEED_GUEST_PARAMS", "MEMBER_GRID", "NEIGHBOUR_GRID", "KNOWN_GRID", "BASKET_GRID", "CO_HALF_LIVES",
+           "SEED_GUEST_PARAMS", "MEMBER_GRID", "NEIGHBOUR_GRID", "KNOWN_GRID", "BASKET_GRID", "STORE_GRID",
+           "CO_HALF_LIVES",
            "HISTORY_HALF_LIVES",
            "NEIGHBOUR_KS", "RECENCY_HALF_LIFE", "guest_recommender", "copurchase_counts",
            "retrain_guest_copurchase", "cart_damped", "tune_guest", "MemberGrid", "recency_resample",
@@ -73,6 +74,8 @@ NEIGHBOUR_GRID = (0.0, 0.3, 1.0, 3.0, 10.0, 30.0)
 #: "Bought before" and own-baskets term weights, in score units.
 KNOWN_GRID = (0.0, 1.0, 3.0, 10.0, 30.0)
 BASKET_GRID = (0.0, 1.0, 3.0, 10.0, 30.0, 100.0)
+#: score units of the store's recent baskets' votes (the guest model's session kNN, 0..1)
+STORE_GRID = (0.0, 1.0, 3.0, 10.0, 30.0, 100.0)
 #: Half-lives (days) of the member's own history tried; 0 = no decay.
 HISTORY_HALF_LIVES = (0.0, 15.0, 30.0, 60.0, 120.0, 240.0)
 #: Similar members summed per member (TIFU-KNN's k) tried.
@@ -302,7 +305,7 @@ class MemberGrid:
     def ranks(self, variant: str, combos: np.ndarray) -> np.ndarray:
         """1-based ranks (0 = not in the top k) of every case's target, ``[len(combos), n_cases]``.
 
-        ``combos``: absolute weights ``[C, 5]`` for (repeat, co, neighbours, known, basket).
+        ``combos``: absolute weights ``[C, len(TERMS)]`` for (repeat, co, neighbours, known, basket, store).
         """
         n_terms = len(_TERMS)
         combos = np.asarray(combos, dtype=np.float64).reshape(-1, n_terms)
@@ -335,10 +338,11 @@ class MemberGrid:
 
     def search(self, variant: str, unit: float, repeat: Sequence[float] = MEMBER_GRID,
                co: Sequence[float] = MEMBER_GRID, neighbours: Sequence[float] = (0.0,),
-               known: Sequence[float] = (0.0,), basket: Sequence[float] = (0.0,)) -> dict[str, Any]:
+               known: Sequence[float] = (0.0,), basket: Sequence[float] = (0.0,),
+               store: Sequence[float] = (0.0,)) -> dict[str, Any]:
         """Best weights (in score units x ``unit``) for ``variant`` by (HR, MRR), with the whole grid."""
-        names = [f"{t}_units" for t in TERMS]  # repeat, co, neighbour, known, basket
-        grid = list(itertools.product(repeat, co, neighbours, known, basket))
+        names = [f"{t}_units" for t in TERMS]  # repeat, co, neighbour, known, basket, store
+        grid = list(itertools.product(repeat, co, neighbours, known, basket, store))
         combos = np.array(grid, dtype=np.float64) * unit
         ranks = self.ranks(variant, combos)
         results = []
