@@ -43,8 +43,9 @@ def _log(rows: list[tuple[str, str, str, int]]) -> PurchaseLog:
 
 
 def _synthetic(n_users: int = 120, n_items: int = 120, days: int = 120,
-               seed: int = 0) -> SimpleNamespace:
-    """Households with favourite products and product clusters sharing tags."""
+               seed: int = 0, newcomers: int = 0) -> SimpleNamespace:
+    """Households with favourite products and product clusters sharing tags; ``newcomers`` more
+    households shop only in the last 10 days (members the model meets first in the test month)."""
     rng = np.random.default_rng(seed)
     n_clusters = 12
     cluster = np.arange(n_items) % n_clusters
@@ -55,7 +56,8 @@ def _synthetic(n_users: int = 120, n_items: int = 120, days: int = 120,
     cols: dict[str, list] = {k: [] for k in ("session_ids", "user_ids", "product_ids", "genders",
                                               "ages", "timestamps")}
     sid = 0
-    for u in range(n_users):
+    for u in range(n_users + newcomers):
+        first_day = 0 if u < n_users else days - 10
         fav = rng.choice(n_items, 4, replace=False)
         age = int(rng.integers(20, 70))
         for _ in range(int(rng.integers(4, 12))):
@@ -64,7 +66,7 @@ def _synthetic(n_users: int = 120, n_items: int = 120, days: int = 120,
             w = pop[members] / pop[members].sum()
             items = set(rng.choice(members, int(rng.integers(1, 5)), replace=False, p=w).tolist())
             items |= set(rng.choice(fav, int(rng.integers(0, 3)), replace=False).tolist())
-            ts = int(rng.integers(0, days * DAY))
+            ts = int(rng.integers(first_day * DAY, days * DAY))
             for i in items:
                 cols["session_ids"].append(f"s{sid}")
                 cols["user_ids"].append(f"u{u}")
@@ -202,7 +204,7 @@ _HAS_TF = all(importlib.util.find_spec(m) for m in ("tensorflow_recommenders", "
 @pytest.mark.parametrize("member", [pytest.param(True, marks=pytest.mark.skipif(
     not _HAS_TF, reason="TensorFlow / TFRS not installed")), False])
 def test_end_to_end_table_has_every_row(tmp_path, member: bool) -> None:
-    data = _synthetic()
+    data = _synthetic(newcomers=8)
     cfg = EvaluationConfig(max_test_baskets=150, max_val_baskets=150, member=member, epochs=1,
                            member_config={"embedding_dim": 8, "batch_size": 256})
     report = run_evaluation(cfg, data=data, work_dir=tmp_path)
@@ -236,6 +238,9 @@ def test_end_to_end_table_has_every_row(tmp_path, member: bool) -> None:
         assert any(m.startswith("member + the store's recent baskets") for m in methods)
         assert report["tuning"]["member"]["own_terms"]["store"]["paired_se"] >= 0
         assert report["timings"]["member"]["seconds_per_epoch"] > 0
+        # members the model was not trained on are answered by the guest model, as agents do
+        unknown = next(r for r in report["rows"] if r["method"] == SHIPPED_MEMBER)["segments"]["member_unknown"]
+        assert unknown["n"] > 0 and unknown["hr"] == shipped_guest["segments"]["member_unknown"]["hr"]
         chosen = report["chosen"]["member"]
         assert set(chosen["units"]) == {"repeat_units", "co_units", "neighbour_units", "known_units",
                                         "basket_units", "store_units"}

@@ -541,7 +541,12 @@ def _member_rows(cfg: EvaluationConfig, catalog: Catalog, fit: PurchaseLog, trai
     zero = tb.build(shipped_tables, units=shipped_units)
     serving = serving_weights(zero, train, shipped_units)
     shipped = tb.build(shipped_tables, {f"{t}_weight": serving[f"{t}_weight"] for t in TERMS}, units=shipped_units)
-    m_shipped = evaluate(shipped, test_cases, k=k)
+
+    def as_agents_answer(request: Any) -> list[str]:
+        """Members the model was not trained on get the guest model (agent.registry.ModelSnapshot)."""
+        return (shipped if shipped.knows_user(request.user_id) else guest["shipped"]).recommend(request)
+
+    m_shipped = evaluate(as_agents_answer, test_cases, k=k)
     rows.append(row(SHIPPED_MEMBER, m_shipped, "member", segments=seg(m_shipped)))
     report["chosen"]["shipped_member_serving"] = serving
     comparisons.append((SHIPPED_MEMBER, before_name))
