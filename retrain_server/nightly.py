@@ -44,6 +44,7 @@ from zoneinfo import ZoneInfo
 
 import numpy as np
 
+from agent import layout
 from agent.bundle import MANIFEST, SIGNATURE
 from agent.layout import DirectorySource
 from agent.registry import load_snapshot, snapshot_from_source
@@ -245,7 +246,7 @@ class NightlyJob:
         published = self._published_scores(cases)
         verdict = self._gate(candidate, version, cases, published)
         if not verdict.passed:
-            kept = self._keep_published(candidate, generation, verdict, cases, published)
+            kept = self._keep_published(candidate, verdict, cases, published)
             if kept is not None:
                 candidate, doc, verdict = kept
                 version, created_at = doc["version"], datetime.fromisoformat(doc["created_at"])
@@ -380,7 +381,7 @@ class NightlyJob:
                   ", ".join(f"{k}={v}" for k, v in verdict.metrics.items()))
         return verdict
 
-    def _keep_published(self, candidate: Path, generation: str, verdict: GateResult, cases: list[Any],
+    def _keep_published(self, candidate: Path, verdict: GateResult, cases: list[Any],
                         published: dict[str, Any] | None) -> tuple[Path, dict[str, Any], GateResult] | None:
         """One model refused, the other not: the candidate with the published version of the refused
         model in its place, gated again (the member blend reads the guest's co-purchase tables, so
@@ -390,8 +391,6 @@ class NightlyJob:
         tolerance; the other model's night of learning still ships. The manifest's ``models`` entry
         of the kept model names the version it came from (agents report it in their status).
         """
-        from agent import layout
-
         if published is None or len(verdict.failed) != 1:
             return None
         failed = verdict.failed[0]
