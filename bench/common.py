@@ -53,14 +53,27 @@ def large_parameters(member: bool, products: int = 50_000) -> Path:
     from retrain_server.train import train_bundle
 
     out = DATA / f"params-{products}-{'member' if member else 'guest'}"
-    if (out / "manifest.json").exists() and not (out / layout.GUEST_BASKETS["starts"]).exists():
-        shutil.rmtree(out)  # trained before the recent-basket tables existed: train again
+    if (out / "manifest.json").exists() and (not (out / layout.GUEST_BASKETS["starts"]).exists()
+                                             or (member and not _weights_every_term(out))):
+        shutil.rmtree(out)  # trained before the recent-basket tables or a blend term existed: train again
     if not (out / "manifest.json").exists():
         prod, purch = large_store_files(products)
         t0 = time.perf_counter()
         train_bundle(prod, purch, out, None, member=member)
         print(f"trained {out.name} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     return out
+
+
+def _weights_every_term(params: Path) -> bool:
+    """True when the member blend weights in ``params`` name every term the edge knows."""
+    from agent import layout
+    from agent.recommenders.member import ScoreParts
+
+    try:
+        serving = json.loads((params / layout.MEMBER_META).read_text()).get("serving") or {}
+    except (OSError, ValueError):
+        return False
+    return all(w in serving for w in ScoreParts.WEIGHTS)
 
 
 def stop_process(proc: Any, timeout: float = 15.0) -> None:

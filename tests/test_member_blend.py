@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import shutil
 
 import numpy as np
@@ -211,9 +213,10 @@ def test_known_and_basket_terms_are_loaded_weighted_and_validated(tmp_path, snap
 
 def test_store_term_is_the_guest_models_recent_basket_votes(snapshot, trained):
     """The member blend's ``store`` term: the store's recent baskets most like the cart vote (the guest
-    model's session kNN, summed per product); off (not even computed) at weight 0."""
+    model's session kNN, summed per product)."""
     g, m = snapshot.guest, snapshot.member
-    assert g.baskets_ is not None and m.params.store_weight == 0.0  # shipped off until validation keeps it
+    unit = json.loads((trained.parameters / layout.MEMBER_META).read_text())["serving"]["score_unit"]
+    assert g.baskets_ is not None and m.params.store_weight == pytest.approx(BlendUnits().store_units * unit)
     cart = tuple(trained.family_items(2)[:3])
     req = RecommendRequest(cart=cart, user_id=trained.member_id, top_k=10)
     items, votes = m.score_parts(req).store
@@ -235,6 +238,11 @@ def test_store_term_is_the_guest_models_recent_basket_votes(snapshot, trained):
     vote_of = dict(zip(m.item_ids_[items].tolist(), votes.tolist()))
     assert all(vote_of.get(p, 0.0) >= tenth - 1e-6 for p in got[:min(10, len(by_vote))])
     np.testing.assert_allclose(strong.score_parts(req).total(strong.params), strong.scores(req), rtol=1e-5, atol=1e-2)
+    # weight 0 (member.store_weight: 0 in agent.yaml): the term is off and the answer the blend without it
+    off = load_snapshot(trained.parameters, key, member_overrides={"store_weight": 0.0}).member
+    without = m.score_parts(req)
+    np.testing.assert_allclose(off.scores(req), without.total(dataclasses.replace(m.params, store_weight=0.0)),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_serving_weights_cover_every_term(snapshot, trained):
