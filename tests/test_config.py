@@ -163,8 +163,10 @@ def test_every_key_reaches_its_section(pub):
     assert cfg.http == HttpConfig(host="0.0.0.0", port=8080, token="t" * 16, allowed_hosts=("basket-7",),
                                   max_connections=9, header_timeout_s=2.0)
     assert (cfg.guest.sim_weight, cfg.member.threads, cfg.updates.keep_versions) == (0.25, 2, 5)
-    assert cfg.member.weights() == {"repeat_weight": None, "co_weight": None, "neighbour_weight": None,
-                                    "known_weight": None, "basket_weight": 0.5}
+    from agent.recommenders.member import ScoreParts
+
+    # every weight of the blend can be overridden; those left out keep the trained value (None)
+    assert cfg.member.weights() == {**dict.fromkeys(ScoreParts.WEIGHTS), "basket_weight": 0.5}
     shown = str(cfg.redacted())
     assert "t" * 16 not in repr(cfg) and "t" * 16 not in shown and "***" in shown
 
