@@ -246,7 +246,11 @@ class NightlyJob:
         published = self._published_scores(cases)
         verdict = self._gate(candidate, version, cases, published)
         if not verdict.passed:
-            kept = self._keep_published(candidate, verdict, cases, published)
+            try:
+                kept = self._keep_published(candidate, verdict, cases, published)
+            except Exception as exc:  # the mix is a second chance: failing to build it is a refusal, not a crash
+                _LOG.warning("could not try the candidate with a published model (%s): refused as it is", exc)
+                kept = None
             if kept is not None:
                 candidate, doc, verdict = kept
                 version, created_at = doc["version"], datetime.fromisoformat(doc["created_at"])
@@ -383,17 +387,20 @@ class NightlyJob:
 
     def _keep_published(self, candidate: Path, verdict: GateResult, cases: list[Any],
                         published: dict[str, Any] | None) -> tuple[Path, dict[str, Any], GateResult] | None:
-        """One model refused, the other not: the candidate with the published version of the refused
-        model in its place, gated again (the member blend reads the guest's co-purchase tables, so
-        the mix is judged, not assumed). None when that is not possible or not good enough.
+        """One model refused: the candidate with the published version of the refused model in its
+        place, gated again (the member blend reads the guest's co-purchase tables, so the mix is
+        judged, not assumed). Both refused: the same with the published guest model (a worse guest
+        model also lowers the members' score). None when that is not possible or not good enough.
 
         A day unlike the others (a sale many times the usual size) can move one model past the
         tolerance; the other model's night of learning still ships. The manifest's ``models`` entry
         of the kept model names the version it came from (agents report it in their status).
         """
-        if published is None or len(verdict.failed) != 1:
+        if published is None or not verdict.failed:
             return None
-        failed = verdict.failed[0]
+        # Both refused: the guest model may be the only cause (members the member model does not know are
+        # answered by it, and the member blend reads its co-purchase tables), so try the published guest.
+        failed = verdict.failed[0] if len(verdict.failed) == 1 else "guest"
         model_dir = {"guest": layout.GUEST_DIR, "member": layout.MEMBER_DIR}[failed]
         other = layout.MEMBER_DIR if failed == "guest" else layout.GUEST_DIR
         source = self.cfg.parameters / model_dir
@@ -404,7 +411,9 @@ class NightlyJob:
         origin.setdefault("version", installed["version"])
         mixed = self.candidates / f"{candidate.name}-kept-{failed}"
         shutil.rmtree(mixed, ignore_errors=True)
-        shutil.copytree(candidate, mixed, ignore=shutil.ignore_patterns(MANIFEST, SIGNATURE, model_dir))
+        top = {MANIFEST, SIGNATURE, model_dir}
+        shutil.copytree(candidate, mixed,
+                        ignore=lambda d, names: [n for n in names if Path(d) == candidate and n in top])
         shutil.copytree(source, mixed / model_dir)
         doc = json.loads((candidate / MANIFEST).read_text(encoding="utf-8"))
         models = {**doc.get("models", {}), failed: origin}
