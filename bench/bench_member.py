@@ -90,12 +90,12 @@ def main() -> None:
     member = snap.member
     reqs = requests_for(snap, args.calls, params)
     int8 = summary(time_calls(member.recommend, reqs))
+    md = params / "member_model"
     # the store's-baskets term turned on as the evaluation chose it (30 score units; shipped off)
-    unit = json.loads((params / "member_model" / "member_meta.json").read_text())["serving"]["score_unit"]
+    unit = json.loads((md / "member_meta.json").read_text())["serving"]["score_unit"]
     with_store = load_snapshot(params, None, allow_unsigned=True,
                                member_overrides={"store_weight": 30.0 * unit}).member
     int8_store = summary(time_calls(with_store.recommend, reqs))
-    md = params / "member_model"
     fp32_rec = MemberRecommender((md / "two_tower_model.onnx").read_bytes(),
                                  np.load(md / "user_lookup.npy").tolist(), np.load(md / "context_lookup.npy").tolist(),
                                  np.load(md / "item_lookup.npy"), np.load(md / "item_embeddings.npy"),

@@ -46,7 +46,6 @@ import numpy as np
 
 from agent import layout
 from agent.bundle import MANIFEST, SIGNATURE
-from agent.layout import DirectorySource
 from agent.registry import load_snapshot, snapshot_from_source
 
 from . import state as db_state
@@ -379,7 +378,7 @@ class NightlyJob:
             return None
 
     def _gate(self, candidate: Path, version: str, cases: list[Any], published: dict[str, Any] | None) -> GateResult:
-        new = score_snapshot(snapshot_from_source(DirectorySource(candidate), version), cases)
+        new = score_snapshot(snapshot_from_source(layout.DirectorySource(candidate), version), cases)
         verdict = judge(new, published, self.cfg.gate)
         _LOG.info("gate: %s (%s)", "passed" if verdict.passed else "REFUSED",
                   ", ".join(f"{k}={v}" for k, v in verdict.metrics.items()))
