@@ -54,8 +54,9 @@ def large_parameters(member: bool, products: int = 50_000) -> Path:
 
     out = DATA / f"params-{products}-{'member' if member else 'guest'}"
     if (out / "manifest.json").exists() and (not (out / layout.GUEST_BASKETS["starts"]).exists()
-                                             or (member and not _weights_every_term(out))):
-        shutil.rmtree(out)  # trained before the recent-basket tables or a blend term existed: train again
+                                             or (member and not (_weights_every_term(out)
+                                                                 and _column_major_embeddings(out)))):
+        shutil.rmtree(out)  # trained before the recent-basket tables, a blend term or the column-major embeddings
     if not (out / "manifest.json").exists():
         prod, purch = large_store_files(products)
         t0 = time.perf_counter()
@@ -74,6 +75,16 @@ def _weights_every_term(params: Path) -> bool:
     except (OSError, ValueError):
         return False
     return all(w in serving for w in ScoreParts.WEIGHTS)
+
+
+def _column_major_embeddings(params: Path) -> bool:
+    """True when ``item_embeddings.npy`` is stored column-major, as retrain-server writes it now."""
+    from agent import layout
+
+    try:
+        return bool(np.load(params / layout.MEMBER_ARRAYS["item_embeddings"], mmap_mode="r").flags.f_contiguous)
+    except (OSError, ValueError):
+        return False
 
 
 def stop_process(proc: Any, timeout: float = 15.0) -> None:

@@ -13,6 +13,7 @@ import scipy.sparse as sp
 from agent import layout
 from agent.bundle import load_public_key
 from agent.recommenders.base import RecommendRequest
+from agent.recommenders.guest import sum_by_item
 from agent.recommenders.member import MemberParams
 from agent.registry import load_snapshot, member_from_source
 from retrain_server.blend import BlendUnits, calibration_requests, neighbour_table, score_unit, serving_weights
@@ -218,13 +219,19 @@ def test_store_term_is_the_guest_models_recent_basket_votes(snapshot, trained):
     assert g.baskets_ is not None and m.params.store_weight == 0.0  # shipped off (its cost, README)
     cart = tuple(trained.family_items(2)[:3])
     req = RecommendRequest(cart=cart, user_id=trained.member_id, top_k=10)
-    items, votes = m.score_parts(req).store
+    rep_items, rep_votes = m.score_parts(req).store  # one entry per voting basket and product
     raw_items, raw_votes = g.baskets_.scores(g.indices(cart), g.params.basket_neighbours)
     expected: dict[str, float] = {}
     for i, v in zip(g.item_ids_[raw_items].tolist(), raw_votes.tolist()):
         expected[i] = expected.get(i, 0.0) + v
+    items, votes = sum_by_item(rep_items, rep_votes)
+    assert items.size < rep_items.size  # repeats are there, and summed by every consumer
     assert items.size and dict(zip(m.item_ids_[items].tolist(), votes.tolist())) == pytest.approx(expected)
     assert 0 < votes.max() <= 1.0 + 1e-9  # a share of the voting baskets
+    # total() sums the repeats: the term's contribution is weight x the summed vote
+    w = MemberParams(store_weight=2.5)
+    np.testing.assert_allclose(m.score_parts(req).total(w) - m.score_parts(req).two_tower,
+                               np.bincount(items, 2.5 * votes, minlength=len(m.item_ids_)), rtol=1e-5, atol=1e-6)
     assert m.score_parts(RecommendRequest(user_id=trained.member_id)).store[0].size == 0  # empty cart
     # a huge weight: the member's answer is the guest model's session-kNN ranking
     key = load_public_key(trained.public_key)
