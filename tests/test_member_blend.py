@@ -216,7 +216,10 @@ def test_store_term_is_the_guest_models_recent_basket_votes(snapshot, trained):
     """The member blend's ``store`` term: the store's recent baskets most like the cart vote (the guest
     model's session kNN, summed per product)."""
     g, m = snapshot.guest, snapshot.member
-    assert g.baskets_ is not None and m.params.store_weight == 0.0  # shipped off (its cost, README)
+    unit = json.loads((trained.parameters / layout.MEMBER_META).read_text())["serving"]["score_unit"]
+    assert g.baskets_ is not None and m.params.store_weight == pytest.approx(BlendUnits().store_units * unit,
+                                                                              rel=1e-4)  # shipped on
+    assert BlendUnits().store_units > 0
     cart = tuple(trained.family_items(2)[:3])
     req = RecommendRequest(cart=cart, user_id=trained.member_id, top_k=10)
     rep_items, rep_votes = m.score_parts(req).store  # one entry per voting basket and product
@@ -244,12 +247,12 @@ def test_store_term_is_the_guest_models_recent_basket_votes(snapshot, trained):
     vote_of = dict(zip(m.item_ids_[items].tolist(), votes.tolist()))
     assert all(vote_of.get(p, 0.0) >= tenth - 1e-6 for p in got[:min(10, len(by_vote))])
     np.testing.assert_allclose(strong.score_parts(req).total(strong.params), strong.scores(req), rtol=1e-5, atol=1e-2)
-    # a moderate weight (member.store_weight in agent.yaml): the served score is the blend with the term
-    unit = json.loads((trained.parameters / layout.MEMBER_META).read_text())["serving"]["score_unit"]
-    on = load_snapshot(trained.parameters, key, member_overrides={"store_weight": 30 * unit}).member
-    np.testing.assert_allclose(on.scores(req), m.score_parts(req).total(dataclasses.replace(m.params,
-                               store_weight=30 * unit)), rtol=1e-5, atol=1e-5)
-    assert not np.allclose(on.scores(req), m.scores(req))
+    # the shipped weight: the served score is the blend with the term; member.store_weight: 0 turns it off
+    np.testing.assert_allclose(m.scores(req), m.score_parts(req).total(m.params), rtol=1e-5, atol=1e-5)
+    off = load_snapshot(trained.parameters, key, member_overrides={"store_weight": 0.0}).member
+    np.testing.assert_allclose(off.scores(req), m.score_parts(req).total(dataclasses.replace(m.params,
+                               store_weight=0.0)), rtol=1e-5, atol=1e-5)
+    assert not np.allclose(off.scores(req), m.scores(req))
 
 
 def test_serving_weights_cover_every_term(snapshot, trained):
