@@ -268,8 +268,9 @@ def saturate(sensor: paho.Client, display: Display, load: Load, tag: str, second
 
 # -- agent process --------------------------------------------------------------------------
 class Agent:
-    def __init__(self, port: int, params: Path, prefix: str, workdir: Path, protocol: str = "5") -> None:
-        self.port, self.params, self.prefix, self.protocol = port, params, prefix, protocol
+    def __init__(self, port: int, params: Path, prefix: str, workdir: Path, protocol: str = "5",
+                 config: Path | None = None) -> None:
+        self.port, self.params, self.prefix, self.protocol, self.config = port, params, prefix, protocol, config
         self.log = workdir / f"agent-{prefix.rsplit('/', 1)[-1]}.log"
         self.proc: subprocess.Popen | None = None
 
@@ -282,7 +283,8 @@ class Agent:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "agent.cli", "run", "--broker", f"127.0.0.1:{self.port}",
                  "--prefix", self.prefix, "--agent-id", "bench", "--parameters", str(self.params),
-                 "--allow-unsigned", "--http-port", "0", "--log-level", "WARNING", "--protocol", self.protocol],
+                 "--allow-unsigned", "--http-port", "0", "--log-level", "WARNING", "--protocol", self.protocol,
+                 *(["--config", str(self.config)] if self.config else [])],
                 cwd=ROOT, stdout=logf, stderr=logf)
         try:
             deadline = time.monotonic() + timeout
@@ -325,7 +327,7 @@ def run_kind(kind: str, broker_port: int, workdir: Path, sensor: paho.Client, di
     served = params
     if not args.copied:  # as a version the agent's store installed: read-only files, memory-mapped
         served = installed_copy(params, workdir / f"{params.name}-installed")
-    agent = Agent(broker_port, served, prefix, workdir, args.protocol)
+    agent = Agent(broker_port, served, prefix, workdir, args.protocol, args.agent_config)
     rows: list[dict] = []
     try:
         startup_s = agent.start()
@@ -365,6 +367,8 @@ def main() -> None:
     ap.add_argument("--skip-member", action="store_true", help="guest events only")
     ap.add_argument("--skip-baseline", action="store_true", help="no broker-only baseline row")
     ap.add_argument("--protocol", choices=["5", "3.1.1"], default="5", help="the agent's MQTT protocol")
+    ap.add_argument("--agent-config", type=Path, default=None,
+                    help="an agent.yaml for the agent (e.g. member: {store_weight: 0}); the flags say the rest")
     ap.add_argument("--copied", action="store_true",
                     help="serve the parameters as a seed directory (read into memory) instead of as a version "
                          "the store installed (read-only, memory-mapped)")

@@ -56,7 +56,7 @@ def large_parameters(member: bool, products: int = 50_000) -> Path:
     if (out / "manifest.json").exists() and (not (out / layout.GUEST_BASKETS["starts"]).exists()
                                              or (member and not (_weights_every_term(out)
                                                                  and _column_major_embeddings(out)))):
-        shutil.rmtree(out)  # trained before the recent-basket tables, a blend term or the column-major embeddings
+        shutil.rmtree(out)  # trained before the recent-basket tables, today's blend units or column-major embeddings
     if not (out / "manifest.json").exists():
         prod, purch = large_store_files(products)
         t0 = time.perf_counter()
@@ -66,15 +66,18 @@ def large_parameters(member: bool, products: int = 50_000) -> Path:
 
 
 def _weights_every_term(params: Path) -> bool:
-    """True when the member blend weights in ``params`` name every term the edge knows."""
+    """True when the member blend weights in ``params`` name every term the edge knows, in today's units."""
     from agent import layout
     from agent.recommenders.member import ScoreParts
+    from retrain_server.blend import TERMS, BlendUnits
 
     try:
         serving = json.loads((params / layout.MEMBER_META).read_text()).get("serving") or {}
     except (OSError, ValueError):
         return False
-    return all(w in serving for w in ScoreParts.WEIGHTS)
+    units = BlendUnits()
+    return all(w in serving for w in ScoreParts.WEIGHTS) and all(
+        serving.get(f"{t}_units") == getattr(units, f"{t}_units") for t in TERMS)
 
 
 def _column_major_embeddings(params: Path) -> bool:
@@ -339,7 +342,10 @@ def _plot_guest(doc: Mapping[str, Any], out: Path) -> Path | None:
 
 def _plot_member(doc: Mapping[str, Any], out: Path) -> Path | None:
     goal = doc.get("goal", {})
-    series = {"edge, int8 ONNX (shipped)": doc["int8"], "edge, fp32 ONNX": doc["fp32"],
+    series = {"edge, int8 ONNX (shipped)": doc["int8"],
+              "edge, int8, store's baskets off": doc.get("int8_without_store_term") or {},
+              "edge, int8, row-major embeddings": doc.get("int8_row_major_embeddings") or {},
+              "edge, fp32 ONNX": doc["fp32"],
               "Keras user tower per request": doc.get("keras") or {},
               "user tower only, int8": doc.get("user_tower_int8") or {},
               "user tower only, fp32": doc.get("user_tower_fp32") or {}}
