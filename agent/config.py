@@ -93,7 +93,8 @@ guest.co_top_k_per_item / expand_top / sim_top_k / sim_weight / fallback_min_can
                        guest model knobs, default 50 / 10 / 5 / 0 / 10 / 0.5 (agent/recommenders/guest.py)
 guest.basket_weight / basket_neighbours
                        the recent-baskets (session kNN) term: weight relative to the best co-purchase
-                       score and baskets that vote, default 10 / 50 (off without baskets_*.npy)
+                       score and baskets that vote, default 10 / 50 (off without baskets_*.npy);
+                       basket_neighbours also sets the members' store term (0: off for both)
 member.repeat_weight / co_weight / neighbour_weight / known_weight / basket_weight / store_weight
                        the blend's weights, default: the values trained into member_meta.json
 member.threads         onnxruntime threads, default 1

@@ -60,7 +60,7 @@ class BlendUnits:
     basket_units: float = 3.0
     #: the store's recent baskets most like the cart (the guest model's table): validation kept 30 units
     #: (0.1824 -> 0.1846; test +0.0042). It costs a member request ~0.15 ms, paid for by reading the item
-    #: embeddings column-major (member p99 0.95 ms on the 50,000-product bench, README); 0 turns it off
+    #: embeddings column-major (member p99 0.91 ms on the 50,000-product bench, README); 0 turns it off
     store_units: float = 30.0
     #: similar members summed per member
     neighbours: int = 50

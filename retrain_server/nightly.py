@@ -387,8 +387,8 @@ class NightlyJob:
     def _keep_published(self, candidate: Path, verdict: GateResult, cases: list[Any],
                         published: dict[str, Any] | None) -> tuple[Path, dict[str, Any], GateResult] | None:
         """One model refused: the candidate with the published version of the refused model in its
-        place, gated again (the member blend reads the guest's co-purchase tables, so the mix is
-        judged, not assumed). Both refused: the same with the published guest model (a worse guest
+        place, gated again (the member blend reads the guest's co-purchase and recent-basket tables,
+        so the mix is judged, not assumed). Both refused: the same with the published guest model (a worse guest
         model also lowers the members' score). None when that is not possible or not good enough.
 
         A day unlike the others (a sale many times the usual size) can move one model past the
@@ -398,7 +398,8 @@ class NightlyJob:
         if published is None or not verdict.failed:
             return None
         # Both refused: the guest model may be the only cause (members the member model does not know are
-        # answered by it, and the member blend reads its co-purchase tables), so try the published guest.
+        # answered by it, and the member blend reads its co-purchase and recent-basket tables), so try
+        # the published guest.
         failed = verdict.failed[0] if len(verdict.failed) == 1 else "guest"
         model_dir = {"guest": layout.GUEST_DIR, "member": layout.MEMBER_DIR}[failed]
         other = layout.MEMBER_DIR if failed == "guest" else layout.GUEST_DIR

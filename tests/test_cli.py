@@ -121,6 +121,20 @@ def test_item_embeddings_are_column_major_and_served_from_the_mapping(trained, t
     vec = snap.member.user_vector(req)
     np.testing.assert_allclose(snap.member.score_parts(req).two_tower, np.ascontiguousarray(emb) @ vec,
                                rtol=1e-5, atol=1e-5)
+    # bundles written before (row-major) are served without a copy too; a strided view is made contiguous
+    from agent.recommenders.member import MemberRecommender
+
+    md = installed / "member_model"
+    row_major = np.ascontiguousarray(emb)
+    wide = np.zeros((emb.shape[0], 2 * emb.shape[1]), np.float32)
+    wide[:, ::2] = emb
+    for given, copied in ((row_major, False), (wide[:, ::2], True)):
+        rec = MemberRecommender((md / "two_tower_model_quantized.onnx").read_bytes(),
+                                np.load(md / "user_lookup.npy").tolist(), np.load(md / "context_lookup.npy").tolist(),
+                                snap.member.item_ids_, given)
+        assert np.shares_memory(rec.item_embeddings_, given) is not copied
+        assert rec.item_embeddings_.flags.c_contiguous or rec.item_embeddings_.flags.f_contiguous
+        np.testing.assert_allclose(rec.score_parts(req).two_tower, row_major @ vec, rtol=1e-5, atol=1e-5)
 
 
 def test_train_refuses_missing_inputs_and_keys(tmp_path, trained):
