@@ -159,14 +159,18 @@ def kept_serving(previous: dict[str, Any], units: BlendUnits) -> dict[str, Any]:
 
     A night without member purchases cannot calibrate, so the published weights
     are kept; a term added since (e.g. ``basket_weight``) would otherwise load as
-    0 and its table ship unused.
+    0 and its table ship unused, and a term whose units changed since (the store
+    term went from 0 to 30) would keep the old units until a night that calibrates.
+    A weight recorded without its units is kept as it is.
     """
     from .blend import TERMS
 
     serving = dict(previous)
     unit = float(serving.get("score_unit") or 0.0)
     for term in TERMS:
-        if f"{term}_weight" not in serving:
+        recorded = serving.get(f"{term}_units")
+        if f"{term}_weight" not in serving or (recorded is not None
+                                               and recorded != getattr(units, f"{term}_units")):
             serving[f"{term}_units"] = getattr(units, f"{term}_units")
             serving[f"{term}_weight"] = round(serving[f"{term}_units"] * unit, 6)
     return serving

@@ -320,3 +320,8 @@ def test_kept_weights_gain_the_terms_their_version_predates():
     assert got["basket_weight"] == pytest.approx(0.45) and got["basket_units"] == 3.0
     assert got["known_weight"] == 0.0
     assert kept_serving({**old, "basket_weight": 0.2}, BlendUnits(basket_units=3.0))["basket_weight"] == 0.2
+    # units changed since the version was calibrated (the store term shipped off, then on): today's units
+    off = {**old, "store_weight": 0.0, "store_units": 0.0}
+    got = kept_serving(off, BlendUnits(store_units=30.0))
+    assert got["store_units"] == 30.0 and got["store_weight"] == pytest.approx(4.5)
+    assert got["repeat_weight"] == 1.5  # unchanged units: the weight as it was
