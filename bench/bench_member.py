@@ -91,19 +91,18 @@ def main() -> None:
     reqs = requests_for(snap, args.calls, params)
     int8 = summary(time_calls(member.recommend, reqs))
     md = params / "member_model"
+    lookups = np.load(md / "user_lookup.npy").tolist(), np.load(md / "context_lookup.npy").tolist()
     # the store's-baskets term turned off (member.store_weight: 0 in agent.yaml)
     no_store = load_snapshot(params, None, allow_unsigned=True, member_overrides={"store_weight": 0.0}).member
     int8_no_store = summary(time_calls(no_store.recommend, reqs))
     # the item embeddings row-major, as bundles were written before (a private copy here)
-    row_major = MemberRecommender(md.joinpath("two_tower_model_quantized.onnx").read_bytes(),
-                                  np.load(md / "user_lookup.npy").tolist(), np.load(md / "context_lookup.npy").tolist(),
+    row_major = MemberRecommender(md.joinpath("two_tower_model_quantized.onnx").read_bytes(), *lookups,
                                   member.item_ids_, np.ascontiguousarray(member.item_embeddings_),
                                   history=member.history_, guest=snap.guest, params=member.params,
                                   baskets=member.baskets_)
     assert row_major.item_embeddings_.flags.c_contiguous and member.item_embeddings_.flags.f_contiguous
     int8_row_major = summary(time_calls(row_major.recommend, reqs))
-    fp32_rec = MemberRecommender((md / "two_tower_model.onnx").read_bytes(),
-                                 np.load(md / "user_lookup.npy").tolist(), np.load(md / "context_lookup.npy").tolist(),
+    fp32_rec = MemberRecommender((md / "two_tower_model.onnx").read_bytes(), *lookups,
                                  np.load(md / "item_lookup.npy"), np.load(md / "item_embeddings.npy"),
                                  history=member.history_, guest=snap.guest, params=member.params,
                                  baskets=member.baskets_)

@@ -54,7 +54,7 @@ def large_parameters(member: bool, products: int = 50_000) -> Path:
 
     out = DATA / f"params-{products}-{'member' if member else 'guest'}"
     if (out / "manifest.json").exists() and (not (out / layout.GUEST_BASKETS["starts"]).exists()
-                                             or (member and not (_weights_every_term(out)
+                                             or (member and not (_serving_is_current(out)
                                                                  and _column_major_embeddings(out)))):
         shutil.rmtree(out)  # trained before the recent-basket tables, today's blend units or column-major embeddings
     if not (out / "manifest.json").exists():
@@ -65,7 +65,7 @@ def large_parameters(member: bool, products: int = 50_000) -> Path:
     return out
 
 
-def _weights_every_term(params: Path) -> bool:
+def _serving_is_current(params: Path) -> bool:
     """True when the member blend weights in ``params`` name every term the edge knows, in today's units."""
     from agent import layout
     from agent.recommenders.member import ScoreParts
