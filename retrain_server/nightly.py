@@ -9,7 +9,8 @@ For day D (default: yesterday in the store's time zone), one run:
    time-decayed day by day (``decay.*``, :mod:`.counts`);
 3. refits TF-IDF + tag neighbours from the ``products`` table (new products
    become recommendable) and rebuilds the co-purchase tables from the counts;
-4. fine-tunes the Two-Tower model from the last checkpoint, keeping its
+4. fine-tunes the Two-Tower model from the checkpoint of the published member
+   model (a refused night's checkpoint is never built on), keeping its
    lookups (new members and products appended), exports ONNX, quantizes, and
    rebuilds the member history tables;
 5. gates the candidate against the published models on the newest day's
@@ -178,7 +179,7 @@ class NightlyJob:
         learn, gate_log = _concat(parts), today.select(held)
         # the member model's periodic training from scratch: everything in the database but the
         # sessions held out for tonight's gate (the first night's "learn" already is that)
-        last_full = self._last_full(current)
+        last_full = shipped_full = self._last_full(current)
         if full is None:
             full = cfg.full_retrain_days > 0 and (last_full is None or (day - last_full).days >= cfg.full_retrain_days)
         full_log = None
@@ -254,6 +255,8 @@ class NightlyJob:
                 candidate, doc, verdict = kept
                 version, created_at = doc["version"], datetime.fromisoformat(doc["created_at"])
         timings["gate_s"] = round(time.perf_counter() - t0, 2)
+        if member_state is not None and not (verdict.passed and "member" not in verdict.metrics.get("kept", {})):
+            self._keep_published_checkpoint(old_gen, gen_dir, shipped_full)
         metrics = {**verdict.metrics, "through_day": day.isoformat(), "rows_learned": len(learn),
                    "sessions_total": counts.sessions, "member_training": member_training}
         if full_log is not None:
@@ -337,6 +340,28 @@ class NightlyJob:
             return None, "none"
         return member_mod.train_member_model(learn, catalog.ids.tolist(),
                                              member_mod.MemberTrainingConfig(epochs=cfg.epochs)), "full"
+
+    def _keep_published_checkpoint(self, old_gen: Path | None, gen_dir: Path, shipped_full: date | None) -> None:
+        """Tonight's member model does not ship: the new generation keeps the checkpoint agents' model
+        came from, so the next night fine-tunes from the published model rather than building on a
+        refused one (and a refused training from scratch is tried again: ``member_full_through``
+        stays where the last shipped one left it). Tonight's rows stay in PostgreSQL; the next
+        training from scratch learns them.
+        """
+        published = old_gen / "checkpoint" if old_gen is not None else None
+        if published is None or not published.is_dir():
+            _LOG.warning("tonight's member model is not shipped and no earlier checkpoint exists: "
+                         "the next night fine-tunes from tonight's")
+            return
+        shutil.rmtree(gen_dir / "checkpoint")
+        shutil.copytree(published, gen_dir / "checkpoint")
+        info_path = gen_dir / "generation.json"
+        info = json.loads(info_path.read_text())
+        info["member_full_through"] = shipped_full.isoformat() if shipped_full is not None else None
+        info["member_checkpoint"] = f"kept from {old_gen.name} (tonight's member model was not shipped)"
+        info_path.write_text(json.dumps(info))
+        _LOG.info("member checkpoint: tonight's model was not shipped; the next night fine-tunes from the "
+                  "published one (%s)", old_gen.name)
 
     def _generation_info(self, generation: str) -> dict[str, Any]:
         try:

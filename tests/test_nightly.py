@@ -6,6 +6,7 @@ quick; the member fine-tuning path has its own test.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -291,6 +292,28 @@ def _spoil(candidates: Path, models: set[str]):
     return after
 
 
+def _members_again(world, day: date) -> list[tuple[str, str | None, list[str], datetime]]:
+    """80 members' baskets from the store's history bought again on ``day`` (new session ids)."""
+    p = world.store.purchases
+    members = sorted({s for s, u in zip(p.session_ids.tolist(), p.user_ids.tolist()) if u})[:80]
+    noon = datetime.combine(day, datetime.min.time(), KST) + timedelta(hours=12)
+    sessions = []
+    for n, sid in enumerate(members):
+        rows = p.session_ids == sid
+        sessions.append((f"again-{day.isoformat()}-{sid}", p.user_ids[rows][0], p.product_ids[rows].tolist(),
+                         noon + timedelta(seconds=n)))
+    return sessions
+
+
+def _checkpoint_files(world) -> dict[str, str]:
+    """The current generation's member checkpoint: relative path -> sha256 of every file."""
+    current, _ = world.state()
+    root = world.tmp / "state" / "generations" / current.generation / "checkpoint"
+    assert root.is_dir()
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
 def _files(bundle: Path, prefix: str) -> dict[str, str]:
     with tarfile.open(bundle) as tar:
         doc = json.load(tar.extractfile("manifest.json"))
@@ -308,20 +331,17 @@ def test_a_refused_model_is_replaced_by_its_published_version_and_the_other_ship
     d0 = world.last_day
     first = world.job(**settings).run(d0)
     assert first.published
-    # a day of members' baskets like the store's own (new session ids), so the gate has members' questions
-    p = world.store.purchases
-    members = sorted({s for s, u in zip(p.session_ids.tolist(), p.user_ids.tolist()) if u})[:80]
-    noon = datetime.combine(d0 + timedelta(days=1), datetime.min.time(), KST) + timedelta(hours=12)
-    sessions = []
-    for n, sid in enumerate(members):
-        rows = p.session_ids == sid
-        sessions.append((f"again-{sid}", p.user_ids[rows][0], p.product_ids[rows].tolist(),
-                         noon + timedelta(seconds=n)))
-    world.insert(sessions)
+    # a day of members' baskets like the store's own, so the gate has members' questions
+    world.insert(_members_again(world, d0 + timedelta(days=1)))
+    first_checkpoint = _checkpoint_files(world)
     job = NightlyJob(world.config(**settings), after_step=_spoil(world.tmp / "state" / "candidates", spoiled))
     second = job.run(d0 + timedelta(days=1))
     assert second.version and second.metrics["member_cases"] >= 5, second.metrics
     _, history = world.state()
+    # The next night fine-tunes from the checkpoint of the member model agents run: tonight's when it
+    # shipped, else (refused) the published one's, byte for byte, never the refused model's.
+    member_shipped = second.published and "member" not in second.metrics.get("kept", {})
+    assert (_checkpoint_files(world) == first_checkpoint) is (not member_shipped)
     if spoiled == {"guest", "member"}:  # nothing of tonight's is good enough: nothing ships
         assert not second.published and "guest_hr@10" in second.reason and "member_hr@10" in second.reason
         assert world.snapshot().version == first.version and "kept" not in second.metrics
@@ -485,6 +505,36 @@ def test_member_model_is_trained_from_scratch_every_full_retrain_days(world):
     assert build_parser().parse_args(["nightly", "--full"]).full
     assert world.job(**{**settings, "training.full_retrain_days": 0}).run(d0 + timedelta(days=3)).metrics[
         "member_training"] in ("fine-tune", "kept")
+
+
+def test_a_refused_training_from_scratch_is_tried_again_the_next_night(world):
+    """A refused night never becomes the base of the next: the generation keeps the published
+    member model's checkpoint, and a refused training from scratch does not count as the periodic
+    one (else the drift it resets would run a whole further period)."""
+    d0 = world.last_day
+    settings = {"training.member": True, "training.epochs": 1, "training.full_retrain_days": 2,
+                "gate.holdout_percent": 40, "gate.tolerance": 0.1}
+    kinds = []
+    for n in range(4):
+        day = d0 + timedelta(days=n)
+        if n:
+            world.insert(_members_again(world, day))
+        spoil = _spoil(world.tmp / "state" / "candidates", {"member"}) if n == 2 else None
+        before = _checkpoint_files(world) if n else None
+        run = NightlyJob(world.config(**settings), after_step=spoil).run(day)
+        kinds.append(run.metrics["member_training"])
+        current, _ = world.state()
+        info = json.loads((world.tmp / "state" / "generations" / current.generation / "generation.json").read_text())
+        if n == 2:  # the spoiled training from scratch: refused, the published member (night 1's) ships on
+            assert run.published and run.metrics["kept"]["member"], run.metrics
+            assert _checkpoint_files(world) == before
+            assert info["member_full_through"] == d0.isoformat() and "kept from" in info["member_checkpoint"]
+        else:
+            assert run.published and "kept" not in run.metrics, (run.reason, run.metrics)
+            assert before is None or _checkpoint_files(world) != before
+    # nights: first (full); one day later (fine-tune); two days after the full one (full, refused);
+    # the next night the last full training that shipped is three days old: from scratch again
+    assert kinds == ["full", "fine-tune", "full", "full"], kinds
 
 
 def test_serve_answers_bundles_and_health_and_reports_a_refusal(world):
