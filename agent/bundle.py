@@ -89,6 +89,13 @@ class Manifest:
         """The files served from a memory mapping (read-only on disk)."""
         return sorted(rel for rel, blob in self.blobs.items() if isinstance(blob, mmap.mmap))
 
+    def forget_pages(self) -> None:
+        """Let go of the mapped pages touched so far (verifying, checking, the smoke test): RSS then
+        counts what serving touches. The pages stay in the page cache; the files never change."""
+        for blob in self.blobs.values():
+            if isinstance(blob, mmap.mmap):
+                _forget_pages(blob)
+
     def _blob(self, relpath: str) -> bytes | mmap.mmap:
         self.path(relpath)  # refuses unlisted files
         try:
@@ -193,6 +200,8 @@ def verify_parameters(root: str | Path, public_key: Any | None, *,
         data = _open_verified(path, rel, size, map_files)
         if hashlib.sha256(data).hexdigest() != info.get("sha256"):
             raise BundleError(f"{rel}: sha256 does not match the manifest")
+        if isinstance(data, mmap.mmap):
+            _forget_pages(data)
         blobs[rel] = data
     return Manifest(root=root, version=version, created_at=str(doc.get("created_at", "")),
                     files=files, metrics=doc.get("metrics") or {}, models=doc.get("models") or {},
@@ -218,6 +227,17 @@ def _open_verified(path: Path, rel: str, size: int, map_file: bool) -> bytes | m
     if len(data) != size:
         raise BundleError(f"{rel}: size {len(data) if len(data) <= size else 'over'} != manifest {size}")
     return data
+
+
+def _forget_pages(mapping: mmap.mmap) -> None:
+    """Unmap the pages hashing touched: they stay in the page cache (the file cannot change, see
+    :func:`_open_verified`) and come back on first use, so the process's RSS counts only the pages
+    its traffic touches, not every byte it once verified."""
+    if hasattr(mmap, "MADV_DONTNEED"):
+        try:
+            mapping.madvise(mmap.MADV_DONTNEED)
+        except OSError:  # an unusual filesystem: the pages simply stay counted
+            pass
 
 
 def load_array(manifest: Manifest, relpath: str) -> np.ndarray:

@@ -142,6 +142,7 @@ def load_snapshot(root: str | Path, public_key: Any | None, *, allow_unsigned: b
                if isinstance(d, Mapping) and isinstance(d.get("version"), str)}
     snap = snapshot_from_source(manifest, manifest.version, guest_params=guest_params,
                                 member_overrides=member_overrides, metrics=manifest.metrics, origins=origins)
+    manifest.forget_pages()
     _LOG.info("loaded models %s from %s (guest: %d items, member: %s, signed: %s, %d files mapped)",
               manifest.version, root, snap.guest.n_items,
               f"{len(snap.member.item_ids_)} items" if snap.member else "absent", manifest.signed,

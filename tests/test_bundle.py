@@ -257,6 +257,38 @@ def test_store_versions_are_memory_mapped_and_serve_the_same(params, keys):
         assert snap.recommend(req).ids == copied_snap.recommend(req).ids
 
 
+def _resident_kb(path) -> int:
+    """Resident kB of this process's mappings of ``path`` (/proc/self/smaps)."""
+    total, current = 0, False
+    for line in open("/proc/self/smaps"):
+        head = line.split()
+        if head and not head[0].endswith(":"):  # a mapping's first line: address perms offset dev inode [path]
+            current = len(head) > 5 and head[5] == str(path)
+        elif current and head[0] == "Rss:":
+            total += int(head[1])
+    return total
+
+
+def test_a_mapped_version_counts_only_the_pages_serving_touches(tmp_path, keys):
+    """Verifying hashes every byte and loading checks every index, through the mapping; those pages are
+    let go after loading (they stay in the page cache), so RSS grows only with what requests read."""
+    from agent.layout import GUEST_ARRAYS
+
+    # tables well above the kernel's fault-around (16 pages mapped per fault)
+    store = make_store(n_products=3000, n_rows=20000, n_users=20, n_families=40)
+    params = tmp_path / "parameters"
+    write_parameters(params, train_guest_model(store.catalog, store.purchases), signing_key=keys[0])
+    _make_read_only(params)
+    snap = load_snapshot(params, load_public_key(keys[1]), map_files=True)
+    co, names = (params / GUEST_ARRAYS[n] for n in ("co_neighbors", "item_names"))
+    assert co.stat().st_size > 8192 and names.stat().st_size > 4096
+    assert _resident_kb(co) == 0 and _resident_kb(names) == 0
+    item = snap.guest.item_ids_[len(snap.guest.item_ids_) // 2]
+    assert snap.recommend(RecommendRequest(cart=(item,), top_k=10)).ids
+    assert 0 < _resident_kb(co) < co.stat().st_size // 1024  # the cart's rows, not the table
+    assert _resident_kb(names) == 0
+
+
 def test_a_mapped_file_that_does_not_match_its_hash_is_refused(params, keys):
     from agent.layout import GUEST_ARRAYS
 
