@@ -237,6 +237,14 @@ def test_end_to_end_table_has_every_row(tmp_path, member: bool) -> None:
         assert any(m.startswith("member + bought-before bonus") for m in methods)
         assert any(m.startswith("member + the store's recent baskets") for m in methods)
         assert report["tuning"]["member"]["own_terms"]["store"]["paired_se"] >= 0
+        # the learned reranker: fitted on validation cases, reported on the test month like the shipped row
+        from retrain_server.evaluation.rerank import FEATURES, GRID
+        from retrain_server.evaluation.run import RERANKED_MEMBER
+
+        assert RERANKED_MEMBER in methods
+        rr = report["tuning"]["reranker"]
+        assert rr["cases"] > 0 and len(rr["tried"]) == int(np.prod([len(v) for v in GRID.values()]))
+        assert rr["features"] == list(FEATURES) and rr["chosen"]["trees"] >= 1
         assert report["timings"]["member"]["seconds_per_epoch"] > 0
         # members the model was not trained on are answered by the guest model, as agents do
         unknown = next(r for r in report["rows"] if r["method"] == SHIPPED_MEMBER)["segments"]["member_unknown"]
@@ -249,6 +257,28 @@ def test_end_to_end_table_has_every_row(tmp_path, member: bool) -> None:
         assert report["gains"] and all(g["paired_se"] >= 0 for g in report["gains"])
     table = format_table(report)
     assert table.count("\n") == len(report["rows"]) + 1 + (len(report["gains"]) + 3 if report["gains"] else 0)
+
+
+def test_member_stats_match_a_count_by_hand() -> None:
+    """The reranker's per-(member, item) statistics against the log read row by row."""
+    from retrain_server.evaluation.rerank import MemberStats
+
+    day = 86400
+    log = _log([("a", "u1", "p1", 0), ("a", "u1", "p1", 5), ("b", "u1", "p1", 10 * day), ("c", "u1", "p2", 20 * day),
+                ("d", "u2", "p1", 4 * day), ("e", "", "p3", 30 * day), ("f", "u2", "p9", 30 * day)])
+    users, items = np.array(["", "u1", "u2"]), np.array(["p1", "p2", "p3"])
+    st = MemberStats.from_log(log, users, items)
+    baskets, days, gap, found = st.pairs(1, np.array([0, 1, 2]))
+    assert baskets.tolist() == [2, 1, 0] and found.tolist() == [True, True, False]
+    assert days.tolist() == [20.0, 10.0, 999.0]  # as of the log's newest purchase (day 30)
+    assert gap.tolist() == [10.0, 999.0, 999.0]  # p1 bought on day 0 and day 10; p2 once
+    baskets, days, _, _ = st.pairs(2, np.array([0]))
+    assert baskets.tolist() == [1] and days.tolist() == [26.0]
+    # products outside the lookups do not count (u2's basket f holds only p9)
+    assert st.member_baskets.tolist() == [0, 3, 1] and st.member_days_since.tolist()[1:] == [10.0, 26.0]
+    assert np.allclose(st.log_popularity, np.log1p([4, 1, 1]))
+    # p1: two buyers, one of them in two baskets -> (1 + 1) / (2 + 2)
+    assert st.rebuy_rate.tolist() == pytest.approx([0.5, 1 / 3, 0.5])
 
 
 def test_last_basket_split_takes_each_members_newest_basket() -> None:
@@ -312,7 +342,8 @@ def test_cart_damped_matches_training_tables() -> None:
 @pytest.mark.parametrize("name", ["retrain_server.evaluation", "retrain_server.evaluation.protocol",
                                   "retrain_server.evaluation.baselines", "retrain_server.evaluation.tuning",
                                   "retrain_server.evaluation.report", "retrain_server.evaluation.run",
-                                  "retrain_server.evaluation.datasets", "retrain_server.evaluation.cli"])
+                                  "retrain_server.evaluation.datasets", "retrain_server.evaluation.cli",
+                                  "retrain_server.evaluation.rerank"])
 def test_evaluation_modules_list_their_public_api(name: str) -> None:
     """As tests/test_public_api.py does for top-level modules (it does not walk sub-packages)."""
     import importlib

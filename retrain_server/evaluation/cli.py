@@ -32,6 +32,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--households", type=int, default=None, help="sample this many households")
     p.add_argument("--catalog", choices=("all", "purchased"), default="all")
     p.add_argument("--no-member", action="store_true", help="skip the Two-Tower model")
+    p.add_argument("--no-reranker", action="store_true",
+                   help="skip the learned reranker over the shipped member blend (an experiment, not shipped)")
     p.add_argument("--no-recency", action="store_true",
                    help="skip the Two-Tower trained on recency-weighted baskets (two trainings fewer)")
     p.add_argument("--no-tune", action="store_true", help="use defaults instead of the guest validation search")
@@ -50,7 +52,7 @@ def config_from_args(args: argparse.Namespace) -> EvaluationConfig:
         max_test_baskets=args.max_test_baskets or None, max_val_baskets=args.max_val_baskets or None,
         seed=args.seed, epochs=args.epochs, member=not args.no_member, tune=not args.no_tune,
         households=args.households, catalog=args.catalog, dataset=args.dataset, recency=not args.no_recency,
-        member_config=json.loads(args.member_config))
+        reranker=not args.no_reranker, member_config=json.loads(args.member_config))
     if args.quick:
         cfg.households = cfg.households or 200
         cfg.max_test_baskets = min(cfg.max_test_baskets or 300, 300)

@@ -78,6 +78,8 @@ class EvaluationConfig:
     dataset: str = "completejourney"
     #: try the Two-Tower model trained on recency-weighted baskets (two more trainings)
     recency: bool = True
+    #: fit and report the learned reranker over the shipped member blend (:mod:`.rerank`; not shipped)
+    reranker: bool = True
     member_config: dict[str, Any] = field(default_factory=dict)
     #: fixed choices instead of tuning (used when tune is False)
     guest_training: dict[str, Any] = field(default_factory=dict)
@@ -318,6 +320,37 @@ class _MemberBuilder:
         return member_from_source(DirectorySource(self.root), self.guest_for(tables.co_half_life), weights)
 
 
+RERANKED_MEMBER = "member as shipped + learned reranker (boosted trees on 18 features; experiment, not shipped)"
+
+
+def _reranker_row(cfg: EvaluationConfig, val_b: _MemberBuilder, tb: _MemberBuilder, fit: PurchaseLog,
+                  train: PurchaseLog, val_cases: list[Case], test_cases: list[Case], tables: _Tables,
+                  units: BlendUnits, shipped: Any, guest: Any, report: dict[str, Any], seg: Any) -> None:
+    """The shipped blend's best candidates reordered by trees fitted on the validation month (:mod:`.rerank`).
+
+    The validation side is the shipped blend built the shipped way on the months before it; members the
+    model does not know get the guest model, as in the shipped row.
+    """
+    from .rerank import MemberStats, Reranker, fit_reranker
+
+    t0 = time.perf_counter()
+    zero = val_b.build(tables, units=units)
+    serving = serving_weights(zero, fit, units)
+    val_member = val_b.build(tables, {f"{t}_weight": serving[f"{t}_weight"] for t in TERMS}, units=units)
+    fitted, info = fit_reranker(val_member, MemberStats.from_log(fit, val_b.user_lookup, val_b.item_lookup),
+                                val_cases, k=cfg.k, seed=cfg.seed)
+    test_reranker = Reranker(shipped, MemberStats.from_log(train, tb.user_lookup, tb.item_lookup), fitted.model)
+
+    def answer(request: Any) -> list[str]:
+        return (test_reranker if shipped.knows_user(request.user_id) else guest).recommend(request)
+
+    m = evaluate(answer, test_cases, k=cfg.k)
+    report["rows"].append(row(RERANKED_MEMBER, m, "member", segments=seg(m)))
+    report.setdefault("_comparisons", []).append((RERANKED_MEMBER, SHIPPED_MEMBER))
+    report["tuning"]["reranker"] = info
+    report["timings"]["reranker_seconds"] = time.perf_counter() - t0
+
+
 def _member_rows(cfg: EvaluationConfig, catalog: Catalog, fit: PurchaseLog, train: PurchaseLog,
                  val_cases: list[Case], test_cases: list[Case], report: dict[str, Any], guest: dict[str, Any],
                  tmp: Path, seg: Any) -> None:
@@ -551,6 +584,9 @@ def _member_rows(cfg: EvaluationConfig, catalog: Catalog, fit: PurchaseLog, trai
     report["chosen"]["shipped_member_serving"] = serving
     comparisons.append((SHIPPED_MEMBER, before_name))
     comparisons.append((SHIPPED_MEMBER, "baseline: member's own most frequent"))
+    if cfg.reranker:
+        _reranker_row(cfg, val_b, tb, fit, train, val_cases, test_cases, shipped_tables, shipped_units, shipped,
+                      guest["shipped"], report, seg)
     rows.append(row("unknown member -> member model, unknown-user row, no blend",
                     evaluate(pure, test_cases, k=k, hide_user=True, user_id=_OOV), "fallback"))
     before_rec = tb.build(before, weights(results["before"]["units"], unit_test))
