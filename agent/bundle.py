@@ -230,9 +230,10 @@ def _open_verified(path: Path, rel: str, size: int, map_file: bool) -> bytes | m
 
 
 def _forget_pages(mapping: mmap.mmap) -> None:
-    """Unmap the pages hashing touched: they stay in the page cache (the file cannot change, see
-    :func:`_open_verified`) and come back on first use, so the process's RSS counts only the pages
-    its traffic touches, not every byte it once verified."""
+    """Drop this process's page-table entries for the pages touched so far (the mapping stays): the
+    pages stay in the page cache (the file cannot change, see :func:`_open_verified`) and come back on
+    first use, so the process's RSS counts only the pages its traffic touches, not every byte it once
+    verified or checked."""
     if hasattr(mmap, "MADV_DONTNEED"):
         try:
             mapping.madvise(mmap.MADV_DONTNEED)

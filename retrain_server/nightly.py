@@ -10,7 +10,8 @@ For day D (default: yesterday in the store's time zone), one run:
 3. refits TF-IDF + tag neighbours from the ``products`` table (new products
    become recommendable) and rebuilds the co-purchase tables from the counts;
 4. fine-tunes the Two-Tower model from the checkpoint of the published member
-   model (a refused night's checkpoint is never built on), keeping its
+   model (a refused night's checkpoint is not built on when an earlier one
+   exists; a refused training from scratch is retried), keeping its
    lookups (new members and products appended), exports ONNX, quantizes, and
    rebuilds the member history tables;
 5. gates the candidate against the published models on the newest day's
@@ -349,15 +350,19 @@ class NightlyJob:
         training from scratch learns them.
         """
         published = old_gen / "checkpoint" if old_gen is not None else None
-        if published is None or not published.is_dir():
-            _LOG.warning("tonight's member model is not shipped and no earlier checkpoint exists: "
-                         "the next night fine-tunes from tonight's")
-            return
-        shutil.rmtree(gen_dir / "checkpoint")
-        shutil.copytree(published, gen_dir / "checkpoint")
         info_path = gen_dir / "generation.json"
         info = json.loads(info_path.read_text())
         info["member_full_through"] = shipped_full.isoformat() if shipped_full is not None else None
+        if published is None or not published.is_dir():
+            # No earlier checkpoint (the first night with members): nothing better to keep; with no
+            # shipped training from scratch on record the next night trains from scratch again.
+            _LOG.warning("tonight's member model is not shipped and no earlier checkpoint exists: "
+                         "keeping tonight's")
+            info["member_checkpoint"] = "tonight's (not shipped; no earlier checkpoint)"
+            info_path.write_text(json.dumps(info))
+            return
+        shutil.rmtree(gen_dir / "checkpoint")
+        shutil.copytree(published, gen_dir / "checkpoint")
         info["member_checkpoint"] = f"kept from {old_gen.name} (tonight's member model was not shipped)"
         info_path.write_text(json.dumps(info))
         _LOG.info("member checkpoint: tonight's model was not shipped; the next night fine-tunes from the "

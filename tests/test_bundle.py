@@ -269,6 +269,7 @@ def _resident_kb(path) -> int:
     return total
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="reads /proc/self/smaps (Linux)")
 def test_a_mapped_version_counts_only_the_pages_serving_touches(tmp_path, keys):
     """Verifying hashes every byte and loading checks every index, through the mapping; those pages are
     let go after loading (they stay in the page cache), so RSS grows only with what requests read."""
@@ -281,7 +282,7 @@ def test_a_mapped_version_counts_only_the_pages_serving_touches(tmp_path, keys):
     _make_read_only(params)
     snap = load_snapshot(params, load_public_key(keys[1]), map_files=True)
     co, names = (params / GUEST_ARRAYS[n] for n in ("co_neighbors", "item_names"))
-    assert co.stat().st_size > 8192 and names.stat().st_size > 4096
+    assert co.stat().st_size >= 256 * 1024 and names.stat().st_size > 4096  # fault-around maps 64 kB
     assert _resident_kb(co) == 0 and _resident_kb(names) == 0
     item = snap.guest.item_ids_[len(snap.guest.item_ids_) // 2]
     assert snap.recommend(RecommendRequest(cart=(item,), top_k=10)).ids

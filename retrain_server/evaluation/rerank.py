@@ -30,7 +30,7 @@ import numpy as np
 from ..data import PurchaseLog
 from .protocol import Case
 
-__all__ = ["N_CANDIDATES", "GRID", "FEATURES", "MemberStats", "Reranker", "fit_reranker"]
+__all__ = ["N_CANDIDATES", "GRID", "MIN_CASES", "FEATURES", "MemberStats", "Reranker", "fit_reranker"]
 
 _LOG = logging.getLogger(__name__)
 
@@ -39,6 +39,8 @@ N_CANDIDATES = 100
 #: settings tried, chosen by HR@k on the held-out fifth of the validation cases
 GRID = {"learning_rate": (0.03, 0.1), "max_leaf_nodes": (15, 63), "min_samples_leaf": (20, 200),
         "l2_regularization": (0.0, 1.0)}
+#: fewer validation cases of known members than this: no reranker (its held-out fifth would say nothing)
+MIN_CASES = 50
 #: one column per feature, in this order
 FEATURES = ("two_tower", "repeat", "co", "basket", "store", "baskets_with_item", "share_of_baskets",
             "days_since_bought", "member_baskets", "log_popularity", "rebuy_rate", "cart_size", "age",
@@ -86,7 +88,7 @@ class MemberStats:
         np.maximum.at(last, pos, ts)
         np.minimum.at(first, pos, ts)
         gap = np.where(baskets >= 2, (last - first) / 86400.0 / np.maximum(baskets - 1, 1), _NEVER)
-        member_last = np.zeros(n_users, np.int64)
+        member_last = np.full(n_users, -1, np.int64)
         np.maximum.at(member_last, u, ts)
         member_baskets = np.bincount(np.unique(np.stack([u, session]), axis=1)[0], minlength=n_users)
         buyer_item = keys % n_items
@@ -95,7 +97,8 @@ class MemberStats:
         return cls(n_items=n_items, keys=keys, baskets=baskets.astype(np.float32),
                    days_since=((end - last) / 86400.0).astype(np.float32), gap_days=gap.astype(np.float32),
                    member_baskets=member_baskets.astype(np.float32),
-                   member_days_since=((end - member_last) / 86400.0).astype(np.float32),
+                   member_days_since=np.where(member_last >= 0, (end - member_last) / 86400.0,
+                                              _NEVER).astype(np.float32),
                    log_popularity=log_popularity,
                    rebuy_rate=((rebuyers + 1) / (buyers + 2)).astype(np.float32))
 
@@ -144,8 +147,9 @@ class Reranker:
         if g is not None and request.cart:
             cart = g.indices(request.cart)
             if cart.size:
-                items = self._guest_to_item[g.sim_neighbors_[cart].ravel()]
-                scores = g.sim_scores_[cart].ravel()
+                neighbours, scores = g.sim_neighbors_[cart].ravel(), g.sim_scores_[cart].ravel()
+                real = neighbours >= 0  # rows are padded with -1
+                items, scores = self._guest_to_item[neighbours[real]], scores[real]
                 np.maximum.at(sim, items[items >= 0], scores[items >= 0])
         ones = np.ones(len(top), np.float32)
         X = np.stack([parts.two_tower[top], _dense(n, parts.repeat, top), _dense(n, parts.co, top),
@@ -183,12 +187,16 @@ def _hit_rate(model: Any, X: list[np.ndarray], y: list[np.ndarray], k: int) -> f
 
 def fit_reranker(member: Any, stats: MemberStats, cases: list[Case], *, k: int = 10,
                  seed: int = 0) -> tuple[Reranker, dict[str, Any]]:
-    """Fit on the validation ``cases`` of members ``member`` knows: settings chosen on a held-out fifth,
-    then refitted on every case with the chosen number of trees. Returns the reranker and the choice."""
+    """Fit on the validation ``cases`` of members ``member`` knows: settings chosen on a held-out fifth
+    (cases drawn at random, so one member's baskets can fall on both sides: the choice, not the test
+    figure, is a little optimistic), then refitted on every case with the chosen number of trees.
+    Returns the reranker and the choice; ValueError below :data:`MIN_CASES` cases."""
     from sklearn.ensemble import HistGradientBoostingClassifier
 
     reranker = Reranker(member, stats)
     cases = [c for c in cases if member.knows_user(c.user_id)]
+    if len(cases) < MIN_CASES:
+        raise ValueError(f"{len(cases)} validation cases of known members (< {MIN_CASES}): too few to fit on")
     X, y = _training_rows(reranker, cases, k)
     order = np.random.default_rng(seed).permutation(len(cases))
     fit_idx, hold_idx = np.sort(order[len(cases) // 5:]), np.sort(order[:len(cases) // 5])

@@ -337,8 +337,13 @@ def _reranker_row(cfg: EvaluationConfig, val_b: _MemberBuilder, tb: _MemberBuild
     zero = val_b.build(tables, units=units)
     serving = serving_weights(zero, fit, units)
     val_member = val_b.build(tables, {f"{t}_weight": serving[f"{t}_weight"] for t in TERMS}, units=units)
-    fitted, info = fit_reranker(val_member, MemberStats.from_log(fit, val_b.user_lookup, val_b.item_lookup),
-                                val_cases, k=cfg.k, seed=cfg.seed)
+    try:
+        fitted, info = fit_reranker(val_member, MemberStats.from_log(fit, val_b.user_lookup, val_b.item_lookup),
+                                    val_cases, k=cfg.k, seed=cfg.seed)
+    except ValueError as exc:  # too few validation cases (a small sample of households)
+        _LOG.warning("no reranker row: %s", exc)
+        report["tuning"]["reranker"] = {"skipped": str(exc)}
+        return
     test_reranker = Reranker(shipped, MemberStats.from_log(train, tb.user_lookup, tb.item_lookup), fitted.model)
 
     def answer(request: Any) -> list[str]:
