@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -535,6 +536,26 @@ def test_a_refused_training_from_scratch_is_tried_again_the_next_night(world):
     # nights: first (full); one day later (fine-tune); two days after the full one (full, refused);
     # the next night the last full training that shipped is three days old: from scratch again
     assert kinds == ["full", "fine-tune", "full", "full"], kinds
+
+
+def test_a_refused_member_model_without_an_earlier_checkpoint_keeps_the_last_shipped_full_training(world):
+    """With no earlier checkpoint to fall back on (here: lost), tonight's is kept, but a refused training
+    does not count as the periodic training from scratch: ``member_full_through`` stays."""
+    d0 = world.last_day
+    settings = {"training.member": True, "training.epochs": 1, "training.full_retrain_days": 30,
+                "gate.holdout_percent": 40, "gate.tolerance": 0.1}
+    assert world.job(**settings).run(d0).published
+    current, _ = world.state()
+    shutil.rmtree(world.tmp / "state" / "generations" / current.generation / "checkpoint")
+    world.insert(_members_again(world, d0 + timedelta(days=1)))
+    run = NightlyJob(world.config(**settings),
+                     after_step=_spoil(world.tmp / "state" / "candidates", {"member"})).run(d0 + timedelta(days=1))
+    assert run.published and run.metrics["kept"]["member"] and run.metrics["member_training"] == "full", run.metrics
+    current, _ = world.state()
+    info = json.loads((world.tmp / "state" / "generations" / current.generation / "generation.json").read_text())
+    assert info["member_full_through"] == d0.isoformat()
+    assert info["member_checkpoint"].startswith("tonight's")
+    assert (world.tmp / "state" / "generations" / current.generation / "checkpoint").is_dir()
 
 
 def test_serve_answers_bundles_and_health_and_reports_a_refusal(world):
