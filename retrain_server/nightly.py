@@ -359,14 +359,13 @@ class NightlyJob:
             _LOG.warning("tonight's member model is not shipped and no earlier checkpoint exists: "
                          "keeping tonight's")
             info["member_checkpoint"] = "tonight's (not shipped; no earlier checkpoint)"
-            info_path.write_text(json.dumps(info))
-            return
-        shutil.rmtree(gen_dir / "checkpoint")
-        shutil.copytree(published, gen_dir / "checkpoint")
-        info["member_checkpoint"] = f"kept from {old_gen.name} (tonight's member model was not shipped)"
+        else:
+            shutil.rmtree(gen_dir / "checkpoint")
+            shutil.copytree(published, gen_dir / "checkpoint")
+            info["member_checkpoint"] = f"kept from {old_gen.name} (tonight's member model was not shipped)"
+            _LOG.info("member checkpoint: tonight's model was not shipped; the next night fine-tunes from the "
+                      "published one (%s)", old_gen.name)
         info_path.write_text(json.dumps(info))
-        _LOG.info("member checkpoint: tonight's model was not shipped; the next night fine-tunes from the "
-                  "published one (%s)", old_gen.name)
 
     def _generation_info(self, generation: str) -> dict[str, Any]:
         try:

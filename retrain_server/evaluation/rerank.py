@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from agent.recommenders.member import top_k
+
 from ..data import PurchaseLog
 from .protocol import Case
 
@@ -137,7 +139,7 @@ class Reranker:
         total = parts.total(m.params)
         excluded = m.item_indices(request.excluded)
         total[excluded] = -np.inf
-        top = np.argsort(-total, kind="stable")[:N_CANDIDATES]
+        top = top_k(total, min(N_CANDIDATES, len(total)))  # best first, ties: lower index first
         top = top[np.isfinite(total[top])]
         user = m.user_index_[request.user_id]
         n = len(m.item_ids_)

@@ -320,6 +320,13 @@ class _MemberBuilder:
         return member_from_source(DirectorySource(self.root), self.guest_for(tables.co_half_life), weights)
 
 
+def _shipped_member(builder: _MemberBuilder, log: PurchaseLog, tables: _Tables,
+                    units: BlendUnits) -> tuple[Any, dict[str, Any]]:
+    """The member recommender the way retrain-server ships it (blend calibrated on ``log``), and its weights."""
+    serving = serving_weights(builder.build(tables, units=units), log, units)
+    return builder.build(tables, {f"{t}_weight": serving[f"{t}_weight"] for t in TERMS}, units=units), serving
+
+
 RERANKED_MEMBER = "member as shipped + learned reranker (boosted trees on 18 features; experiment, not shipped)"
 
 
@@ -334,9 +341,7 @@ def _reranker_row(cfg: EvaluationConfig, val_b: _MemberBuilder, tb: _MemberBuild
     from .rerank import MemberStats, Reranker, fit_reranker
 
     t0 = time.perf_counter()
-    zero = val_b.build(tables, units=units)
-    serving = serving_weights(zero, fit, units)
-    val_member = val_b.build(tables, {f"{t}_weight": serving[f"{t}_weight"] for t in TERMS}, units=units)
+    val_member, _ = _shipped_member(val_b, fit, tables, units)
     try:
         fitted, info = fit_reranker(val_member, MemberStats.from_log(fit, val_b.user_lookup, val_b.item_lookup),
                                     val_cases, k=cfg.k, seed=cfg.seed)
@@ -576,9 +581,7 @@ def _member_rows(cfg: EvaluationConfig, catalog: Catalog, fit: PurchaseLog, trai
                              co_half_life=shipped_decay.co_half_life_days,
                              neighbours=shipped_units.neighbours if shipped_units.neighbour_units else 0,
                              baskets=bool(shipped_units.basket_units))
-    zero = tb.build(shipped_tables, units=shipped_units)
-    serving = serving_weights(zero, train, shipped_units)
-    shipped = tb.build(shipped_tables, {f"{t}_weight": serving[f"{t}_weight"] for t in TERMS}, units=shipped_units)
+    shipped, serving = _shipped_member(tb, train, shipped_tables, shipped_units)
 
     def as_agents_answer(request: Any) -> list[str]:
         """Members the model was not trained on get the guest model (agent.registry.ModelSnapshot)."""
