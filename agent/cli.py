@@ -63,7 +63,7 @@ def make_loader(cfg: AgentConfig, store: VersionStore | None = None) -> Callable
     ``store`` (default: :func:`make_store`) says which directories it installed: those are mapped.
     """
     key = load_public_key(cfg.public_key) if cfg.public_key is not None else None
-    overrides = {**cfg.member.weights(), "threads": cfg.member.threads}
+    overrides = {**cfg.member.weights(), "threads": cfg.member.threads, "rerank": cfg.member.rerank}
 
     store = store or make_store(cfg)
 

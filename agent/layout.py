@@ -19,6 +19,7 @@ import numpy as np
 
 __all__ = ["GUEST_DIR", "MEMBER_DIR", "GUEST_ARRAYS", "GUEST_META", "GUEST_BASKETS", "MEMBER_ARRAYS", "MEMBER_ONNX",
            "MEMBER_ONNX_FP32", "MEMBER_HISTORY", "MEMBER_NEIGHBOURS", "MEMBER_BASKETS", "MEMBER_META",
+           "MEMBER_RERANK_TREES", "MEMBER_RERANK_STATS",
            "SEED_GUEST_FILES", "EDGE_FILES",
            "SERVER_ONLY_FILES", "is_edge_file", "Source", "DirectorySource"]
 
@@ -53,12 +54,19 @@ MEMBER_NEIGHBOURS = {name: f"{MEMBER_DIR}/neighbours_{name}.npy" for name in ("i
 #: basket): part name -> path. Optional: written only when the blend gives the term a weight.
 MEMBER_BASKETS = {name: f"{MEMBER_DIR}/baskets_{name}.npy" for name in ("indptr", "starts", "items", "weights")}
 MEMBER_META = f"{MEMBER_DIR}/member_meta.json"
+#: The member reranker (:mod:`agent.recommenders.rerank`): boosted trees as ONNX, and the statistics their
+#: features read (array name -> path). Optional, all or none; ``member_meta.json``'s ``rerank`` names the
+#: features and the number of candidates.
+MEMBER_RERANK_TREES = f"{MEMBER_DIR}/rerank_trees.onnx"
+MEMBER_RERANK_STATS = {name: f"{MEMBER_DIR}/rerank_{name}.npy" for name in (
+    "keys", "baskets", "days_since", "gap_days", "member_baskets", "member_days_since", "log_popularity",
+    "rebuy_rate")}
 
 #: What a basket downloads and loads.
 EDGE_FILES = frozenset([*GUEST_ARRAYS.values(), GUEST_META, *GUEST_BASKETS.values(), *MEMBER_ARRAYS.values(),
                         MEMBER_ONNX,
                         *MEMBER_HISTORY.values(), *MEMBER_NEIGHBOURS.values(), *MEMBER_BASKETS.values(),
-                        MEMBER_META])
+                        MEMBER_META, MEMBER_RERANK_TREES, *MEMBER_RERANK_STATS.values()])
 #: What stays on the server (bundles never carry these).
 SERVER_ONLY_FILES = frozenset([*SEED_GUEST_FILES, MEMBER_ONNX_FP32])
 

@@ -25,6 +25,7 @@ from .errors import BundleError
 from .recommenders.base import RecommendRequest
 from .recommenders.guest import GuestParams, GuestRecommender, RecentBaskets
 from .recommenders.member import MemberBaskets, MemberHistory, MemberParams, MemberRecommender, ScoreParts
+from .recommenders.rerank import FEATURES, MemberStats, TreeReranker
 
 _LOG = logging.getLogger(__name__)
 
@@ -188,7 +189,8 @@ def member_from_source(source: layout.Source, guest: GuestRecommender | None,
     """The member recommender from ``member_model/``, or None when the bundle has none.
 
     Blend weights come from ``member_meta.json``; ``overrides`` (MemberParams
-    field -> value, None = keep) replace some.
+    field -> value, None = keep) replace some; ``"rerank": False`` ignores the
+    bundle's reranker (members are then ranked by the blend alone).
     """
     required = [*layout.MEMBER_ARRAYS.values(), layout.MEMBER_ONNX]
     missing = [p for p in required if not source.has(p)]
@@ -197,7 +199,9 @@ def member_from_source(source: layout.Source, guest: GuestRecommender | None,
                      ", ".join(missing))
         return None
     params = _member_params_from_meta(source)
-    set_ = {k: v for k, v in (overrides or {}).items() if v is not None}
+    overrides = dict(overrides or {})
+    rerank = overrides.pop("rerank", True) is not False
+    set_ = {k: v for k, v in overrides.items() if v is not None}
     if set_:
         params = dataclasses.replace(params, **set_)
     history = _member_table(source, layout.MEMBER_HISTORY, "counts")
@@ -206,10 +210,13 @@ def member_from_source(source: layout.Source, guest: GuestRecommender | None,
     baskets = _member_baskets(source)
     a = {name: source.array(path) for name, path in layout.MEMBER_ARRAYS.items()}
     try:
+        reranker = _member_reranker(source, len(a["item_lookup"]), params.threads) if rerank else None
         return MemberRecommender(source.read_bytes(layout.MEMBER_ONNX), a["user_lookup"].tolist(),
                                  a["context_lookup"].tolist(), a["item_lookup"], a["item_embeddings"],
                                  history=history, guest=guest, params=params, neighbours=neighbours,
-                                 baskets=baskets)
+                                 baskets=baskets, reranker=reranker)
+    except BundleError:
+        raise
     except Exception as exc:  # onnxruntime raises its own types
         raise BundleError(f"member model invalid: {exc}") from exc
 
@@ -265,13 +272,41 @@ def _member_baskets(source: layout.Source) -> MemberBaskets | None:
     return MemberBaskets(indptr, starts, items, weights)
 
 
-def _member_params_from_meta(source: layout.Source) -> MemberParams:
-    """Blend weights chosen at training time travel in ``member_meta.json``."""
+def _member_reranker(source: layout.Source, n_items: int, threads: int) -> TreeReranker | None:
+    """The trees and statistics of ``rerank_*`` (None when the bundle has none; a partial set is refused)."""
+    stats_paths = layout.MEMBER_RERANK_STATS
+    present = _optional_table(source, {**stats_paths, "trees": layout.MEMBER_RERANK_TREES}, "member reranker")
+    if not present:
+        return None
+    meta = _member_meta(source).get("rerank")
+    if not isinstance(meta, dict) or list(meta.get("features") or ()) != list(FEATURES) \
+            or not isinstance(meta.get("candidates"), int):
+        raise BundleError(f"{layout.MEMBER_META}: 'rerank' must name the features {list(FEATURES)} in order "
+                          f"and the number of candidates (this agent cannot use the bundle's reranker)")
+    arrays = {name: source.array(path) for name, path in stats_paths.items()}
+    try:
+        stats = MemberStats(n_items=n_items, **arrays)
+        return TreeReranker(source.read_bytes(layout.MEMBER_RERANK_TREES), stats, meta["candidates"], threads)
+    except Exception as exc:  # onnxruntime raises its own types
+        raise BundleError(f"member reranker invalid: {exc}") from exc
+
+
+def _member_meta(source: layout.Source) -> dict[str, Any]:
     if not source.has(layout.MEMBER_META):
-        return MemberParams()
+        return {}
     try:
         meta = json.loads(source.read_bytes(layout.MEMBER_META).decode("utf-8"))
-        serving = meta.get("serving") or {}
+    except ValueError as exc:
+        raise BundleError(f"{layout.MEMBER_META} is malformed: {exc}") from exc
+    if not isinstance(meta, dict):
+        raise BundleError(f"{layout.MEMBER_META} is malformed: not an object")
+    return meta
+
+
+def _member_params_from_meta(source: layout.Source) -> MemberParams:
+    """Blend weights chosen at training time travel in ``member_meta.json``."""
+    serving = _member_meta(source).get("serving") or {}
+    try:
         return MemberParams(**{w: float(serving.get(w, 0.0)) for w in ScoreParts.WEIGHTS})
     except (ValueError, TypeError, AttributeError) as exc:
         raise BundleError(f"{layout.MEMBER_META} is malformed: {exc}") from exc

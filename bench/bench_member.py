@@ -92,20 +92,25 @@ def main() -> None:
     int8 = summary(time_calls(member.recommend, reqs))
     md = params / "member_model"
     lookups = np.load(md / "user_lookup.npy").tolist(), np.load(md / "context_lookup.npy").tolist()
-    # the store's-baskets term turned off (member.store_weight: 0 in agent.yaml)
-    no_store = load_snapshot(params, None, allow_unsigned=True, member_overrides={"store_weight": 0.0}).member
+    assert member.reranker_ is not None, "the benchmark bundle has no reranker"
+    # the reranker turned off (member.rerank: false in agent.yaml): the blend alone
+    no_rerank = load_snapshot(params, None, allow_unsigned=True, member_overrides={"rerank": False}).member
+    int8_no_rerank = summary(time_calls(no_rerank.recommend, reqs))
+    # the store's-baskets term turned off too (member.store_weight: 0)
+    no_store = load_snapshot(params, None, allow_unsigned=True,
+                             member_overrides={"store_weight": 0.0, "rerank": False}).member
     int8_no_store = summary(time_calls(no_store.recommend, reqs))
     # the item embeddings row-major, as bundles were written before (a private copy here)
     row_major = MemberRecommender(md.joinpath("two_tower_model_quantized.onnx").read_bytes(), *lookups,
                                   member.item_ids_, np.ascontiguousarray(member.item_embeddings_),
                                   history=member.history_, guest=snap.guest, params=member.params,
-                                  baskets=member.baskets_)
+                                  baskets=member.baskets_, reranker=member.reranker_)
     assert row_major.item_embeddings_.flags.c_contiguous and member.item_embeddings_.flags.f_contiguous
     int8_row_major = summary(time_calls(row_major.recommend, reqs))
     fp32_rec = MemberRecommender((md / "two_tower_model.onnx").read_bytes(), *lookups,
                                  np.load(md / "item_lookup.npy"), np.load(md / "item_embeddings.npy"),
                                  history=member.history_, guest=snap.guest, params=member.params,
-                                 baskets=member.baskets_)
+                                 baskets=member.baskets_, reranker=member.reranker_)
     fp32 = summary(time_calls(fp32_rec.recommend, reqs))
     tower_int8 = summary(time_calls(member.user_vector, reqs))
     tower_fp32 = summary(time_calls(fp32_rec.user_vector, reqs))
@@ -129,9 +134,11 @@ def main() -> None:
     n_items = len(member.item_ids_)
     print_table(f"member recommend(), {n_items:,} products, batch 1, 1 thread",
                 ["implementation", "calls", "p50 ms", "p99 ms", "mean ms"],
-                [["edge, int8 ONNX (shipped: store's baskets on, column-major)", int8["calls"], int8["p50_ms"],
-                  int8["p99_ms"], int8["mean_ms"]],
-                 ["edge, int8, store's baskets off (member.store_weight: 0)", int8_no_store["calls"],
+                [["edge, int8 ONNX (shipped: reranker, store's baskets on, column-major)", int8["calls"],
+                  int8["p50_ms"], int8["p99_ms"], int8["mean_ms"]],
+                 ["edge, int8, reranker off (member.rerank: false)", int8_no_rerank["calls"],
+                  int8_no_rerank["p50_ms"], int8_no_rerank["p99_ms"], int8_no_rerank["mean_ms"]],
+                 ["edge, int8, reranker and store's baskets off", int8_no_store["calls"],
                   int8_no_store["p50_ms"], int8_no_store["p99_ms"], int8_no_store["mean_ms"]],
                  ["edge, int8, item embeddings row-major (bundles before)", int8_row_major["calls"],
                   int8_row_major["p50_ms"], int8_row_major["p99_ms"], int8_row_major["mean_ms"]],
@@ -146,7 +153,10 @@ def main() -> None:
                  ["edge process RSS, both models loaded (MB)", mem["loaded_mb"]],
                  ["  of which bare Python + numpy (MB)", mem["python_mb"]],
                  [f"Two-Tower training, {train_cfg.epochs} epochs on the 1M-row store (s)", round(train_s, 1)]])
-    write_json("member", {"n_items": n_items, "int8": int8, "int8_without_store_term": int8_no_store,
+    write_json("member", {"n_items": n_items, "int8": int8, "int8_without_reranker": int8_no_rerank,
+                          "int8_without_reranker_and_store_term": int8_no_store,
+                          "rerank_trees": int(json.loads((md / "member_meta.json").read_text())["rerank"]["fit"]
+                                              ["chosen"]["trees"]),
                           "int8_row_major_embeddings": int8_row_major,
                           "fp32": fp32, "keras": keras,
                           "user_tower_int8": tower_int8, "user_tower_fp32": tower_fp32,

@@ -55,8 +55,10 @@ def large_parameters(member: bool, products: int = 50_000) -> Path:
     out = DATA / f"params-{products}-{'member' if member else 'guest'}"
     if (out / "manifest.json").exists() and (not (out / layout.GUEST_BASKETS["starts"]).exists()
                                              or (member and not (_serving_is_current(out)
-                                                                 and _column_major_embeddings(out)))):
-        shutil.rmtree(out)  # trained before the recent-basket tables, today's blend units or column-major embeddings
+                                                                 and _column_major_embeddings(out)
+                                                                 and (out / layout.MEMBER_RERANK_TREES).exists()))):
+        shutil.rmtree(out)  # trained before the recent-basket tables, today's blend units, column-major
+        # embeddings or the reranker
     if not (out / "manifest.json").exists():
         prod, purch = large_store_files(products)
         t0 = time.perf_counter()
@@ -343,7 +345,8 @@ def _plot_guest(doc: Mapping[str, Any], out: Path) -> Path | None:
 def _plot_member(doc: Mapping[str, Any], out: Path) -> Path | None:
     goal = doc.get("goal", {})
     series = {"edge, int8 ONNX (shipped)": doc["int8"],
-              "edge, int8, store's baskets off": doc.get("int8_without_store_term") or {},
+              "edge, int8, reranker off": doc.get("int8_without_reranker") or {},
+              "edge, int8, reranker and store's baskets off": doc.get("int8_without_reranker_and_store_term") or {},
               "edge, int8, row-major embeddings": doc.get("int8_row_major_embeddings") or {},
               "edge, fp32 ONNX": doc["fp32"],
               "Keras user tower per request": doc.get("keras") or {},

@@ -53,10 +53,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
         raise SystemExit("retrain-server train: --epochs must be at least 1")
     if args.signing_key is not None and not args.signing_key.is_file():
         raise SystemExit(f"retrain-server train: --signing-key: no such file {args.signing_key}")
-    from .train import train_bundle
+    from .train import DEFAULT_RERANK_DAYS, train_bundle
 
+    if args.rerank_days is not None and args.rerank_days < 0:
+        raise SystemExit("retrain-server train: --rerank-days must be >= 0")
     doc = train_bundle(args.products, args.purchases, args.out, args.signing_key,
-                       member=not args.guest_only, epochs=args.epochs, checkpoint_dir=args.checkpoint_dir)
+                       member=not args.guest_only, epochs=args.epochs, checkpoint_dir=args.checkpoint_dir,
+                       rerank_days=DEFAULT_RERANK_DAYS if args.rerank_days is None else args.rerank_days)
     print(f"trained parameters {doc['version']} -> {args.out} "
           f"({len(doc['files'])} files, models: {', '.join(doc['models'])})")
     return 0
@@ -253,6 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, help="member model epochs (default 3; the seed used 1)")
     p.add_argument("--checkpoint-dir", type=Path,
                    help="where the member model's TF checkpoint goes (default: OUT.checkpoint, beside the bundle)")
+    p.add_argument("--rerank-days", type=float, default=None,
+                   help="days of the newest purchases the member reranker learns from (default 30, at most a "
+                        "quarter of the data's span; 0: no reranker). Trains a second Two-Tower model on the "
+                        "purchases before them")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("db", help="the PostgreSQL schema and bulk loads")

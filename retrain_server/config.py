@@ -59,6 +59,10 @@ training.fine_tune_min_steps   gradient steps per fine-tuning epoch at least (sm
 training.full_retrain_days   train the member model from scratch on every purchase in the database (gated like
                        any night) once its last full training is this many days old, default 7 (0: never;
                        nightly fine-tuning alone drifts a little each night); `nightly --full` forces it
+training.rerank_days   days of the newest purchases the member reranker learns from, default 30 (at most a
+                       quarter of the data's span; 0: no reranker, the blend alone ranks). Fitted on the
+                       nights that train from scratch, with a second Two-Tower model trained on the
+                       purchases before those days; the nights in between ship the same trees
 guest_training.*       co_neighbors, sim_neighbors, popularity_alpha, cart_alpha, min_co_count, n_popular,
                        recent_baskets (50000; 0 = no recent-basket table), basket_postings (1000)
 decay.history_half_life_days   half-life of a member's own purchases in the counts (repeat term, history
@@ -100,6 +104,7 @@ class RetrainConfig:
     fine_tune_learning_rate: float = 0.02
     fine_tune_min_steps: int = 20
     full_retrain_days: int = 7  # member model trained from scratch when its last full training is this old
+    rerank_days: float = 30.0  # the member reranker's learning window (0: no reranker)
     guest_training: GuestTrainingConfig = GuestTrainingConfig()
     decay: Decay = Decay()
     log_level: str = "INFO"
@@ -187,6 +192,7 @@ def parse_config(data: Mapping[str, Any], overrides: Mapping[str, Any] | None = 
                                   minimum=1),
         full_retrain_days=r.get("training.full_retrain_days", int, field_default(d, "full_retrain_days"),
                                 minimum=0),
+        rerank_days=r.get("training.rerank_days", float, field_default(d, "rerank_days"), minimum=0),
         guest_training=GuestTrainingConfig(**guest_kwargs),
         decay=Decay(**decay_kwargs),
         log_level=log_level)

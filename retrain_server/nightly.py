@@ -13,7 +13,11 @@ For day D (default: yesterday in the store's time zone), one run:
    model (a refused night's checkpoint is not built on when an earlier one
    exists; a refused training from scratch is retried), keeping its
    lookups (new members and products appended), exports ONNX, quantizes, and
-   rebuilds the member history tables;
+   rebuilds the member history tables; the member reranker's trees are fitted
+   with each training from scratch (:mod:`.rerank`: a second Two-Tower model
+   trained on the purchases before ``training.rerank_days``) and kept with the
+   checkpoint on the nights that fine-tune it; their statistics are rebuilt
+   from every purchase each night;
 5. gates the candidate against the published models on the newest day's
    held-out sessions (:mod:`.gate`; those sessions are counted the next night);
    when only one of the two models is refused, the other ships beside the
@@ -59,6 +63,7 @@ from .data import PurchaseLog
 from .errors import RetrainError
 from .export import install_directory, recover_directory, write_manifest, write_parameters
 from .gate import GateResult, gate_cases, holdout_mask, judge, score_snapshot
+from .rerank import FittedReranker
 
 _LOG = logging.getLogger(__name__)
 
@@ -183,9 +188,12 @@ class NightlyJob:
         last_full = shipped_full = self._last_full(current)
         if full is None:
             full = cfg.full_retrain_days > 0 and (last_full is None or (day - last_full).days >= cfg.full_retrain_days)
-        full_log = None
-        if full and current is not None and cfg.train_member:
-            full_log = _concat([postgres.read_purchases(conn, None, first, cfg.timezone), *parts[1:]])
+        # every purchase but tonight's held-out sessions: a training from scratch learns it, and the
+        # reranker's statistics are read from it each night
+        everything = learn
+        if current is not None and cfg.train_member and (full or cfg.rerank_days > 0):
+            everything = _concat([postgres.read_purchases(conn, None, first, cfg.timezone), *parts[1:]])
+        full_log = everything if full and current is not None and cfg.train_member else None
         catalog = postgres.read_products(conn)
         timings["read_s"] = round(time.perf_counter() - t0, 2)
         if len(catalog) == 0:
@@ -216,6 +224,7 @@ class NightlyJob:
         timings["member_train_s"] = round(time.perf_counter() - t0, 2)
         if member_training == "full":
             last_full = day
+        reranker = self._reranker(member_training, old_gen, everything, catalog, timings)
         self.after_step("member")
         # 5. export the candidate (full seed layout) and the new generation, beside the old ones
         t0 = time.perf_counter()
@@ -233,9 +242,11 @@ class NightlyJob:
             from .train import state_writer
 
             member_mod.save_checkpoint(member_state, gen_dir / "checkpoint")
+            if reranker is not None:  # beside the model it was fitted for (kept with it when it is kept)
+                reranker.save(gen_dir / "checkpoint")
             writer = state_writer(member_state, guest, calibration_log=learn, history=counts.history_triples(),
                                   fallback_serving=self._published_serving(),
-                                  baskets=recent)
+                                  baskets=recent, reranker=reranker, stats_log=everything)
         candidate = self.candidates / f"run-{generation}"
         doc = write_parameters(candidate, guest, member_writer=writer, metrics={}, signing_key=cfg.signing_key)
         version, created_at = doc["version"], datetime.fromisoformat(doc["created_at"])
@@ -260,6 +271,9 @@ class NightlyJob:
             self._keep_published_checkpoint(old_gen, gen_dir, shipped_full)
         metrics = {**verdict.metrics, "through_day": day.isoformat(), "rows_learned": len(learn),
                    "sessions_total": counts.sessions, "member_training": member_training}
+        if reranker is not None:
+            metrics["member_rerank"] = {"trees": reranker.info["chosen"]["trees"],
+                                        "fitted_through": reranker.info.get("fitted_through")}
         if full_log is not None:
             metrics["member_rows_trained"] = len(full_log)
         write_manifest(candidate, metrics={**metrics, "timings": timings}, models=doc["models"],
@@ -341,6 +355,25 @@ class NightlyJob:
             return None, "none"
         return member_mod.train_member_model(learn, catalog.ids.tolist(),
                                              member_mod.MemberTrainingConfig(epochs=cfg.epochs)), "full"
+
+    def _reranker(self, member_training: str, old_gen: Path | None, log: PurchaseLog, catalog: Any,
+                  timings: dict[str, float]) -> FittedReranker | None:
+        """Trees for tonight's member model: fitted anew when it was trained from scratch, else the ones
+        fitted for the model it was fine-tuned from (None: no reranker; the blend alone ranks)."""
+        cfg = self.cfg
+        if cfg.rerank_days <= 0 or member_training == "none":
+            return None
+        if member_training != "full":
+            return FittedReranker.load(old_gen / "checkpoint") if old_gen is not None else None
+        from . import member as member_mod
+        from .train import reranker_for
+
+        fitted = reranker_for(log, catalog, cfg.rerank_days, guest_config=cfg.guest_training, decay=cfg.decay,
+                              member_config=member_mod.MemberTrainingConfig(epochs=cfg.epochs), timings=timings)
+        if fitted is None:
+            return None
+        through = datetime.fromtimestamp(int(log.timestamps.max()), ZoneInfo(cfg.timezone)).date()
+        return replace(fitted, info={**fitted.info, "fitted_through": through.isoformat()})
 
     def _keep_published_checkpoint(self, old_gen: Path | None, gen_dir: Path, shipped_full: date | None) -> None:
         """Tonight's member model does not ship: the new generation keeps the checkpoint agents' model

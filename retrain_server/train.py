@@ -31,10 +31,16 @@ from .export import (
     write_parameters,
 )
 from .guest import GuestModel, GuestTrainingConfig, build_guest_model, recent_basket_arrays
+from .rerank import FittedReranker, RerankConfig, fit_on_history, member_stats, write_reranker
+
+#: days of purchases the member reranker learns from (``retrain-server train --rerank-days``,
+#: ``training.rerank_days``); at most a quarter of the data's span
+DEFAULT_RERANK_DAYS = 30.0
 
 _LOG = logging.getLogger(__name__)
 
-__all__ = ["train_bundle", "member_writer", "state_writer", "kept_serving", "default_checkpoint_dir", "decayed_counts"]
+__all__ = ["train_bundle", "member_writer", "state_writer", "kept_serving", "default_checkpoint_dir", "decayed_counts",
+           "reranker_for", "DEFAULT_RERANK_DAYS"]
 
 
 def default_checkpoint_dir(out: Path) -> Path:
@@ -54,14 +60,15 @@ def train_bundle(products: Path, purchases: Path, out: Path, signing_key: Path |
                  member: bool = True, epochs: int | None = None,
                  guest_config: GuestTrainingConfig | None = None,
                  member_config: Any = None, checkpoint_dir: Path | None = None,
-                 decay: Decay | None = None) -> dict[str, Any]:
+                 decay: Decay | None = None, rerank_days: float = DEFAULT_RERANK_DAYS) -> dict[str, Any]:
     """Train both models from ``products.csv`` + ``purchase_history.jsonl`` into ``out``.
 
     Co-purchase counts and member histories are time-decayed (``decay``, default
     :class:`Decay`'s half-lives) as of the newest purchase, as the nightly job
     keeps them. The member model's TF checkpoint (for fine-tuning) goes to
     ``checkpoint_dir`` (default ``OUT.checkpoint``), outside the bundle the
-    baskets download.
+    baskets download. The member reranker learns from the last ``rerank_days``
+    (:func:`reranker_for`; 0: none).
     """
     catalog = load_products(products)
     log = load_purchases(purchases)
@@ -76,23 +83,54 @@ def train_bundle(products: Path, purchases: Path, out: Path, signing_key: Path |
         if not (log.user_ids != "").any():
             _LOG.warning("no member purchases: shipping the guest model only")
         else:
+            reranker = reranker_for(log, catalog, rerank_days, guest_config=guest_config, decay=decay,
+                                    member_config=_member_config(member_config, epochs), timings=timings)
             writer = member_writer(catalog, log, guest, epochs=epochs, config=member_config, timings=timings,
                                    checkpoint_dir=checkpoint_dir or default_checkpoint_dir(Path(out)),
-                                   history=counts.history_triples())
+                                   history=counts.history_triples(), reranker=reranker)
     return write_parameters(out, guest, member_writer=writer, metrics={"timings": timings},
                             signing_key=signing_key)
+
+
+def _member_config(config: Any, epochs: int | None) -> Any:
+    from . import member as member_mod  # TensorFlow: only when a member model is trained
+
+    cfg = config or member_mod.MemberTrainingConfig()
+    return dataclasses.replace(cfg, epochs=epochs) if epochs is not None else cfg
+
+
+def reranker_for(log: PurchaseLog, catalog: Catalog, days: float, *, guest_config: Any = None,
+                 decay: Decay | None = None, member_config: Any = None,
+                 timings: dict[str, Any] | None = None) -> FittedReranker | None:
+    """The member reranker for a model trained on ``log`` (:func:`retrain_server.rerank.fit_on_history`),
+    or None when ``days`` is 0 or there is too little to learn from (the blend alone then ranks)."""
+    if days <= 0:
+        return None
+    t0 = time.perf_counter()
+    cfg = RerankConfig()
+    try:
+        trees, info = fit_on_history(log, catalog, cfg, days=days, guest_config=guest_config, decay=decay,
+                                     member_config=member_config)
+    except ValueError as exc:
+        _LOG.warning("no member reranker: %s", exc)
+        return None
+    finally:
+        if timings is not None:
+            timings["rerank_fit_s"] = round(time.perf_counter() - t0, 2)
+    _LOG.info("member reranker: %d trees from %d baskets of the last %.1f days", info["chosen"]["trees"],
+              info["baskets_learned"], info["window_days"])
+    return FittedReranker(trees, cfg, info)
 
 
 def member_writer(catalog: Catalog, log: PurchaseLog, guest: GuestModel, *, epochs: int | None = None,
                   config: Any = None, timings: dict[str, float] | None = None,
                   checkpoint_dir: Path | None = None,
-                  history: tuple[Any, Any, Any] | None = None) -> Callable[[Path], dict[str, Any]]:
+                  history: tuple[Any, Any, Any] | None = None,
+                  reranker: FittedReranker | None = None) -> Callable[[Path], dict[str, Any]]:
     """Train the Two-Tower model now; return the function that writes ``member_model/``."""
     from . import member as member_mod  # TensorFlow: only when a member model is trained
 
-    cfg = config or member_mod.MemberTrainingConfig()
-    if epochs is not None:
-        cfg = dataclasses.replace(cfg, epochs=epochs)
+    cfg = _member_config(config, epochs)
     t0 = time.perf_counter()
     state = member_mod.train_member_model(log, catalog.ids.tolist(), cfg)
     if timings is not None:
@@ -101,14 +139,16 @@ def member_writer(catalog: Catalog, log: PurchaseLog, guest: GuestModel, *, epoc
         member_mod.save_checkpoint(state, checkpoint_dir)
         _LOG.info("member checkpoint (for fine-tuning) in %s", checkpoint_dir)
 
-    return state_writer(state, guest, calibration_log=log, history=history)
+    return state_writer(state, guest, calibration_log=log, history=history, reranker=reranker)
 
 
 def state_writer(state: Any, guest: GuestModel, *, calibration_log: PurchaseLog,
                  history: tuple[Any, Any, Any] | None = None,
                  fallback_serving: dict[str, Any] | None = None,
                  units: BlendUnits | None = None,
-                 baskets: tuple[PurchaseLog, Any] | None = None) -> Callable[[Path], dict[str, Any]]:
+                 baskets: tuple[PurchaseLog, Any] | None = None,
+                 reranker: FittedReranker | None = None,
+                 stats_log: PurchaseLog | None = None) -> Callable[[Path], dict[str, Any]]:
     """The function that exports a trained member ``state`` into ``member_model/``.
 
     ``history`` is (member ids, product ids, counts) for the repeat-purchase
@@ -117,7 +157,9 @@ def state_writer(state: Any, guest: GuestModel, *, calibration_log: PurchaseLog,
     weight; ``baskets`` is (purchases, age in days per row) for the basket table
     (None: ``calibration_log`` aged from its newest row). Blend weights
     are calibrated on ``calibration_log``'s members; when it has none,
-    ``fallback_serving`` (the previous version's weights) is kept.
+    ``fallback_serving`` (the previous version's weights) is kept. ``reranker``
+    is shipped with statistics from ``stats_log`` (None: ``calibration_log``):
+    every purchase the member model may know about.
     """
     from . import member as member_mod
 
@@ -148,8 +190,14 @@ def state_writer(state: Any, guest: GuestModel, *, calibration_log: PurchaseLog,
         meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.exists() else {}
         meta["serving"] = serving
         meta_path.write_text(json.dumps(meta, indent=2), encoding="utf-8")
-        return {"n_users": int(len(user_lookup)), "n_items": int(len(item_lookup)),
-                "epochs": state.config.epochs, "serving": serving}
+        described = {"n_users": int(len(user_lookup)), "n_items": int(len(item_lookup)),
+                     "epochs": state.config.epochs, "serving": serving}
+        if reranker is not None:
+            stats = member_stats(stats_log if stats_log is not None else calibration_log, user_lookup, item_lookup)
+            write_reranker(member_dir, reranker.trees, stats, reranker.config, reranker.info)
+            described["rerank"] = {"trees": reranker.info["chosen"]["trees"],
+                                   "candidates": reranker.config.candidates}
+        return described
 
     return write
 

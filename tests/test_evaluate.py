@@ -237,11 +237,12 @@ def test_end_to_end_table_has_every_row(tmp_path, member: bool) -> None:
         assert any(m.startswith("member + bought-before bonus") for m in methods)
         assert any(m.startswith("member + the store's recent baskets") for m in methods)
         assert report["tuning"]["member"]["own_terms"]["store"]["paired_se"] >= 0
-        # the learned reranker: fitted on validation cases, reported on the test month like the shipped row
-        from retrain_server.evaluation.rerank import FEATURES, GRID
-        from retrain_server.evaluation.run import RERANKED_MEMBER
+        # the reranker: fitted on validation cases, shipped in the bundle, reported as the shipped row
+        from agent.recommenders.rerank import FEATURES
+        from retrain_server.evaluation.report import MEMBER_BLEND
+        from retrain_server.rerank import GRID
 
-        assert RERANKED_MEMBER in methods
+        assert MEMBER_BLEND in methods and SHIPPED_MEMBER in methods
         rr = report["tuning"]["reranker"]
         assert rr["cases"] > 0 and len(rr["tried"]) == int(np.prod([len(v) for v in GRID.values()]))
         assert rr["features"] == list(FEATURES) and rr["chosen"]["trees"] >= 1
@@ -261,13 +262,14 @@ def test_end_to_end_table_has_every_row(tmp_path, member: bool) -> None:
 
 def test_member_stats_match_a_count_by_hand() -> None:
     """The reranker's per-(member, item) statistics against the log read row by row."""
-    from retrain_server.evaluation.rerank import MemberStats
+    from retrain_server.rerank import member_stats
 
     day = 86400
     log = _log([("a", "u1", "p1", 0), ("a", "u1", "p1", 5), ("b", "u1", "p1", 10 * day), ("c", "u1", "p2", 20 * day),
                 ("d", "u2", "p1", 4 * day), ("e", "", "p3", 30 * day), ("f", "u2", "p9", 30 * day)])
     users, items = np.array(["", "u1", "u2"]), np.array(["p1", "p2", "p3"])
-    st = MemberStats.from_log(log, users, items)
+    st = member_stats(log, users, items)
+    st.check(len(users))
     baskets, days, gap, found = st.pairs(1, np.array([0, 1, 2]))
     assert baskets.tolist() == [2, 1, 0] and found.tolist() == [True, True, False]
     assert days.tolist() == [20.0, 10.0, 999.0]  # as of the log's newest purchase (day 30)
@@ -320,7 +322,8 @@ def test_member_grid_ranks_match_the_recommender(trained) -> None:
     for j, (rw, cw, _, kw, bw, sw) in enumerate(weights.tolist()):
         variant = load_snapshot(trained.parameters, load_public_key(trained.public_key),
                                 member_overrides={"repeat_weight": rw, "co_weight": cw, "known_weight": kw,
-                                                  "basket_weight": bw, "store_weight": sw}).member
+                                                  "basket_weight": bw, "store_weight": sw,
+                                                  "rerank": False}).member
         expected = evaluate(variant, cases, k=10).ranks
         agree = np.mean(np.asarray(expected) == ranks[j])
         assert agree >= 0.95, (j, agree)  # float32 vs float64 ties may differ in a rare case
@@ -342,8 +345,7 @@ def test_cart_damped_matches_training_tables() -> None:
 @pytest.mark.parametrize("name", ["retrain_server.evaluation", "retrain_server.evaluation.protocol",
                                   "retrain_server.evaluation.baselines", "retrain_server.evaluation.tuning",
                                   "retrain_server.evaluation.report", "retrain_server.evaluation.run",
-                                  "retrain_server.evaluation.datasets", "retrain_server.evaluation.cli",
-                                  "retrain_server.evaluation.rerank"])
+                                  "retrain_server.evaluation.datasets", "retrain_server.evaluation.cli"])
 def test_evaluation_modules_list_their_public_api(name: str) -> None:
     """As tests/test_public_api.py does for top-level modules (it does not walk sub-packages)."""
     import importlib

@@ -90,7 +90,7 @@ def test_neighbour_files_are_optional_and_loaded_when_present(tmp_path, snapshot
     assert write_neighbour_arrays(hist, root / layout.MEMBER_DIR, k=5, keep=20) > 0
     for p in layout.MEMBER_NEIGHBOURS.values():
         assert layout.is_edge_file(p)
-    with_nb = member_from_source(DirectorySource(root), snapshot.guest, {"neighbour_weight": 1e6})
+    with_nb = member_from_source(DirectorySource(root), snapshot.guest, {"neighbour_weight": 1e6, "rerank": False})
     assert with_nb.neighbours_ is not None
     req = RecommendRequest(cart=tuple(trained.family_items(1)[:2]), user_id=trained.member_id, top_k=5)
     items, scores = with_nb.score_parts(req).neighbours
@@ -183,7 +183,7 @@ def test_known_and_basket_terms_are_loaded_weighted_and_validated(tmp_path, snap
     n = write_basket_arrays(log, days_before(log.timestamps, int(log.timestamps.max())), user_lookup, item_lookup,
                             root / layout.MEMBER_DIR, half_life_days=60.0, max_baskets=20)
     assert n > 0
-    m = member_from_source(source, snapshot.guest, {"basket_weight": 1e6, "known_weight": 0.0})
+    m = member_from_source(source, snapshot.guest, {"basket_weight": 1e6, "known_weight": 0.0, "rerank": False})
     own = log.product_ids[log.user_ids == trained.member_id]
     req = RecommendRequest(cart=(str(own[-1]),), user_id=trained.member_id, top_k=5)  # a product they bought
     parts = m.score_parts(req)
@@ -238,7 +238,7 @@ def test_store_term_is_the_guest_models_recent_basket_votes(snapshot, trained):
     assert m.score_parts(RecommendRequest(user_id=trained.member_id)).store[0].size == 0  # empty cart
     # a huge weight: the member's answer is the guest model's session-kNN ranking
     key = load_public_key(trained.public_key)
-    strong = load_snapshot(trained.parameters, key, member_overrides={"store_weight": 1e6}).member
+    strong = load_snapshot(trained.parameters, key, member_overrides={"store_weight": 1e6, "rerank": False}).member
     assert strong.params.store_weight == 1e6
     by_vote = sorted(((v, -i) for i, v in zip(items.tolist(), votes.tolist()) if m.item_ids_[i] not in cart),
                      reverse=True)

@@ -269,8 +269,8 @@ def test_a_worse_candidate_is_not_published_and_the_reason_is_kept(world):
 def _spoil(candidates: Path, models: set[str]):
     """An ``after_step`` hook that makes tonight's candidate worse in ``models`` before the gate:
     "member": the member model ranks by random item vectors alone; "guest": the guest model's recent
-    baskets vote for random products; "co": so do its co-purchase tables. The member blend reads
-    both guest tables (its co-purchase and store terms), so a spoiled guest can drag it down too."""
+    baskets vote for random products; "co": so do its co-purchase tables. The member blend and its
+    reranker read both guest tables (co-purchase and store terms), so a spoiled guest can drag it down too."""
     def after(step: str) -> None:
         if step != "export":
             return
@@ -357,8 +357,9 @@ def test_a_refused_model_is_replaced_by_its_published_version_and_the_other_ship
     assert second.metrics["gate"] == f"passed with the published {bad} model"
     if "co" in spoiled:  # both were refused first: the guest alone was the cause, as the mix proves
         assert "member_hr@10" in kept["reason"] and "guest_hr@10" in kept["reason"], kept
-    else:  # only the spoiled model was refused: the single-refusal path
-        assert f"{good}_hr@10" not in kept["reason"], kept
+    elif bad == "member":  # only the spoiled model was refused: the single-refusal path
+        assert "guest_hr@10" not in kept["reason"], kept
+    # (a spoiled recent-basket table may drag the members down too: the reranker reads its votes)
     # the refused model's files are the published ones, byte for byte; the other model is tonight's
     old, new = world.bundle_dir / f"{first.version}.tar.gz", world.bundle_dir / f"{second.version}.tar.gz"
     assert _files(new, f"{bad}_model/") == _files(old, f"{bad}_model/")
@@ -515,7 +516,7 @@ def test_a_refused_training_from_scratch_is_tried_again_the_next_night(world):
     d0 = world.last_day
     settings = {"training.member": True, "training.epochs": 1, "training.full_retrain_days": 2,
                 "gate.holdout_percent": 40, "gate.tolerance": 0.1}
-    kinds = []
+    kinds, trees, stats = [], [], []
     for n in range(4):
         day = d0 + timedelta(days=n)
         if n:
@@ -524,6 +525,12 @@ def test_a_refused_training_from_scratch_is_tried_again_the_next_night(world):
         before = _checkpoint_files(world) if n else None
         run = NightlyJob(world.config(**settings), after_step=spoil).run(day)
         kinds.append(run.metrics["member_training"])
+        # the reranker's trees live beside the checkpoint they were fitted for
+        trees.append(_checkpoint_files(world).get("rerank_trees.onnx"))
+        shipped = _files(world.bundle_dir / f"{run.version}.tar.gz", "member_model/rerank_")
+        stats.append(shipped["member_model/rerank_baskets.npy"])
+        assert shipped["member_model/rerank_trees.onnx"] == trees[-1] or n == 2
+        assert run.metrics["member_rerank"]["trees"] >= 1, run.metrics
         current, _ = world.state()
         info = json.loads((world.tmp / "state" / "generations" / current.generation / "generation.json").read_text())
         if n == 2:  # the spoiled training from scratch: refused, the published member (night 1's) ships on
@@ -536,6 +543,19 @@ def test_a_refused_training_from_scratch_is_tried_again_the_next_night(world):
     # nights: first (full); one day later (fine-tune); two days after the full one (full, refused);
     # the next night the last full training that shipped is three days old: from scratch again
     assert kinds == ["full", "fine-tune", "full", "full"], kinds
+    # trees fitted with each training from scratch, kept by the fine-tuning night and by the refused one
+    # (whose checkpoint is the published model's); statistics rebuilt from every purchase each night a
+    # member model ships (the refused night ships the published member model's files, statistics included)
+    assert trees[0] and trees[1] == trees[0] and trees[2] == trees[0] and trees[3] not in (None, trees[0]), trees
+    assert stats[1] != stats[0] and stats[2] == stats[1] and stats[3] not in stats[:3], stats
+
+
+def test_no_reranker_when_rerank_days_is_0(world):
+    run = world.job(**{"training.member": True, "training.epochs": 1, "training.rerank_days": 0}).run(world.last_day)
+    assert run.published and "member_rerank" not in run.metrics
+    assert not _files(world.bundle_dir / f"{run.version}.tar.gz", "member_model/rerank_")
+    snap = world.snapshot()
+    assert snap.member is not None and snap.member.reranker_ is None
 
 
 def test_a_refused_member_model_without_an_earlier_checkpoint_keeps_the_last_shipped_full_training(world):

@@ -127,11 +127,17 @@ def test_serving_weights_come_from_the_bundle_and_can_be_overridden(trained, sna
     p = make_loader(cfg)(trained.parameters).member.params
     assert (p.known_weight, p.basket_weight, p.neighbour_weight) == (7.5, 0.0, 0.25)
     assert (p.repeat_weight, p.co_weight) == (trained_weights.repeat_weight, trained_weights.co_weight)
+    # member.rerank: false ignores the bundle's reranker (the blend alone ranks members)
+    assert make_loader(cfg)(trained.parameters).member.reranker_ is not None
+    cfg = parse_config({"broker": {"host": "localhost"}, "agent_id": "t", "parameters": str(trained.parameters),
+                        "public_key": str(trained.public_key), "member": {"rerank": False}})
+    assert make_loader(cfg)(trained.parameters).member.reranker_ is None
 
 
 def test_co_purchase_blend_follows_the_guest_evidence(trained):
     key = load_public_key(trained.public_key)
-    snap = load_snapshot(trained.parameters, key, member_overrides={"co_weight": 1e6, "repeat_weight": 0.0})
+    snap = load_snapshot(trained.parameters, key, member_overrides={"co_weight": 1e6, "repeat_weight": 0.0,
+                                                                    "rerank": False})
     cart = tuple(trained.family_items(6)[:3])
     items, co = snap.guest.co_purchase_scores(snap.guest.indices(cart))
     keep = ~np.isin(snap.guest.item_ids_[items], cart)

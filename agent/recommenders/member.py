@@ -17,6 +17,9 @@ baskets most like the cart (``store_weight``: the guest model's session-kNN
 votes, :class:`~.guest.RecentBaskets`); every weight is chosen
 by measurement (``retrain-server evaluate``) and 0 turns its term off. :meth:`MemberRecommender.score_parts` returns the
 unweighted terms, so tuning and calibration never reach into the model.
+
+When the bundle carries a reranker (:mod:`.rerank`), the blend only picks the
+candidates a member the model knows is shown: boosted trees order its best few.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import numpy as np
 from .base import RecommendRequest
 from .features import CONTEXT_LENGTH, age_bucket, build_index, encode_context, gender_index
 from .guest import GuestRecommender, sum_by_item
+from .rerank import TreeReranker, candidate_features
 
 _LOG = logging.getLogger(__name__)
 
@@ -165,7 +169,7 @@ class MemberRecommender:
                  item_lookup: Sequence[str], item_embeddings: np.ndarray,
                  history: MemberHistory | None = None, guest: GuestRecommender | None = None,
                  params: MemberParams | None = None, neighbours: MemberHistory | None = None,
-                 baskets: MemberBaskets | None = None) -> None:
+                 baskets: MemberBaskets | None = None, reranker: TreeReranker | None = None) -> None:
         import onnxruntime as ort
 
         self.params = params or MemberParams()
@@ -187,6 +191,7 @@ class MemberRecommender:
         self.neighbours_ = neighbours
         self.baskets_ = baskets
         self.guest_ = guest
+        self.reranker_ = reranker
         # Memory: a 50k-product catalogue costs ~6 MB per id -> index dict, so the
         # guest model's dict is reused when the numbering agrees (it does when both
         # were trained from the same catalogue), and the context index is derived
@@ -214,6 +219,10 @@ class MemberRecommender:
         dim = self.session_.get_outputs()[0].shape[-1]
         if isinstance(dim, int) and dim != self.item_embeddings_.shape[1]:
             raise ValueError(f"user tower dim {dim} != item embedding dim {self.item_embeddings_.shape[1]}")
+        if reranker is not None:
+            if reranker.stats.n_items != n_items:
+                raise ValueError(f"rerank statistics are for {reranker.stats.n_items} products, not {n_items}")
+            reranker.stats.check(len(self.user_index_))
 
     def knows_user(self, user_id: str | None) -> bool:
         """True for a member the model was trained on (row 0, the unknown-user row, is nobody's)."""
@@ -281,6 +290,10 @@ class MemberRecommender:
                 votes = self._to_items(items, shares.astype(np.float32))
         return ScoreParts(s, rep, co_part, nb, bought, own, votes)
 
+    def guest_indices_to_items(self, items: np.ndarray) -> np.ndarray:
+        """Guest model indices -> item_lookup indices (-1: a product the member model lacks)."""
+        return items if self.guest_to_item_ is None else self.guest_to_item_[items]
+
     def _to_items(self, items: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Guest model indices -> item_lookup indices (products the member model lacks dropped)."""
         if self.guest_to_item_ is None or not items.size:
@@ -300,19 +313,37 @@ class MemberRecommender:
         return [pid for pid, _ in self.recommend_scored(request)]
 
     def recommend_scored(self, request: RecommendRequest) -> list[tuple[str, float]]:
-        """Like :meth:`recommend`, with each item's blended score (best first)."""
+        """Like :meth:`recommend`, with each item's score (best first): the trees' when reranked, else the blend's."""
         k = request.top_k
         if k <= 0:
             return []
+        r = self.reranker_
+        if r is not None and self.knows_user(request.user_id):
+            parts, top = self.candidates(request, max(k, r.candidates))
+            if not len(top):
+                return []
+            tree = r.scores(candidate_features(self, r.stats, request, parts, top))
+            order = np.argsort(-tree, kind="stable")[:k]  # ties: the blend's order
+            return list(zip(self.item_ids_[top[order]].tolist(), tree[order].astype(float).tolist()))
         s = self.scores(request)
         excluded = [self.item_index_[p] for p in request.excluded if p in self.item_index_]
         if excluded:
             s[excluded] = -np.inf
-        k = min(k, s.shape[0] - len(excluded))
+        k = min(k, s.shape[0] - len(set(excluded)))
         if k <= 0:
             return []
         top = top_k(s, k)
         return list(zip(self.item_ids_[top].tolist(), s[top].tolist()))
+
+    def candidates(self, request: RecommendRequest, n: int) -> tuple[ScoreParts, np.ndarray]:
+        """(every term, the blend's best ``n`` items best first, cart and wishlist excluded): what the
+        reranker orders, here and where its trees are fitted."""
+        parts = self.score_parts(request)
+        s = parts.total(self.params)  # a copy: the features read parts.two_tower
+        excluded = np.unique(self.item_indices(request.excluded))
+        s[excluded] = -np.inf
+        n = min(n, s.shape[0] - len(excluded))
+        return parts, (top_k(s, n) if n > 0 else np.empty(0, np.int64))
 
 
 def top_k(scores: np.ndarray, k: int, stride: int = 25) -> np.ndarray:

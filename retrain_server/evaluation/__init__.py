@@ -5,8 +5,8 @@
 * :mod:`.baselines` — most popular, raw co-occurrence, the member's own favourites;
 * :mod:`.tuning` — everything chosen on the validation month (guest knobs, decay
   half-lives, the member blend's weights, neighbours, Two-Tower recency);
-* :mod:`.rerank` — a learned reranker over the member blend's best candidates
-  (an experiment: reported, not shipped);
+* the member reranker is fitted by :mod:`retrain_server.rerank` (shared with the
+  nightly job) and reported as the shipped member row;
 * :mod:`.report` — rows, goals, the markdown table;
 * :mod:`.run` — the whole protocol (:func:`~.run.run_evaluation`);
 * :mod:`.datasets` — Complete Journey and the Instacart sample;

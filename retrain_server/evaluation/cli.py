@@ -33,7 +33,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--catalog", choices=("all", "purchased"), default="all")
     p.add_argument("--no-member", action="store_true", help="skip the Two-Tower model")
     p.add_argument("--no-reranker", action="store_true",
-                   help="skip the learned reranker over the shipped member blend (an experiment, not shipped)")
+                   help="fit the member reranker with its shipped settings instead of searching its grid (faster)")
     p.add_argument("--no-recency", action="store_true",
                    help="skip the Two-Tower trained on recency-weighted baskets (two trainings fewer)")
     p.add_argument("--no-tune", action="store_true", help="use defaults instead of the guest validation search")

@@ -18,11 +18,15 @@ from .protocol import Case, Metrics, paired_se
 
 _LOG = logging.getLogger(__name__)
 
-__all__ = ["SHIPPED_GUEST", "SHIPPED_MEMBER", "GOALS", "row", "segments", "finish", "goals", "format_table"]
+__all__ = ["SHIPPED_GUEST", "SHIPPED_MEMBER", "MEMBER_BLEND", "GOALS", "row", "segments", "finish", "goals",
+           "format_table"]
 
 #: The rows the goals are judged on: the defaults ``retrain-server train`` ships.
 SHIPPED_GUEST = "guest model as shipped (GuestTrainingConfig / GuestParams / Decay defaults)"
-SHIPPED_MEMBER = "member model as shipped (defaults; blend calibrated by retrain_server.blend)"
+SHIPPED_MEMBER = ("member model as shipped (defaults: blend calibrated by retrain_server.blend, its best candidates "
+                  "reordered by the reranker)")
+#: The shipped blend alone (``member.rerank: false``; the reranker's candidates).
+MEMBER_BLEND = "member blend as shipped, without the reranker (defaults; blend calibrated by retrain_server.blend)"
 #: Issue 10's goals: member HR@10 vs the member's own favourites, guest vs raw co-occurrence.
 GOALS = {"member_vs_own_favourites": 1.4, "guest_vs_cooccurrence": 1.5}
 

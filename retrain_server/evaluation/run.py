@@ -29,7 +29,7 @@ from ..counts import Decay
 from ..data import Catalog, PurchaseLog
 from .baselines import CoOccurrenceRecommender, OwnFrequentRecommender, PopularRecommender
 from .protocol import Case, evaluate, held_out_cases, paired_se, split_by_time, unseen_targets
-from .report import SHIPPED_GUEST, SHIPPED_MEMBER, finish, row, segments
+from .report import MEMBER_BLEND, SHIPPED_GUEST, SHIPPED_MEMBER, finish, row, segments
 from .tuning import (
     BASKET_GRID,
     HISTORY_HALF_LIVES,
@@ -78,7 +78,8 @@ class EvaluationConfig:
     dataset: str = "completejourney"
     #: try the Two-Tower model trained on recency-weighted baskets (two more trainings)
     recency: bool = True
-    #: fit and report the learned reranker over the shipped member blend (:mod:`.rerank`; not shipped)
+    #: search the reranker's settings (:data:`retrain_server.rerank.GRID`); False: fit it with the shipped
+    #: settings only (faster; the trees' count is still chosen on validation)
     reranker: bool = True
     member_config: dict[str, Any] = field(default_factory=dict)
     #: fixed choices instead of tuning (used when tune is False)
@@ -159,7 +160,7 @@ def run_evaluation(cfg: EvaluationConfig, *, data: Any = None,
         with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
             _member_rows(cfg, catalog, fit, train, val_cases, test_cases, report, guest_parts, Path(tmp), seg)
     else:
-        for name in ("member: two-tower only", SHIPPED_MEMBER):
+        for name in ("member: two-tower only", MEMBER_BLEND, SHIPPED_MEMBER):
             rows.append({"method": name, "hr": None, "mrr": None, "se": None, "n": 0, "kind": "member",
                          "note": "skipped (--no-member)"})
 
@@ -293,7 +294,7 @@ class _MemberBuilder:
         return self._history[half_life]
 
     def build(self, tables: _Tables, params: dict[str, float] | None = None,
-              units: BlendUnits | None = None) -> Any:
+              units: BlendUnits | None = None, *, rerank: bool = False) -> Any:
         from agent.layout import MEMBER_BASKETS, MEMBER_NEIGHBOURS, DirectorySource
         from agent.registry import member_from_source
 
@@ -317,7 +318,8 @@ class _MemberBuilder:
                                 self.user_lookup, self.item_lookup, member_dir,
                                 half_life_days=b.basket_half_life_days, max_baskets=b.baskets_per_member)
         weights = {**{f"{t}_weight": 0.0 for t in TERMS}, **(params or {})}
-        return member_from_source(DirectorySource(self.root), self.guest_for(tables.co_half_life), weights)
+        return member_from_source(DirectorySource(self.root), self.guest_for(tables.co_half_life),
+                                  {**weights, "rerank": rerank})
 
 
 def _shipped_member(builder: _MemberBuilder, log: PurchaseLog, tables: _Tables,
@@ -327,37 +329,45 @@ def _shipped_member(builder: _MemberBuilder, log: PurchaseLog, tables: _Tables,
     return builder.build(tables, {f"{t}_weight": serving[f"{t}_weight"] for t in TERMS}, units=units), serving
 
 
-RERANKED_MEMBER = "member as shipped + learned reranker (boosted trees on 18 features; experiment, not shipped)"
-
-
-def _reranker_row(cfg: EvaluationConfig, val_b: _MemberBuilder, tb: _MemberBuilder, fit: PurchaseLog,
-                  train: PurchaseLog, val_cases: list[Case], test_cases: list[Case], tables: _Tables,
-                  units: BlendUnits, shipped: Any, guest: Any, report: dict[str, Any], seg: Any) -> None:
-    """The shipped blend's best candidates reordered by trees fitted on the validation month (:mod:`.rerank`).
+def _shipped_member_row(cfg: EvaluationConfig, val_b: _MemberBuilder, tb: _MemberBuilder, fit: PurchaseLog,
+                        train: PurchaseLog, val_cases: list[Case], test_cases: list[Case], tables: _Tables,
+                        units: BlendUnits, serving: dict[str, Any], blend: Any, guest: Any,
+                        report: dict[str, Any], seg: Any) -> None:
+    """The member model as shipped: the blend's best candidates reordered by trees (:mod:`retrain_server.rerank`)
+    fitted on the validation month, written into the bundle and loaded as a basket loads them.
 
     The validation side is the shipped blend built the shipped way on the months before it; members the
-    model does not know get the guest model, as in the shipped row.
+    model does not know get the guest model, as agents do. Too few validation cases: no reranker, and the
+    blend is what ships (as in the nightly job).
     """
-    from .rerank import MemberStats, Reranker, fit_reranker
+    from ..rerank import GRID, RerankConfig, fit_reranker, member_stats, remove_reranker, trees_to_onnx, write_reranker
 
     t0 = time.perf_counter()
-    val_member, _ = _shipped_member(val_b, fit, tables, units)
+    rcfg = RerankConfig(grid=GRID if cfg.reranker else {}, seed=cfg.seed)
+    member = blend
     try:
-        fitted, info = fit_reranker(val_member, MemberStats.from_log(fit, val_b.user_lookup, val_b.item_lookup),
-                                    val_cases, k=cfg.k, seed=cfg.seed)
+        val_member, _ = _shipped_member(val_b, fit, tables, units)
+        model, info = fit_reranker(val_member, member_stats(fit, val_b.user_lookup, val_b.item_lookup),
+                                   val_cases, rcfg, k=cfg.k)
     except ValueError as exc:  # too few validation cases (a small sample of households)
-        _LOG.warning("no reranker row: %s", exc)
+        _LOG.warning("no reranker: %s", exc)
         report["tuning"]["reranker"] = {"skipped": str(exc)}
-        return
-    test_reranker = Reranker(shipped, MemberStats.from_log(train, tb.user_lookup, tb.item_lookup), fitted.model)
+    else:
+        member_dir = tb.root / "member_model"
+        write_reranker(member_dir, trees_to_onnx(model), member_stats(train, tb.user_lookup, tb.item_lookup),
+                       rcfg, info)
+        member = tb.build(tables, {f"{t}_weight": serving[f"{t}_weight"] for t in TERMS}, units=units, rerank=True)
+        remove_reranker(member_dir)
+        assert member.reranker_ is not None
+        report["tuning"]["reranker"] = info
 
-    def answer(request: Any) -> list[str]:
-        return (test_reranker if shipped.knows_user(request.user_id) else guest).recommend(request)
+    def as_agents_answer(request: Any) -> list[str]:
+        """Members the model was not trained on get the guest model (agent.registry.ModelSnapshot)."""
+        return (member if member.knows_user(request.user_id) else guest).recommend(request)
 
-    m = evaluate(answer, test_cases, k=cfg.k)
-    report["rows"].append(row(RERANKED_MEMBER, m, "member", segments=seg(m)))
-    report.setdefault("_comparisons", []).append((RERANKED_MEMBER, SHIPPED_MEMBER))
-    report["tuning"]["reranker"] = info
+    m = evaluate(as_agents_answer, test_cases, k=cfg.k)
+    report["rows"].append(row(SHIPPED_MEMBER, m, "member", segments=seg(m)))
+    report.setdefault("_comparisons", []).append((SHIPPED_MEMBER, MEMBER_BLEND))
     report["timings"]["reranker_seconds"] = time.perf_counter() - t0
 
 
@@ -583,18 +593,17 @@ def _member_rows(cfg: EvaluationConfig, catalog: Catalog, fit: PurchaseLog, trai
                              baskets=bool(shipped_units.basket_units))
     shipped, serving = _shipped_member(tb, train, shipped_tables, shipped_units)
 
-    def as_agents_answer(request: Any) -> list[str]:
+    def blend_answer(request: Any) -> list[str]:
         """Members the model was not trained on get the guest model (agent.registry.ModelSnapshot)."""
         return (shipped if shipped.knows_user(request.user_id) else guest["shipped"]).recommend(request)
 
-    m_shipped = evaluate(as_agents_answer, test_cases, k=k)
-    rows.append(row(SHIPPED_MEMBER, m_shipped, "member", segments=seg(m_shipped)))
+    m_blend = evaluate(blend_answer, test_cases, k=k)
+    rows.append(row(MEMBER_BLEND, m_blend, "member", segments=seg(m_blend)))
     report["chosen"]["shipped_member_serving"] = serving
-    comparisons.append((SHIPPED_MEMBER, before_name))
+    comparisons.append((MEMBER_BLEND, before_name))
+    _shipped_member_row(cfg, val_b, tb, fit, train, val_cases, test_cases, shipped_tables, shipped_units, serving,
+                        shipped, guest["shipped"], report, seg)
     comparisons.append((SHIPPED_MEMBER, "baseline: member's own most frequent"))
-    if cfg.reranker:
-        _reranker_row(cfg, val_b, tb, fit, train, val_cases, test_cases, shipped_tables, shipped_units, shipped,
-                      guest["shipped"], report, seg)
     rows.append(row("unknown member -> member model, unknown-user row, no blend",
                     evaluate(pure, test_cases, k=k, hide_user=True, user_id=_OOV), "fallback"))
     before_rec = tb.build(before, weights(results["before"]["units"], unit_test))

@@ -1,0 +1,183 @@
+"""The member reranker: trees exported to ONNX, the edge's features, loading and serving it from a bundle."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from agent import layout
+from agent.bundle import load_public_key
+from agent.errors import BundleError
+from agent.layout import DirectorySource
+from agent.recommenders.base import RecommendRequest
+from agent.recommenders.member import top_k
+from agent.recommenders.rerank import FEATURES, candidate_features
+from agent.registry import guest_from_source, load_snapshot, member_from_source
+
+
+@pytest.fixture(scope="module")
+def snapshot(trained):
+    return load_snapshot(trained.parameters, load_public_key(trained.public_key))
+
+
+def _requests(trained, member, n=40):
+    """Carts of known members: a few products of their own baskets, as a basket's sensors would send."""
+    log = trained.store.purchases
+    rng = np.random.default_rng(3)
+    sessions = np.unique(log.session_ids[log.user_ids != ""])
+    out = []
+    for sid in rng.choice(sessions, n, replace=False).tolist():
+        rows = log.session_ids == sid
+        user = str(log.user_ids[rows][0])
+        if member.knows_user(user):
+            out.append(RecommendRequest(cart=tuple(dict.fromkeys(log.product_ids[rows].tolist()))[:3],
+                                        user_id=user, age=int(log.ages[rows][0]), top_k=10))
+    assert len(out) >= 20
+    return out
+
+
+def test_onnx_trees_score_exactly_as_the_fitted_classifier_orders():
+    """The exported trees give scikit-learn's raw score (so its order), even for features lying exactly
+    on a split threshold (float64 thresholds rounded down to float32)."""
+    import onnxruntime as ort
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
+    from retrain_server.rerank import trees_to_onnx
+
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((6000, len(FEATURES))).astype(np.float32)
+    X[:, 3] = rng.integers(0, 5, len(X))  # small integer features: many rows sit on a threshold
+    X[:, 13] = rng.integers(0, 2, len(X))
+    y = ((X[:, 0] + 0.5 * X[:, 3] - X[:, 13] + 0.3 * rng.standard_normal(len(X))) > 0.5).astype(int)
+    model = HistGradientBoostingClassifier(max_iter=60, max_leaf_nodes=15, random_state=0).fit(X, y)
+    session = ort.InferenceSession(trees_to_onnx(model), providers=["CPUExecutionProvider"])
+    test = np.concatenate([X[:500], rng.standard_normal((500, len(FEATURES))).astype(np.float32)])
+    # also every split threshold itself, as float32, in its own feature
+    for predictor, in model._predictors[:5]:
+        for node in predictor.nodes:
+            if not node["is_leaf"]:
+                row = test[0].copy()
+                row[node["feature_idx"]] = np.float32(node["num_threshold"])
+                test = np.vstack([test, row])
+    got = session.run(None, {"X": test})[0].reshape(-1)
+    want = model.decision_function(test)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert np.array_equal(np.argsort(-got, kind="stable")[:50], np.argsort(-want, kind="stable")[:50])
+
+
+def test_the_trained_bundle_reranks_known_members_only(snapshot, trained):
+    m = snapshot.member
+    r = m.reranker_
+    assert r is not None and r.candidates == 100
+    meta = json.loads((trained.parameters / layout.MEMBER_META).read_text())
+    assert meta["rerank"]["features"] == list(FEATURES) and meta["rerank"]["fit"]["chosen"]["trees"] >= 1
+    blend_only = member_from_source(DirectorySource(trained.parameters), snapshot.guest, {"rerank": False})
+    assert blend_only.reranker_ is None
+    reordered = 0
+    for req in _requests(trained, m):
+        got = m.recommend_scored(req)
+        # by hand: the blend's best 100 (cart excluded), scored by the trees, best first
+        parts = m.score_parts(req)
+        total = parts.total(m.params)
+        total[m.item_indices(req.cart)] = -np.inf
+        top = top_k(total, 100)
+        tree = r.session_.run(None, {"X": candidate_features(m, r.stats, req, parts, top)})[0].reshape(-1)
+        want = top[np.argsort(-tree, kind="stable")[:10]]
+        assert [p for p, _ in got] == m.item_ids_[want].tolist()
+        assert [s for _, s in got] == pytest.approx(np.sort(tree)[::-1][:10].tolist(), rel=1e-6)
+        assert not set(req.cart) & {p for p, _ in got}
+        blend = blend_only.recommend(req)
+        assert blend == m.item_ids_[top[:10]].tolist()  # the blend alone: its own best 10
+        reordered += blend != [p for p, _ in got]
+    assert reordered  # the trees do change the order
+    # guests and members the model does not know: the blend, no trees
+    for user in (None, "nobody-knows-me"):
+        req = RecommendRequest(cart=tuple(trained.family_items(3)[:3]), user_id=user, top_k=10)
+        assert m.recommend(req) == blend_only.recommend(req)
+
+
+def test_candidate_features_match_the_terms_and_statistics_read_one_by_one(snapshot, trained):
+    """Each column against its definition, computed the slow way (dense arrays, dict lookups)."""
+    from retrain_server.rerank import member_stats
+
+    m = snapshot.member
+    stats = m.reranker_.stats
+    again = member_stats(trained.store.purchases, np.array(sorted(m.user_index_, key=m.user_index_.get)),
+                         m.item_ids_)
+    for name in stats.ARRAYS:  # the shipped statistics are the log's (retrain-server train reads it all)
+        np.testing.assert_array_equal(getattr(stats, name), getattr(again, name))
+    col = {name: i for i, name in enumerate(FEATURES)}
+    for req in _requests(trained, m)[:10]:
+        parts = m.score_parts(req)
+        top = top_k(parts.total(m.params), 100)
+        X = candidate_features(m, stats, req, parts, top)
+        assert X.shape == (100, len(FEATURES)) and X.dtype == np.float32
+        np.testing.assert_array_equal(X[:, col["two_tower"]], parts.two_tower[top])
+        for name in ("repeat", "co", "basket", "store"):
+            dense = np.zeros(len(m.item_ids_), np.float32)
+            items, values = getattr(parts, name)
+            np.add.at(dense, items, values.astype(np.float32))
+            np.testing.assert_allclose(X[:, col[name]], dense[top], rtol=1e-6)
+        user = m.user_index_[req.user_id]
+        pairs = dict(zip(stats.keys.tolist(), range(len(stats.keys))))
+        for row, item in enumerate(top.tolist()):
+            at = pairs.get(user * stats.n_items + item)
+            assert X[row, col["bought_before"]] == (at is not None)
+            assert X[row, col["baskets_with_item"]] == (stats.baskets[at] if at is not None else 0)
+            assert X[row, col["days_since_bought"]] == (stats.days_since[at] if at is not None else 999)
+        assert np.all(X[:, col["member_baskets"]] == stats.member_baskets[user])
+        assert np.all(X[:, col["cart_size"]] == len(req.cart)) and np.all(X[:, col["age"]] == req.age)
+        # tag similarity: the best TF-IDF similarity of the candidate to any cart product
+        g = m.guest_
+        sim = np.zeros(len(m.item_ids_), np.float32)
+        for c in g.indices(req.cart).tolist():
+            for nb, sc in zip(g.sim_neighbors_[c].tolist(), g.sim_scores_[c].tolist()):
+                if nb >= 0:
+                    sim[nb] = max(sim[nb], sc)
+        np.testing.assert_array_equal(X[:, col["tag_similarity_to_cart"]], sim[top])
+
+
+def test_a_partial_or_mismatched_reranker_is_refused_at_load(tmp_path, trained):
+    def fresh():
+        root = tmp_path / f"p{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(trained.parameters, root)
+        return DirectorySource(root)
+
+    def load(source):
+        return member_from_source(source, guest_from_source(source))
+
+    source = fresh()
+    (source.root / layout.MEMBER_RERANK_STATS["gap_days"]).unlink()
+    with pytest.raises(BundleError, match="member reranker incomplete.*rerank_gap_days"):
+        load(source)
+    source = fresh()
+    meta_path = source.root / layout.MEMBER_META
+    meta = json.loads(meta_path.read_text())
+    meta["rerank"]["features"] = list(FEATURES[::-1])  # a newer server's features: this agent cannot use them
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match="'rerank' must name the features"):
+        load(source)
+    for name, mutate, needle in (("keys", lambda a: a[::-1].copy(), "strictly increasing"),
+                                 ("keys", lambda a: a + 10**9, "outside the lookups"),
+                                 ("rebuy_rate", lambda a: a[:-1], "rebuy_rate"),
+                                 ("days_since", lambda a: np.where(np.arange(a.size) == 0, np.nan, a)
+                                  .astype(np.float32), "finite"),
+                                 ("baskets", lambda a: a.astype(np.float64), "float32")):
+        source = fresh()
+        path = source.root / layout.MEMBER_RERANK_STATS[name]
+        np.save(path, mutate(np.load(path)))
+        with pytest.raises(BundleError, match=needle):
+            load(source)
+    source = fresh()
+    (source.root / layout.MEMBER_RERANK_TREES).write_bytes(b"not onnx")
+    with pytest.raises(BundleError, match="member reranker invalid"):
+        load(source)
+    # none at all: an older bundle, the blend alone ranks
+    source = fresh()
+    for relpath in (layout.MEMBER_RERANK_TREES, *layout.MEMBER_RERANK_STATS.values()):
+        (source.root / relpath).unlink()
+        assert layout.is_edge_file(relpath)
+    assert load(source).reranker_ is None
