@@ -117,8 +117,9 @@ class ModelSnapshot:
         probe = self.guest.item_ids_[:2].tolist()
         requests = [RecommendRequest(cart=tuple(probe), top_k=5)]
         if self.member is not None:
-            user = next(iter(self.member.user_index_), "")
-            requests.append(RecommendRequest(cart=tuple(probe), top_k=5, user_id=user or "smoke"))
+            # a member the model knows (row 0 is nobody's), so the blend and its reranker both answer once
+            user = next((u for u, row in self.member.user_index_.items() if row > 0 and u), "smoke")
+            requests.append(RecommendRequest(cart=tuple(probe), top_k=5, user_id=user))
         for req in requests:
             try:
                 rec = self.recommend(req)

@@ -71,7 +71,9 @@ def test_onnx_trees_score_exactly_as_the_fitted_classifier_orders():
 def test_the_trained_bundle_reranks_known_members_only(snapshot, trained):
     m = snapshot.member
     r = m.reranker_
-    assert r is not None and r.candidates == 100
+    from retrain_server.rerank import RerankConfig
+
+    assert r is not None and r.candidates == RerankConfig().candidates
     meta = json.loads((trained.parameters / layout.MEMBER_META).read_text())
     assert meta["rerank"]["features"] == list(FEATURES) and meta["rerank"]["fit"]["chosen"]["trees"] >= 1
     blend_only = member_from_source(DirectorySource(trained.parameters), snapshot.guest, {"rerank": False})
@@ -79,11 +81,11 @@ def test_the_trained_bundle_reranks_known_members_only(snapshot, trained):
     reordered = 0
     for req in _requests(trained, m):
         got = m.recommend_scored(req)
-        # by hand: the blend's best 100 (cart excluded), scored by the trees, best first
+        # by hand: the blend's best candidates (cart excluded), scored by the trees, best first
         parts = m.score_parts(req)
         total = parts.total(m.params)
         total[m.item_indices(req.cart)] = -np.inf
-        top = top_k(total, 100)
+        top = top_k(total, r.candidates)
         tree = r.session_.run(None, {"X": candidate_features(m, r.stats, req, parts, top)})[0].reshape(-1)
         want = top[np.argsort(-tree, kind="stable")[:10]]
         assert [p for p, _ in got] == m.item_ids_[want].tolist()

@@ -78,16 +78,21 @@ class MemberStats:
                 np.where(found, self.gap_days[pos], NEVER), found)
 
 
-def _at(part: tuple[np.ndarray, np.ndarray], top: np.ndarray, order: np.ndarray,
-        sorted_top: np.ndarray) -> np.ndarray:
-    """A sparse term's ``(items, values)``, repeats summed in float32, read at ``top``."""
-    out = np.zeros(len(top), np.float32)
-    items, values = part
-    if items.size:
-        pos = np.minimum(np.searchsorted(sorted_top, items), len(top) - 1)
+def _sparse_at(parts: Any, names: tuple[str, ...], order: np.ndarray, sorted_top: np.ndarray) -> np.ndarray:
+    """The sparse terms ``names`` of ``parts`` (each ``(items, values)``, repeats summed in float32) read at
+    the candidates: [len(names), n], candidates in ``top`` order (one search for all the terms)."""
+    n = len(sorted_top)
+    pairs = [getattr(parts, name) for name in names]
+    sizes = [len(items) for items, _ in pairs]
+    out = np.zeros(len(names) * n, np.float32)
+    if sum(sizes):
+        items = np.concatenate([items for items, _ in pairs])
+        values = np.concatenate([values.astype(np.float32, copy=False) for _, values in pairs])
+        row = np.repeat(np.arange(len(names)) * n, sizes)
+        pos = np.minimum(np.searchsorted(sorted_top, items), n - 1)
         hit = sorted_top[pos] == items
-        np.add.at(out, order[pos[hit]], values[hit].astype(np.float32))
-    return out
+        np.add.at(out, row[hit] + order[pos[hit]], values[hit])
+    return out.reshape(len(names), n)
 
 
 def candidate_features(member: Any, stats: MemberStats, request: Any, parts: Any, top: np.ndarray) -> np.ndarray:
@@ -118,8 +123,7 @@ def candidate_features(member: Any, stats: MemberStats, request: Any, parts: Any
     member_baskets = float(stats.member_baskets[user])
     X = np.empty((n, len(FEATURES)), np.float32)
     X[:, 0] = parts.two_tower[top]
-    for col, name in enumerate(("repeat", "co", "basket", "store"), start=1):
-        X[:, col] = _at(getattr(parts, name), top, order, sorted_top)
+    X[:, 1:5] = _sparse_at(parts, ("repeat", "co", "basket", "store"), order, sorted_top).T
     X[:, 5] = baskets
     X[:, 6] = baskets / max(member_baskets, 1.0)
     X[:, 7] = days
@@ -150,8 +154,8 @@ class TreeReranker:
         opts.inter_op_num_threads = 1
         self.session_ = ort.InferenceSession(onnx_model, opts, providers=["CPUExecutionProvider"])
         inputs = self.session_.get_inputs()
-        if len(inputs) != 1 or inputs[0].shape[-1] not in (len(FEATURES), None) and \
-                not isinstance(inputs[0].shape[-1], str):
+        width = inputs[0].shape[-1] if len(inputs) == 1 and inputs[0].shape else None
+        if len(inputs) != 1 or (isinstance(width, int) and width != len(FEATURES)):
             raise ValueError(f"rerank trees take one input of {len(FEATURES)} features, got "
                              f"{[(i.name, i.shape) for i in inputs]}")
         self.input_name_ = inputs[0].name

@@ -33,7 +33,10 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--catalog", choices=("all", "purchased"), default="all")
     p.add_argument("--no-member", action="store_true", help="skip the Two-Tower model")
     p.add_argument("--no-reranker", action="store_true",
-                   help="fit the member reranker with its shipped settings instead of searching its grid (faster)")
+                   help="ship the member blend without its reranker (as training.rerank_days: 0)")
+    p.add_argument("--rerank-grid", action="store_true",
+                   help="search the reranker's settings on validation (retrain_server.rerank.GRID) instead of "
+                        "fitting the shipped ones (a study: the search ignores the edge's cost)")
     p.add_argument("--no-recency", action="store_true",
                    help="skip the Two-Tower trained on recency-weighted baskets (two trainings fewer)")
     p.add_argument("--no-tune", action="store_true", help="use defaults instead of the guest validation search")
@@ -52,7 +55,7 @@ def config_from_args(args: argparse.Namespace) -> EvaluationConfig:
         max_test_baskets=args.max_test_baskets or None, max_val_baskets=args.max_val_baskets or None,
         seed=args.seed, epochs=args.epochs, member=not args.no_member, tune=not args.no_tune,
         households=args.households, catalog=args.catalog, dataset=args.dataset, recency=not args.no_recency,
-        reranker=not args.no_reranker, member_config=json.loads(args.member_config))
+        reranker=not args.no_reranker, rerank_grid=args.rerank_grid, member_config=json.loads(args.member_config))
     if args.quick:
         cfg.households = cfg.households or 200
         cfg.max_test_baskets = min(cfg.max_test_baskets or 300, 300)

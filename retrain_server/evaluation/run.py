@@ -78,9 +78,11 @@ class EvaluationConfig:
     dataset: str = "completejourney"
     #: try the Two-Tower model trained on recency-weighted baskets (two more trainings)
     recency: bool = True
-    #: search the reranker's settings (:data:`retrain_server.rerank.GRID`); False: fit it with the shipped
-    #: settings only (faster; the trees' count is still chosen on validation)
+    #: fit the member reranker (:mod:`retrain_server.rerank`, the shipped settings; the number of trees
+    #: chosen on validation, as the nightly job does); False: the shipped member is the blend alone
     reranker: bool = True
+    #: search the reranker's settings on validation (:data:`retrain_server.rerank.GRID`) instead
+    rerank_grid: bool = False
     member_config: dict[str, Any] = field(default_factory=dict)
     #: fixed choices instead of tuning (used when tune is False)
     guest_training: dict[str, Any] = field(default_factory=dict)
@@ -343,9 +345,11 @@ def _shipped_member_row(cfg: EvaluationConfig, val_b: _MemberBuilder, tb: _Membe
     from ..rerank import GRID, RerankConfig, fit_reranker, member_stats, remove_reranker, trees_to_onnx, write_reranker
 
     t0 = time.perf_counter()
-    rcfg = RerankConfig(grid=GRID if cfg.reranker else {}, seed=cfg.seed)
+    rcfg = RerankConfig(grid=GRID if cfg.rerank_grid else {}, seed=cfg.seed)
     member = blend
     try:
+        if not cfg.reranker:
+            raise ValueError("not fitted (--no-reranker)")
         val_member, _ = _shipped_member(val_b, fit, tables, units)
         model, info = fit_reranker(val_member, member_stats(fit, val_b.user_lookup, val_b.item_lookup),
                                    val_cases, rcfg, k=cfg.k)
