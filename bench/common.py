@@ -56,7 +56,7 @@ def large_parameters(member: bool, products: int = 50_000) -> Path:
     if (out / "manifest.json").exists() and (not (out / layout.GUEST_BASKETS["starts"]).exists()
                                              or (member and not (_serving_is_current(out)
                                                                  and _column_major_embeddings(out)
-                                                                 and (out / layout.MEMBER_RERANK_TREES).exists()))):
+                                                                 and _rerank_is_current(out)))):
         shutil.rmtree(out)  # trained before the recent-basket tables, today's blend units, column-major
         # embeddings or the reranker
     if not (out / "manifest.json").exists():
@@ -80,6 +80,21 @@ def _serving_is_current(params: Path) -> bool:
     units = BlendUnits()
     return all(w in serving for w in ScoreParts.WEIGHTS) and all(
         serving.get(f"{t}_units") == getattr(units, f"{t}_units") for t in TERMS)
+
+
+def _rerank_is_current(params: Path) -> bool:
+    """True when ``params`` has a member reranker fitted with today's :class:`RerankConfig` defaults."""
+    from dataclasses import asdict
+
+    from agent import layout
+    from retrain_server.rerank import RerankConfig
+
+    try:
+        meta = json.loads((params / layout.MEMBER_META).read_text()).get("rerank") or {}
+    except (OSError, ValueError):
+        return False
+    return (params / layout.MEMBER_RERANK_TREES).exists() and meta.get("config") == json.loads(
+        json.dumps(asdict(RerankConfig())))
 
 
 def _column_major_embeddings(params: Path) -> bool:

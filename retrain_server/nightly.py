@@ -191,7 +191,9 @@ class NightlyJob:
         # every purchase but tonight's held-out sessions: a training from scratch learns it, and the
         # reranker's statistics are read from it each night
         everything = learn
-        if current is not None and cfg.train_member and (full or cfg.rerank_days > 0):
+        old_trees = current is not None and (
+            self.generations / current.generation / "checkpoint" / FittedReranker.FIT).exists()
+        if current is not None and cfg.train_member and (full or (cfg.rerank_days > 0 and old_trees)):
             everything = _concat([postgres.read_purchases(conn, None, first, cfg.timezone), *parts[1:]])
         full_log = everything if full and current is not None and cfg.train_member else None
         catalog = postgres.read_products(conn)
@@ -271,7 +273,7 @@ class NightlyJob:
             self._keep_published_checkpoint(old_gen, gen_dir, shipped_full)
         metrics = {**verdict.metrics, "through_day": day.isoformat(), "rows_learned": len(learn),
                    "sessions_total": counts.sessions, "member_training": member_training}
-        if reranker is not None:
+        if reranker is not None and "member" not in verdict.metrics.get("kept", {}):
             metrics["member_rerank"] = {"trees": reranker.info["chosen"]["trees"],
                                         "fitted_through": reranker.info.get("fitted_through")}
         if full_log is not None:

@@ -10,8 +10,10 @@ the classifier's probability (thresholds rounded down to float32, so every
 float32 feature takes the same branch).
 
 Used by ``retrain-server evaluate`` (fitted on the validation month, reported on
-the test month) and by the nightly job (:func:`fit_for_night`: fitted on the
-last month with a Two-Tower model trained on the months before it).
+the test month) and by ``retrain-server train`` and the nightly job
+(:func:`fit_on_history`: fitted on the last month with a Two-Tower model trained
+on the months before it). Each case reads the statistics as of its own day
+(:class:`StatsHistory`), as fresh as the nightly-rebuilt ones a basket reads.
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ from agent.recommenders.rerank import FEATURES, NEVER, MemberStats, candidate_fe
 
 from .data import PurchaseLog
 
-__all__ = ["GRID", "RerankConfig", "FittedReranker", "MIN_CASES", "member_stats", "training_rows", "fit_reranker",
-           "trees_to_onnx", "write_reranker", "remove_reranker", "learning_window", "fit_on_history"]
+__all__ = ["GRID", "RerankConfig", "FittedReranker", "MIN_CASES", "StatsHistory", "member_stats", "training_rows",
+           "fit_reranker", "trees_to_onnx", "write_reranker", "remove_reranker", "learning_window", "fit_on_history"]
 
 _LOG = logging.getLogger(__name__)
 
@@ -91,77 +93,120 @@ class FittedReranker:
             doc = json.loads((directory / cls.FIT).read_text(encoding="utf-8"))
             config = RerankConfig(**{**doc["config"], "grid": {k: tuple(v) for k, v in
                                                               doc["config"].get("grid", {}).items()}})
-            return cls((directory / cls.TREES).read_bytes(), config, dict(doc["info"]))
+            fitted = cls((directory / cls.TREES).read_bytes(), config, dict(doc["info"]))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             if (directory / cls.FIT).exists():
                 _LOG.warning("reranker in %s unreadable (%s): none", directory, exc)
             return None
+        if fitted.info.get("features") != list(FEATURES):
+            _LOG.warning("reranker in %s was fitted on other features than this server computes: none until the "
+                         "next training from scratch", directory)
+            return None
+        return fitted
+
+
+class StatsHistory:
+    """A purchase log's :class:`MemberStats` as of any moment (rows numbered once, then numpy only).
+
+    The edge's statistics are rebuilt every night, so a request sees every purchase up to the
+    night before. Trees learn from cases spread over a month, so each case reads the statistics
+    as of the start of its own day (UTC) — the same freshness (:meth:`for_case`).
+    """
+
+    def __init__(self, log: PurchaseLog, user_lookup: Any, item_lookup: Any) -> None:
+        users = {u: i for i, u in enumerate(np.asarray(user_lookup).tolist())}
+        items = {p: i for i, p in enumerate(np.asarray(item_lookup).tolist())}
+        self.n_users, self.n_items = len(users), len(items)
+        item = np.fromiter((items.get(p, -1) for p in log.product_ids.tolist()), np.int64, len(log))
+        user = np.fromiter((users.get(u, -1) if u else -1 for u in log.user_ids.tolist()), np.int64, len(log))
+        _, session = np.unique(log.session_ids, return_inverse=True)
+        ts = log.timestamps.astype(np.int64)
+        order = np.argsort(ts, kind="stable")
+        self._ts, self._item, self._user = ts[order], item[order], user[order]
+        self._session = session.reshape(-1)[order]
+        self._by_day: dict[int, MemberStats] = {}
+
+    def as_of(self, before: int | None = None) -> MemberStats:
+        """The statistics of the rows strictly before ``before`` (epoch seconds; None: every row), with
+        "days since" counted to ``before`` (None: the newest row)."""
+        stop = len(self._ts) if before is None else int(np.searchsorted(self._ts, before, side="left"))
+        ts, it, u, session = self._ts[:stop], self._item[:stop], self._user[:stop], self._session[:stop]
+        end = (int(ts[-1]) if stop else 0) if before is None else int(before)
+        n_users, n_items = self.n_users, self.n_items
+        known = it >= 0
+        log_popularity = np.log1p(np.bincount(it[known], minlength=n_items)).astype(np.float32)
+        rows = known & (u > 0)  # row 0 is the unknown-user row
+        u, it, ts, session = u[rows], it[rows], ts[rows], session[rows]
+        key = u * n_items + it
+        pairs = np.unique(np.stack([key, session]), axis=1) if len(key) else np.zeros((2, 0), np.int64)
+        keys, baskets = np.unique(pairs[0], return_counts=True)
+        pos = np.searchsorted(keys, key)
+        last = np.zeros(len(keys), np.int64)
+        first = np.full(len(keys), np.iinfo(np.int64).max, np.int64)
+        np.maximum.at(last, pos, ts)
+        np.minimum.at(first, pos, ts)
+        gap = np.where(baskets >= 2, (last - first) / 86400.0 / np.maximum(baskets - 1, 1), NEVER)
+        member_last = np.full(n_users, -1, np.int64)
+        np.maximum.at(member_last, u, ts)
+        member_pairs = np.unique(np.stack([u, session]), axis=1) if len(u) else np.zeros((2, 0), np.int64)
+        member_baskets = np.bincount(member_pairs[0], minlength=n_users)
+        buyer_item = keys % n_items
+        buyers = np.bincount(buyer_item, minlength=n_items)
+        rebuyers = np.bincount(buyer_item[baskets >= 2], minlength=n_items)
+        return MemberStats(n_items=n_items, keys=keys.astype(np.int64), baskets=baskets.astype(np.float32),
+                           days_since=((end - last) / 86400.0).astype(np.float32), gap_days=gap.astype(np.float32),
+                           member_baskets=member_baskets.astype(np.float32),
+                           member_days_since=np.where(member_last >= 0, (end - member_last) / 86400.0,
+                                                      NEVER).astype(np.float32),
+                           log_popularity=log_popularity,
+                           rebuy_rate=((rebuyers + 1) / (buyers + 2)).astype(np.float32))
+
+    def for_case(self, case: Any) -> MemberStats:
+        """The statistics as of the start of the case's day (cached per day; no time: every row)."""
+        if case.at is None:
+            return self._by_day.setdefault(-1, self.as_of(None))
+        day = int(case.at) - int(case.at) % 86400
+        if day not in self._by_day:
+            self._by_day[day] = self.as_of(day)
+        return self._by_day[day]
 
 
 def member_stats(log: PurchaseLog, user_lookup: Any, item_lookup: Any) -> MemberStats:
-    """The statistics the features read, from ``log`` as of its newest purchase, in the lookups' numbering."""
-    users = {u: i for i, u in enumerate(np.asarray(user_lookup).tolist())}
-    items = {p: i for i, p in enumerate(np.asarray(item_lookup).tolist())}
-    n_users, n_items = len(users), len(items)
-    item_of_row = np.fromiter((items.get(p, -1) for p in log.product_ids.tolist()), np.int64, len(log))
-    known = item_of_row >= 0
-    log_popularity = np.log1p(np.bincount(item_of_row[known], minlength=n_items)).astype(np.float32)
-    end = int(log.timestamps.max()) if len(log) else 0
-    user_of_row = np.fromiter((users.get(u, -1) if u else -1 for u in log.user_ids.tolist()), np.int64, len(log))
-    rows = known & (user_of_row > 0)  # row 0 is the unknown-user row
-    u, it, ts = user_of_row[rows], item_of_row[rows], log.timestamps[rows].astype(np.int64)
-    _, session = np.unique(log.session_ids[rows], return_inverse=True)
-    key = u * n_items + it
-    pairs = np.unique(np.stack([key, session.reshape(-1)]), axis=1) if len(key) else np.zeros((2, 0), np.int64)
-    keys, baskets = np.unique(pairs[0], return_counts=True)
-    pos = np.searchsorted(keys, key)
-    last = np.zeros(len(keys), np.int64)
-    first = np.full(len(keys), np.iinfo(np.int64).max, np.int64)
-    np.maximum.at(last, pos, ts)
-    np.minimum.at(first, pos, ts)
-    gap = np.where(baskets >= 2, (last - first) / 86400.0 / np.maximum(baskets - 1, 1), NEVER)
-    member_last = np.full(n_users, -1, np.int64)
-    np.maximum.at(member_last, u, ts)
-    member_pairs = np.unique(np.stack([u, session.reshape(-1)]), axis=1) if len(u) else np.zeros((2, 0), np.int64)
-    member_baskets = np.bincount(member_pairs[0], minlength=n_users)
-    buyer_item = keys % n_items
-    buyers = np.bincount(buyer_item, minlength=n_items)
-    rebuyers = np.bincount(buyer_item[baskets >= 2], minlength=n_items)
-    return MemberStats(n_items=n_items, keys=keys.astype(np.int64), baskets=baskets.astype(np.float32),
-                       days_since=((end - last) / 86400.0).astype(np.float32), gap_days=gap.astype(np.float32),
-                       member_baskets=member_baskets.astype(np.float32),
-                       member_days_since=np.where(member_last >= 0, (end - member_last) / 86400.0,
-                                                  NEVER).astype(np.float32),
-                       log_popularity=log_popularity,
-                       rebuy_rate=((rebuyers + 1) / (buyers + 2)).astype(np.float32))
+    """The statistics the features read, from ``log`` as of its newest purchase, in the lookups' numbering
+    (what a bundle ships)."""
+    return StatsHistory(log, user_lookup, item_lookup).as_of(None)
 
 
-def training_rows(member: Any, stats: MemberStats, cases: list[Any], *, k: int,
+def training_rows(member: Any, stats: StatsHistory, cases: list[Any], *, k: int,
                   candidates: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Per case: the candidates' feature rows and whether each is the hidden product (the edge's candidates)."""
+    """Per case: the candidates' feature rows (statistics as of the case's day) and whether each is the
+    hidden product (the edge's candidates)."""
     X, y = [], []
     for case in cases:
         request = case.request(k)
         parts, top = member.candidates(request, max(k, candidates))
         target = member.item_indices([case.target])
-        X.append(candidate_features(member, stats, request, parts, top))
+        X.append(candidate_features(member, stats.for_case(case), request, parts, top))
         y.append((top == target[0]).astype(np.int8) if target.size else np.zeros(len(top), np.int8))
     return X, y
 
 
-def _hit_rate(model: Any, X: list[np.ndarray], y: list[np.ndarray], k: int) -> float:
-    hits = [bool(t[np.argsort(-model.decision_function(f), kind="stable")[:k]].any()) if len(f) else False
-            for f, t in zip(X, y)]
-    return float(np.mean(hits)) if hits else 0.0
+def _hits(model: Any, X: list[np.ndarray], y: list[np.ndarray], k: int) -> np.ndarray:
+    """Per case: is the hidden product in the trees' best ``k``?"""
+    return np.array([bool(t[np.argsort(-model.decision_function(f), kind="stable")[:k]].any()) if len(f)
+                     else False for f, t in zip(X, y)], dtype=float)
 
 
-def fit_reranker(member: Any, stats: MemberStats, cases: list[Any], cfg: RerankConfig | None = None, *,
+def fit_reranker(member: Any, stats: StatsHistory, cases: list[Any], cfg: RerankConfig | None = None, *,
                  k: int = 10) -> tuple[Any, dict[str, Any]]:
     """Fit on the ``cases`` of members ``member`` knows; returns (the classifier, what was chosen).
 
-    Settings (``cfg.grid``, else ``cfg``'s own) and the number of trees are chosen by HR@k on a held-out
-    fifth (cases drawn at random, so one member's baskets can fall on both sides: the choice is a little
-    optimistic), then the model is refitted on every case. ValueError below :data:`MIN_CASES` cases.
+    A fifth of the cases is held out (drawn at random, so one member's baskets can fall on both sides:
+    the choice is a little optimistic). On the rest, each setting (``cfg.grid``, else ``cfg``'s own) is
+    fitted with early stopping (log-loss on 15 % of the rows) for its number of trees; the setting with the
+    best HR@k on the held-out fifth is refitted on every case with that many trees. ValueError below
+    :data:`MIN_CASES` cases, or when the trees rank worse than the blend on the held-out fifth by more
+    than two paired standard errors (the blend then ships alone).
     """
     from sklearn.ensemble import HistGradientBoostingClassifier
 
@@ -182,15 +227,25 @@ def fit_reranker(member: Any, stats: MemberStats, cases: list[Any], cfg: RerankC
         model = HistGradientBoostingClassifier(max_iter=cfg.max_trees, early_stopping=True,
                                                validation_fraction=0.15, random_state=cfg.seed,
                                                **settings).fit(fit_X, fit_y)
-        hr = _hit_rate(model, [X[i] for i in hold_idx], [y[i] for i in hold_idx], k)
-        tried.append({**settings, "trees": int(model.n_iter_), "holdout_hr": hr})
+        hits = _hits(model, [X[i] for i in hold_idx], [y[i] for i in hold_idx], k)
+        hr = float(hits.mean()) if len(hits) else 0.0
+        tried.append({**settings, "trees": int(model.n_iter_), "holdout_hr": hr, "_hits": hits})
         _LOG.info("reranker %s: %d trees, held-out HR@%d %.4f", settings, model.n_iter_, k, hr)
     best = max(tried, key=lambda t: t["holdout_hr"])
+    blend_hits = np.array([bool(y[i][:k].any()) for i in hold_idx], dtype=float)
+    blend_hr = float(blend_hits.mean()) if len(blend_hits) else 0.0
+    diff = best["_hits"] - blend_hits
+    se = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else 0.0
+    for t in tried:
+        del t["_hits"]
+    if blend_hr - best["holdout_hr"] > 2 * se:  # clearly worse than the blend (not just noise): not shipped
+        raise ValueError(f"the trees rank worse than the blend on held-out cases ({best['holdout_hr']:.4f} < "
+                         f"{blend_hr:.4f}, paired SE {se:.4f})")
     settings = {n: best[n] for n in cfg.settings()}
     model = HistGradientBoostingClassifier(max_iter=best["trees"], early_stopping=False, random_state=cfg.seed,
                                            **settings).fit(np.concatenate(X), np.concatenate(y))
     return model, {"chosen": best, "tried": tried, "cases": len(cases), "features": list(FEATURES),
-                   "candidates": cfg.candidates}
+                   "candidates": cfg.candidates, "blend_holdout_hr": blend_hr}
 
 
 def trees_to_onnx(model: Any) -> bytes:
@@ -285,12 +340,12 @@ def fit_on_history(log: PurchaseLog, catalog: Any, cfg: RerankConfig, *, days: f
                    k: int = 10) -> tuple[bytes, dict[str, Any]]:
     """Trees for a member model trained on ``log``, fitted the way the evaluation fits them.
 
-    The newest :func:`learning_window` of ``log`` is the month they learn from; everything before it
-    builds the blend that answers it (guest model, decayed histories, baskets, and a Two-Tower model
-    trained on it alone, so its scores on the month are as fresh as a shipped model's on the days
-    after its training). One product of each member basket is hidden, the blend's candidates for
-    the rest are the rows. Returns (ONNX bytes, what was fitted); ValueError when there is too
-    little to learn from.
+    The newest :func:`learning_window` of ``log`` (whole baskets) is the month they learn from; everything
+    before it builds the blend that answers it (guest model, decayed histories, baskets, and a Two-Tower
+    model trained on it alone, so the Two-Tower feature is never read on its own training data). One
+    product of each member basket is hidden, the blend's candidates for the rest are the rows, and the
+    statistics are read as of the basket's day. Returns (ONNX bytes, what was fitted); ValueError when
+    there is too little to learn from.
     """
     import tempfile
 
@@ -298,14 +353,15 @@ def fit_on_history(log: PurchaseLog, catalog: Any, cfg: RerankConfig, *, days: f
     from agent.registry import guest_from_source, member_from_source
 
     from . import member as member_mod
-    from .evaluation.protocol import held_out_cases
+    from .evaluation.protocol import held_out_cases, split_by_time
     from .export import write_parameters
     from .guest import build_guest_model, recent_basket_arrays
     from .train import decayed_counts, state_writer
 
     window = learning_window(log, days)
-    cutoff = float(log.timestamps.max()) - window if len(log) else 0.0
-    before, month = log.select(log.timestamps < cutoff), log.select(log.timestamps >= cutoff)
+    if not len(log):
+        raise ValueError("no purchases")
+    before, month, _ = split_by_time(log, window / 86400.0)
     month = month.select(month.user_ids != "")
     if not len(month) or not (before.user_ids != "").any():
         raise ValueError("no member purchases on both sides of the reranker's learning window")
@@ -327,7 +383,7 @@ def fit_on_history(log: PurchaseLog, catalog: Any, cfg: RerankConfig, *, days: f
         member = member_from_source(source, guest_from_source(source), {"rerank": False})
         if member is None:
             raise ValueError("the reranker's Two-Tower model could not be built")
-        stats = member_stats(before, source.array(layout.MEMBER_ARRAYS["user_lookup"]), member.item_ids_)
+        stats = StatsHistory(log, source.array(layout.MEMBER_ARRAYS["user_lookup"]), member.item_ids_)
         model, info = fit_reranker(member, stats, cases, cfg, k=k)
     info = {**info, "window_days": round(window / 86400.0, 2), "rows_before": len(before),
             "baskets_learned": len(cases)}

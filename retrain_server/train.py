@@ -114,6 +114,9 @@ def reranker_for(log: PurchaseLog, catalog: Catalog, days: float, *, guest_confi
     except ValueError as exc:
         _LOG.warning("no member reranker: %s", exc)
         return None
+    except Exception as exc:  # optional: a failed fit ships the blend alone, it never stops a training
+        _LOG.exception("no member reranker: fitting failed (%s)", exc)
+        return None
     finally:
         if timings is not None:
             timings["rerank_fit_s"] = round(time.perf_counter() - t0, 2)

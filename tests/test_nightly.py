@@ -514,8 +514,9 @@ def test_a_refused_training_from_scratch_is_tried_again_the_next_night(world):
     member model's checkpoint, and a refused training from scratch does not count as the periodic
     one (else the drift it resets would run a whole further period)."""
     d0 = world.last_day
+    # a tolerance well above the noise of 25 questions: only the spoiled night falls below it
     settings = {"training.member": True, "training.epochs": 1, "training.full_retrain_days": 2,
-                "gate.holdout_percent": 40, "gate.tolerance": 0.1}
+                "gate.holdout_percent": 40, "gate.tolerance": 0.2}
     kinds, trees, stats = [], [], []
     for n in range(4):
         day = d0 + timedelta(days=n)
@@ -530,7 +531,9 @@ def test_a_refused_training_from_scratch_is_tried_again_the_next_night(world):
         shipped = _files(world.bundle_dir / f"{run.version}.tar.gz", "member_model/rerank_")
         stats.append(shipped["member_model/rerank_baskets.npy"])
         assert shipped["member_model/rerank_trees.onnx"] == trees[-1] or n == 2
-        assert run.metrics["member_rerank"]["trees"] >= 1, run.metrics
+        # tonight's trees are reported when tonight's member model ships (night 2 keeps the published one)
+        assert ("member_rerank" in run.metrics) is (n != 2), (n, run.metrics.get("kept"))
+        assert n == 2 or run.metrics["member_rerank"]["trees"] >= 1
         current, _ = world.state()
         info = json.loads((world.tmp / "state" / "generations" / current.generation / "generation.json").read_text())
         if n == 2:  # the spoiled training from scratch: refused, the published member (night 1's) ships on

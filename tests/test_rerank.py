@@ -95,9 +95,10 @@ def test_the_trained_bundle_reranks_known_members_only(snapshot, trained):
         assert blend == m.item_ids_[top[:10]].tolist()  # the blend alone: its own best 10
         reordered += blend != [p for p, _ in got]
     assert reordered  # the trees do change the order
-    # guests and members the model does not know: the blend, no trees
-    for user in (None, "nobody-knows-me"):
-        req = RecommendRequest(cart=tuple(trained.family_items(3)[:3]), user_id=user, top_k=10)
+    # guests, members the model does not know and empty carts (the trees never learned one): the blend
+    some = tuple(trained.family_items(3)[:3])
+    for user, cart in ((None, some), ("nobody-knows-me", some), (trained.member_id, ())):
+        req = RecommendRequest(cart=cart, user_id=user, top_k=10)
         assert m.recommend(req) == blend_only.recommend(req)
 
 
@@ -183,3 +184,16 @@ def test_a_partial_or_mismatched_reranker_is_refused_at_load(tmp_path, trained):
         (source.root / relpath).unlink()
         assert layout.is_edge_file(relpath)
     assert load(source).reranker_ is None
+
+
+def test_kept_trees_fitted_on_other_features_are_not_shipped(tmp_path):
+    """Trees kept beside a checkpoint for the fine-tuning nights load back as they were saved, unless the
+    server now computes other features (an upgrade): then none until the next training from scratch."""
+    from retrain_server.rerank import FittedReranker, RerankConfig
+
+    fitted = FittedReranker(b"trees", RerankConfig(candidates=30), {"features": list(FEATURES), "chosen": {"trees": 3}})
+    fitted.save(tmp_path / "a")
+    assert FittedReranker.load(tmp_path / "a") == fitted
+    FittedReranker(b"trees", RerankConfig(), {"features": list(FEATURES[:-1])}).save(tmp_path / "b")
+    assert FittedReranker.load(tmp_path / "b") is None
+    assert FittedReranker.load(tmp_path / "none") is None

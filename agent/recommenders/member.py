@@ -19,11 +19,13 @@ by measurement (``retrain-server evaluate``) and 0 turns its term off. :meth:`Me
 unweighted terms, so tuning and calibration never reach into the model.
 
 When the bundle carries a reranker (:mod:`.rerank`), the blend only picks the
-candidates a member the model knows is shown: boosted trees order its best few.
+candidates a member the model knows is shown: boosted trees order its best few
+(for a cart with products in it, as the trees learned).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,7 +35,7 @@ import numpy as np
 from .base import RecommendRequest
 from .features import CONTEXT_LENGTH, age_bucket, build_index, encode_context, gender_index
 from .guest import GuestRecommender, sum_by_item
-from .rerank import TreeReranker, candidate_features
+from .rerank import MemberStats, TreeReranker, candidate_features
 
 _LOG = logging.getLogger(__name__)
 
@@ -290,6 +292,15 @@ class MemberRecommender:
                 votes = self._to_items(items, shares.astype(np.float32))
         return ScoreParts(s, rep, co_part, nb, bought, own, votes)
 
+    def with_rerank_stats(self, stats: MemberStats) -> MemberRecommender:
+        """This model with its reranker reading ``stats`` (the evaluation's day-by-day statistics); shares
+        every array and session."""
+        if self.reranker_ is None or stats.n_items != len(self.item_ids_):
+            raise ValueError("no reranker, or statistics for another catalogue")
+        other = copy.copy(self)
+        other.reranker_ = self.reranker_.with_stats(stats)
+        return other
+
     def guest_indices_to_items(self, items: np.ndarray) -> np.ndarray:
         """Guest model indices -> item_lookup indices (-1: a product the member model lacks)."""
         return items if self.guest_to_item_ is None else self.guest_to_item_[items]
@@ -318,7 +329,8 @@ class MemberRecommender:
         if k <= 0:
             return []
         r = self.reranker_
-        if r is not None and self.knows_user(request.user_id):
+        # the trees learned from carts with products in them; an empty cart is the blend's alone
+        if r is not None and request.cart and self.knows_user(request.user_id):
             parts, top = self.candidates(request, max(k, r.candidates))
             if not len(top):
                 return []

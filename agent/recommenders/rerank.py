@@ -15,6 +15,7 @@ edge and by the server that fits the trees.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +30,8 @@ FEATURES = ("two_tower", "repeat", "co", "basket", "store", "baskets_with_item",
             "tag_similarity_to_cart")
 #: days since / usual gap when the member never bought the product (or bought it once)
 NEVER = 999.0
+#: most candidates a bundle may ask to rerank (each costs the trees once)
+MAX_CANDIDATES = 1000
 
 
 @dataclass(frozen=True)
@@ -146,8 +149,8 @@ class TreeReranker:
     def __init__(self, onnx_model: bytes, stats: MemberStats, candidates: int, threads: int = 1) -> None:
         import onnxruntime as ort
 
-        if candidates < 1:
-            raise ValueError(f"rerank candidates must be >= 1, got {candidates}")
+        if not 1 <= candidates <= MAX_CANDIDATES:
+            raise ValueError(f"rerank candidates must be 1..{MAX_CANDIDATES}, got {candidates}")
         self.stats, self.candidates = stats, int(candidates)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
@@ -160,6 +163,15 @@ class TreeReranker:
                              f"{[(i.name, i.shape) for i in inputs]}")
         self.input_name_ = inputs[0].name
         self.output_name_ = self.session_.get_outputs()[0].name
+        probe = self.scores(np.zeros((3, len(FEATURES)), np.float32))  # one score per row, or refused now
+        if probe.shape != (3,) or not np.all(np.isfinite(probe)):
+            raise ValueError(f"rerank trees must give one finite score per row, got {probe.shape}")
+
+    def with_stats(self, stats: MemberStats) -> TreeReranker:
+        """The same trees (one onnxruntime session) reading other statistics (a later day's)."""
+        other = copy.copy(self)
+        other.stats = stats
+        return other
 
     def scores(self, X: np.ndarray) -> np.ndarray:
         """One score per row (higher: more likely the product the member wants next)."""

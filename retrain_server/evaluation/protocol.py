@@ -99,6 +99,8 @@ class Case:
     user_id: str | None = None
     gender: int | None = None
     age: int | None = None
+    #: when the basket was bought (epoch seconds of its first row; None: unknown)
+    at: int | None = None
 
     def request(self, k: int = 10, *, hide_user: bool = False,
                 user_id: str | None = None) -> RecommendRequest:
@@ -141,7 +143,7 @@ def held_out_cases(log: PurchaseLog, *, min_items: int = 2, max_cases: int | Non
         g, a = int(log.genders[first]), int(log.ages[first])
         cases.append(Case(session_id=sid, cart=tuple(items[:h] + items[h + 1:]), target=items[h],
                           user_id=uid or None, gender=None if g == UNKNOWN else g,
-                          age=None if a == UNKNOWN else a))
+                          age=None if a == UNKNOWN else a, at=int(log.timestamps[first])))
     return cases
 
 
@@ -202,17 +204,20 @@ Recommend = Callable[[RecommendRequest], Sequence[str]]
 
 
 def evaluate(recommender: Any, cases: Sequence[Case], *, k: int = 10, hide_user: bool = False,
-             user_id: str | None = None) -> Metrics:
+             user_id: str | None = None, with_case: bool = False) -> Metrics:
     """HR@k and MRR@k of ``recommender`` (object with ``recommend`` or a callable).
 
     ``hide_user`` asks every case as a guest (``user_id`` None), or as the
     given stand-in ``user_id`` (e.g. an id the model has never seen).
+    ``with_case``: ``recommender`` is a callable ``(request, case)`` (to answer
+    as of the case's day).
     """
-    fn: Recommend = getattr(recommender, "recommend", recommender)
+    fn: Any = getattr(recommender, "recommend", recommender)
     ranks, violations, short = [], 0, 0
     t0 = time.perf_counter()
     for case in cases:
-        recs = list(fn(case.request(k, hide_user=hide_user, user_id=user_id)))[:k]
+        request = case.request(k, hide_user=hide_user, user_id=user_id)
+        recs = list(fn(request, case) if with_case else fn(request))[:k]
         if set(recs) & set(case.cart):
             violations += 1
         if len(recs) < k:

@@ -160,7 +160,7 @@ def run_evaluation(cfg: EvaluationConfig, *, data: Any = None,
     guest_parts = _guest_rows(cfg, catalog, fit, train, val_cases, test_cases, report, seg)
     if cfg.member:
         with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
-            _member_rows(cfg, catalog, fit, train, val_cases, test_cases, report, guest_parts, Path(tmp), seg)
+            _member_rows(cfg, catalog, fit, train, val_cases, test_cases, report, guest_parts, Path(tmp), seg, log)
     else:
         for name in ("member: two-tower only", MEMBER_BLEND, SHIPPED_MEMBER):
             rows.append({"method": name, "hr": None, "mrr": None, "se": None, "n": 0, "kind": "member",
@@ -332,17 +332,28 @@ def _shipped_member(builder: _MemberBuilder, log: PurchaseLog, tables: _Tables,
 
 
 def _shipped_member_row(cfg: EvaluationConfig, val_b: _MemberBuilder, tb: _MemberBuilder, fit: PurchaseLog,
-                        train: PurchaseLog, val_cases: list[Case], test_cases: list[Case], tables: _Tables,
-                        units: BlendUnits, serving: dict[str, Any], blend: Any, guest: Any,
+                        train: PurchaseLog, log: PurchaseLog, val_cases: list[Case], test_cases: list[Case],
+                        tables: _Tables, units: BlendUnits, serving: dict[str, Any], blend: Any, guest: Any,
                         report: dict[str, Any], seg: Any) -> None:
     """The member model as shipped: the blend's best candidates reordered by trees (:mod:`retrain_server.rerank`)
     fitted on the validation month, written into the bundle and loaded as a basket loads them.
 
     The validation side is the shipped blend built the shipped way on the months before it; members the
     model does not know get the guest model, as agents do. Too few validation cases: no reranker, and the
-    blend is what ships (as in the nightly job).
+    blend is what ships (as in the nightly job). The reranker's statistics are rebuilt every night on a
+    basket, so each case (validation and test) reads them as of its own day; the rest of the model stays
+    as trained, as in every other row.
     """
-    from ..rerank import GRID, RerankConfig, fit_reranker, member_stats, remove_reranker, trees_to_onnx, write_reranker
+    from ..rerank import (
+        GRID,
+        RerankConfig,
+        StatsHistory,
+        fit_reranker,
+        member_stats,
+        remove_reranker,
+        trees_to_onnx,
+        write_reranker,
+    )
 
     t0 = time.perf_counter()
     rcfg = RerankConfig(grid=GRID if cfg.rerank_grid else {}, seed=cfg.seed)
@@ -351,7 +362,7 @@ def _shipped_member_row(cfg: EvaluationConfig, val_b: _MemberBuilder, tb: _Membe
         if not cfg.reranker:
             raise ValueError("not fitted (--no-reranker)")
         val_member, _ = _shipped_member(val_b, fit, tables, units)
-        model, info = fit_reranker(val_member, member_stats(fit, val_b.user_lookup, val_b.item_lookup),
+        model, info = fit_reranker(val_member, StatsHistory(train, val_b.user_lookup, val_b.item_lookup),
                                    val_cases, rcfg, k=cfg.k)
     except ValueError as exc:  # too few validation cases (a small sample of households)
         _LOG.warning("no reranker: %s", exc)
@@ -364,12 +375,17 @@ def _shipped_member_row(cfg: EvaluationConfig, val_b: _MemberBuilder, tb: _Membe
         remove_reranker(member_dir)
         assert member.reranker_ is not None
         report["tuning"]["reranker"] = info
+    daily = StatsHistory(log, tb.user_lookup, tb.item_lookup)
 
-    def as_agents_answer(request: Any) -> list[str]:
-        """Members the model was not trained on get the guest model (agent.registry.ModelSnapshot)."""
-        return (member if member.knows_user(request.user_id) else guest).recommend(request)
+    def as_agents_answer(request: Any, case: Case) -> list[str]:
+        """Members the model was not trained on get the guest model (agent.registry.ModelSnapshot); the
+        reranker reads the statistics a basket would have that day."""
+        if not member.knows_user(request.user_id):
+            return guest.recommend(request)
+        return member.with_rerank_stats(daily.for_case(case)).recommend(request) \
+            if member.reranker_ is not None else member.recommend(request)
 
-    m = evaluate(as_agents_answer, test_cases, k=cfg.k)
+    m = evaluate(as_agents_answer, test_cases, k=cfg.k, with_case=True)
     report["rows"].append(row(SHIPPED_MEMBER, m, "member", segments=seg(m)))
     report.setdefault("_comparisons", []).append((SHIPPED_MEMBER, MEMBER_BLEND))
     report["timings"]["reranker_seconds"] = time.perf_counter() - t0
@@ -377,7 +393,7 @@ def _shipped_member_row(cfg: EvaluationConfig, val_b: _MemberBuilder, tb: _Membe
 
 def _member_rows(cfg: EvaluationConfig, catalog: Catalog, fit: PurchaseLog, train: PurchaseLog,
                  val_cases: list[Case], test_cases: list[Case], report: dict[str, Any], guest: dict[str, Any],
-                 tmp: Path, seg: Any) -> None:
+                 tmp: Path, seg: Any, log: PurchaseLog) -> None:
     from agent.recommenders.guest import GuestParams
 
     from ..guest import GuestTrainingConfig
@@ -605,8 +621,8 @@ def _member_rows(cfg: EvaluationConfig, catalog: Catalog, fit: PurchaseLog, trai
     rows.append(row(MEMBER_BLEND, m_blend, "member", segments=seg(m_blend)))
     report["chosen"]["shipped_member_serving"] = serving
     comparisons.append((MEMBER_BLEND, before_name))
-    _shipped_member_row(cfg, val_b, tb, fit, train, val_cases, test_cases, shipped_tables, shipped_units, serving,
-                        shipped, guest["shipped"], report, seg)
+    _shipped_member_row(cfg, val_b, tb, fit, train, log, val_cases, test_cases, shipped_tables, shipped_units,
+                        serving, shipped, guest["shipped"], report, seg)
     comparisons.append((SHIPPED_MEMBER, "baseline: member's own most frequent"))
     rows.append(row("unknown member -> member model, unknown-user row, no blend",
                     evaluate(pure, test_cases, k=k, hide_user=True, user_id=_OOV), "fallback"))
