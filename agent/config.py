@@ -222,7 +222,7 @@ class MemberOverrides:
     basket_weight: float | None = None
     store_weight: float | None = None
     threads: int = 1
-    #: False: ignore the bundle's reranker (members ranked by the blend alone, ~0.2 ms less per request)
+    #: False: ignore the bundle's reranker (members ranked by the blend alone; README "Benchmarks" has the cost)
     rerank: bool = True
 
     def weights(self) -> dict[str, float | None]:
