@@ -197,3 +197,41 @@ def test_kept_trees_fitted_on_other_features_are_not_shipped(tmp_path):
     FittedReranker(b"trees", RerankConfig(), {"features": list(FEATURES[:-1])}).save(tmp_path / "b")
     assert FittedReranker.load(tmp_path / "b") is None
     assert FittedReranker.load(tmp_path / "none") is None
+
+
+def test_trees_clearly_worse_than_the_blend_are_not_shipped():
+    """The blend's first candidate is always the hidden product here, and the features say nothing about
+    it: trees can only lose to the blend, so fitting refuses them (the blend then ships alone)."""
+    from agent.recommenders.member import ScoreParts
+    from agent.recommenders.rerank import MemberStats
+    from retrain_server.evaluation.protocol import Case
+    from retrain_server.rerank import RerankConfig, fit_reranker
+
+    n_items, rng = 400, np.random.default_rng(0)
+    stats = MemberStats(n_items=n_items, keys=np.zeros(0, np.int64), baskets=np.zeros(0, np.float32),
+                        days_since=np.zeros(0, np.float32), gap_days=np.zeros(0, np.float32),
+                        member_baskets=np.ones(2, np.float32), member_days_since=np.ones(2, np.float32),
+                        log_popularity=np.ones(n_items, np.float32), rebuy_rate=np.ones(n_items, np.float32))
+    cases = [Case(f"s{i}", (f"cart{i}",), f"i{rng.integers(n_items)}", user_id="u") for i in range(300)]
+    target_of = {c.cart[0]: int(c.target[1:]) for c in cases}
+
+    class Blend:  # candidates like MemberRecommender.candidates: the hidden product first, the rest at random
+        user_index_, guest_ = {"u": 1}, None
+
+        def knows_user(self, user_id):
+            return user_id == "u"
+
+        def item_indices(self, ids):
+            return np.array([int(p[1:]) for p in ids], np.int64)
+
+        def candidates(self, request, n):
+            target = target_of[request.cart[0]]
+            rest = rng.permutation(np.setdiff1d(np.arange(n_items), [target]))[:n - 1]
+            return ScoreParts(rng.random(n_items).astype(np.float32)), np.concatenate([[target], rest])
+
+    class SameEveryDay:
+        def for_case(self, case):
+            return stats
+
+    with pytest.raises(ValueError, match="worse than the blend"):
+        fit_reranker(Blend(), SameEveryDay(), cases, RerankConfig(candidates=50, min_samples_leaf=20), k=10)
