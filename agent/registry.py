@@ -199,7 +199,8 @@ def member_from_source(source: layout.Source, guest: GuestRecommender | None,
         _LOG.warning("member model absent (%s): members are served by the guest model",
                      ", ".join(missing))
         return None
-    params = _member_params_from_meta(source)
+    meta = _member_meta(source)
+    params = _member_params_from_meta(meta)
     overrides = dict(overrides or {})
     rerank = overrides.pop("rerank", True) is not False
     set_ = {k: v for k, v in overrides.items() if v is not None}
@@ -211,7 +212,7 @@ def member_from_source(source: layout.Source, guest: GuestRecommender | None,
     baskets = _member_baskets(source)
     a = {name: source.array(path) for name, path in layout.MEMBER_ARRAYS.items()}
     try:
-        reranker = _member_reranker(source, len(a["item_lookup"]), params.threads) if rerank else None
+        reranker = _member_reranker(source, meta, len(a["item_lookup"]), params.threads) if rerank else None
         return MemberRecommender(source.read_bytes(layout.MEMBER_ONNX), a["user_lookup"].tolist(),
                                  a["context_lookup"].tolist(), a["item_lookup"], a["item_embeddings"],
                                  history=history, guest=guest, params=params, neighbours=neighbours,
@@ -273,13 +274,14 @@ def _member_baskets(source: layout.Source) -> MemberBaskets | None:
     return MemberBaskets(indptr, starts, items, weights)
 
 
-def _member_reranker(source: layout.Source, n_items: int, threads: int) -> TreeReranker | None:
+def _member_reranker(source: layout.Source, member_meta: Mapping[str, Any], n_items: int,
+                     threads: int) -> TreeReranker | None:
     """The trees and statistics of ``rerank_*`` (None when the bundle has none; a partial set is refused)."""
     stats_paths = layout.MEMBER_RERANK_STATS
     present = _optional_table(source, {**stats_paths, "trees": layout.MEMBER_RERANK_TREES}, "member reranker")
     if not present:
         return None
-    meta = _member_meta(source).get("rerank")
+    meta = member_meta.get("rerank")
     if not isinstance(meta, dict) or list(meta.get("features") or ()) != list(FEATURES) \
             or not isinstance(meta.get("candidates"), int):
         raise BundleError(f"{layout.MEMBER_META}: 'rerank' must name the features {list(FEATURES)} in order "
@@ -293,6 +295,7 @@ def _member_reranker(source: layout.Source, n_items: int, threads: int) -> TreeR
 
 
 def _member_meta(source: layout.Source) -> dict[str, Any]:
+    """``member_meta.json`` parsed ({} when absent; BundleError when it is not a JSON object)."""
     if not source.has(layout.MEMBER_META):
         return {}
     try:
@@ -304,9 +307,9 @@ def _member_meta(source: layout.Source) -> dict[str, Any]:
     return meta
 
 
-def _member_params_from_meta(source: layout.Source) -> MemberParams:
-    """Blend weights chosen at training time travel in ``member_meta.json``."""
-    serving = _member_meta(source).get("serving") or {}
+def _member_params_from_meta(meta: Mapping[str, Any]) -> MemberParams:
+    """Blend weights chosen at training time travel in ``member_meta.json`` (``meta``, parsed)."""
+    serving = meta.get("serving") or {}
     try:
         return MemberParams(**{w: float(serving.get(w, 0.0)) for w in ScoreParts.WEIGHTS})
     except (ValueError, TypeError, AttributeError) as exc:

@@ -83,8 +83,8 @@ class FittedReranker:
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         (directory / self.TREES).write_bytes(self.trees)
-        config = {**asdict(self.config), "grid": {k: list(v) for k, v in self.config.grid.items()}}
-        (directory / self.FIT).write_text(json.dumps({"config": config, "info": self.info}), encoding="utf-8")
+        (directory / self.FIT).write_text(json.dumps({"config": asdict(self.config), "info": self.info}),
+                                          encoding="utf-8")
 
     @classmethod
     def load(cls, directory: Path) -> FittedReranker | None:
@@ -163,12 +163,11 @@ class StatsHistory:
 
     def for_case(self, case: Any) -> MemberStats:
         """The statistics as of the start of the case's day (cached per day; no time: every row)."""
-        if case.at is None:
-            return self._by_day.setdefault(-1, self.as_of(None))
-        day = int(case.at) - int(case.at) % 86400
-        if day not in self._by_day:
-            self._by_day[day] = self.as_of(day)
-        return self._by_day[day]
+        day = None if case.at is None else int(case.at) - int(case.at) % 86400
+        key = -1 if day is None else day
+        if key not in self._by_day:
+            self._by_day[key] = self.as_of(day)
+        return self._by_day[key]
 
 
 def member_stats(log: PurchaseLog, user_lookup: Any, item_lookup: Any) -> MemberStats:
@@ -358,9 +357,9 @@ def fit_on_history(log: PurchaseLog, catalog: Any, cfg: RerankConfig, *, days: f
     from .guest import build_guest_model, recent_basket_arrays
     from .train import decayed_counts, state_writer
 
-    window = learning_window(log, days)
     if not len(log):
         raise ValueError("no purchases")
+    window = learning_window(log, days)
     before, month, _ = split_by_time(log, window / 86400.0)
     month = month.select(month.user_ids != "")
     if not len(month) or not (before.user_ids != "").any():

@@ -110,7 +110,7 @@ def test_candidate_features_match_the_terms_and_statistics_read_one_by_one(snaps
     stats = m.reranker_.stats
     again = member_stats(trained.store.purchases, np.array(sorted(m.user_index_, key=m.user_index_.get)),
                          m.item_ids_)
-    for name in stats.ARRAYS:  # the shipped statistics are the log's (retrain-server train reads it all)
+    for name in layout.MEMBER_RERANK_STATS:  # the shipped statistics are the log's (retrain-server train reads it all)
         np.testing.assert_array_equal(getattr(stats, name), getattr(again, name))
     col = {name: i for i, name in enumerate(FEATURES)}
     for req in _requests(trained, m)[:10]:

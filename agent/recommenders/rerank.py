@@ -51,10 +51,6 @@ class MemberStats:
     log_popularity: np.ndarray  # float32 per product: log(1 + rows)
     rebuy_rate: np.ndarray  # float32 per product: (members buying it in >= 2 baskets + 1) / (its buyers + 2)
 
-    #: array attribute -> file name part (``rerank_<part>.npy``)
-    ARRAYS = ("keys", "baskets", "days_since", "gap_days", "member_baskets", "member_days_since",
-              "log_popularity", "rebuy_rate")
-
     def check(self, n_users: int) -> None:
         """ValueError unless the arrays fit the model's numbering (``n_users`` rows of ``user_lookup``)."""
         n = len(self.keys)
@@ -81,6 +77,13 @@ class MemberStats:
                 np.where(found, self.gap_days[pos], NEVER), found)
 
 
+def _rows_of(items: np.ndarray, order: np.ndarray, sorted_top: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(which of ``items`` are candidates, their candidate rows): ``sorted_top = top[order]``."""
+    pos = np.minimum(np.searchsorted(sorted_top, items), len(sorted_top) - 1)
+    hit = sorted_top[pos] == items
+    return hit, order[pos[hit]]
+
+
 def _sparse_at(parts: Any, names: tuple[str, ...], order: np.ndarray, sorted_top: np.ndarray) -> np.ndarray:
     """The sparse terms ``names`` of ``parts`` (each ``(items, values)``, repeats summed in float32) read at
     the candidates: [len(names), n], candidates in ``top`` order (one search for all the terms)."""
@@ -91,10 +94,9 @@ def _sparse_at(parts: Any, names: tuple[str, ...], order: np.ndarray, sorted_top
     if sum(sizes):
         items = np.concatenate([items for items, _ in pairs])
         values = np.concatenate([values.astype(np.float32, copy=False) for _, values in pairs])
-        row = np.repeat(np.arange(len(names)) * n, sizes)
-        pos = np.minimum(np.searchsorted(sorted_top, items), n - 1)
-        hit = sorted_top[pos] == items
-        np.add.at(out, row[hit] + order[pos[hit]], values[hit])
+        term = np.repeat(np.arange(len(names)) * n, sizes)
+        hit, rows = _rows_of(items, order, sorted_top)
+        np.add.at(out, term[hit] + rows, values[hit])
     return out.reshape(len(names), n)
 
 
@@ -120,9 +122,8 @@ def candidate_features(member: Any, stats: MemberStats, request: Any, parts: Any
             known = items >= 0
             items, scores = items[known], scores[known].astype(np.float32)
             if items.size:
-                pos = np.minimum(np.searchsorted(sorted_top, items), n - 1)
-                hit = sorted_top[pos] == items
-                np.maximum.at(sim, order[pos[hit]], scores[hit])
+                hit, rows = _rows_of(items, order, sorted_top)
+                np.maximum.at(sim, rows, scores[hit])
     member_baskets = float(stats.member_baskets[user])
     X = np.empty((n, len(FEATURES)), np.float32)
     X[:, 0] = parts.two_tower[top]
