@@ -325,3 +325,14 @@ def test_kept_weights_gain_the_terms_their_version_predates():
     got = kept_serving(off, BlendUnits(store_units=30.0))
     assert got["store_units"] == 30.0 and got["store_weight"] == pytest.approx(4.5)
     assert got["repeat_weight"] == 1.5  # unchanged units: the weight as it was
+
+
+def test_among_is_isin_for_carts():
+    """The cart-membership test the own-baskets term uses agrees with ``np.isin`` (repeats, empties, edges)."""
+    from agent.recommenders.member import among
+
+    rng = np.random.default_rng(0)
+    for n_items, n_values in ((0, 3), (50, 0), (1, 1), (400, 12), (400, 1), (30, 30)):
+        items = rng.integers(0, 60, n_items)
+        values = rng.integers(0, 60, n_values)
+        assert np.array_equal(among(items, values), np.isin(items, values))

@@ -235,3 +235,29 @@ def test_trees_clearly_worse_than_the_blend_are_not_shipped():
 
     with pytest.raises(ValueError, match="worse than the blend"):
         fit_reranker(Blend(), SameEveryDay(), cases, RerankConfig(candidates=50, min_samples_leaf=20), k=10)
+
+
+def test_member_stats_pairs_finds_each_members_own_rows_only():
+    """Lookups search the member's own rows: members without rows, the first and the last member, items
+    on either side of a row, all as a dict of the keys says."""
+    from agent.recommenders.rerank import NEVER, MemberStats
+
+    n_users, n_items = 6, 10
+    rng = np.random.default_rng(5)
+    keys = np.array(sorted({1 * n_items + 0, 1 * n_items + 9, 2 * n_items + 4, 5 * n_items + 0, 5 * n_items + 3,
+                            5 * n_items + 9}), np.int64)
+    stats = MemberStats(n_items=n_items, keys=keys, baskets=rng.integers(1, 9, len(keys)).astype(np.float32),
+                        days_since=rng.random(len(keys)).astype(np.float32),
+                        gap_days=rng.random(len(keys)).astype(np.float32),
+                        member_baskets=np.ones(n_users, np.float32), member_days_since=np.ones(n_users, np.float32),
+                        log_popularity=np.zeros(n_items, np.float32), rebuy_rate=np.zeros(n_items, np.float32))
+    stats.check(n_users)
+    at = {k: i for i, k in enumerate(keys.tolist())}
+    items = np.arange(n_items)
+    for user in range(n_users):
+        baskets, days, gap, found = stats.pairs(user, items)
+        rows = [at.get(user * n_items + i) for i in items.tolist()]
+        assert found.tolist() == [r is not None for r in rows]
+        assert baskets.tolist() == [0.0 if r is None else float(stats.baskets[r]) for r in rows]
+        assert days.tolist() == [NEVER if r is None else float(stats.days_since[r]) for r in rows]
+        assert gap.tolist() == [NEVER if r is None else float(stats.gap_days[r]) for r in rows]

@@ -94,7 +94,7 @@ class RecentBaskets:
         if not cart.size or not neighbours:
             return _EMPTY_I, _EMPTY_F
         pi = self.postings_indptr
-        hits = np.concatenate([self.postings[pi[c]:pi[c + 1]] for c in np.unique(cart).tolist()])
+        hits = np.concatenate([self.postings[pi[c]:pi[c + 1]] for c in dict.fromkeys(cart.tolist())])
         if not hits.size:
             return _EMPTY_I, _EMPTY_F
         baskets, overlap = sum_by_item(hits, np.ones(hits.size, dtype=np.float64))  # ~1,000 hits: a sort is cheapest
@@ -182,7 +182,7 @@ class GuestRecommender:
         The member model blends this evidence in (``MemberParams.co_weight``).
         """
         k = self.params.co_top_k_per_item
-        items, scores = self.co_neighbors_[cart, :k].ravel(), self.co_scores_[cart, :k].ravel()
+        items, scores = _rows(self.co_neighbors_, cart, k).ravel(), _rows(self.co_scores_, cart, k).ravel()
         keep = items >= 0
         return sum_by_item(items[keep], scores[keep])
 
@@ -213,7 +213,7 @@ class GuestRecommender:
         if not cart.size:
             return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float64)
         k = p.co_top_k_per_item
-        cand, score = scratch.add(self.co_neighbors_[cart, :k], self.co_scores_[cart, :k])
+        cand, score = scratch.add(_rows(self.co_neighbors_, cart, k), _rows(self.co_scores_, cart, k))
         if self.baskets_ is not None and p.basket_weight:
             items, votes = self.baskets_.scores(cart, p.basket_neighbours)
             if items.size:
@@ -250,6 +250,11 @@ class GuestRecommender:
         pop = self.popular_[: need + taken.size + 1]
         pop = pop[~np.isin(pop, taken)][:need]
         return np.concatenate([picked, pop]).astype(np.int64)
+
+
+def _rows(table: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
+    """``table[rows, :k]``; ``take`` when all columns are wanted (a third of the cost at cart size)."""
+    return table.take(rows, axis=0) if k >= table.shape[1] else table[rows, :k]
 
 
 def sum_by_item(items: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -16,6 +16,7 @@ edge and by the server that fits the trees.
 from __future__ import annotations
 
 import copy
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,81 +67,94 @@ class MemberStats:
                 raise ValueError(f"rerank {name}: expected {size} finite float32 values, got {a.dtype} {a.shape}")
 
     def pairs(self, user: int, items: np.ndarray) -> tuple[np.ndarray, ...]:
-        """(baskets, days since, usual gap, found) of ``user`` with each of ``items``."""
-        keys = user * self.n_items + items
-        if not len(self.keys):
+        """(baskets, days since, usual gap, found) of ``user`` with each of ``items``.
+
+        Two searches find the member's own rows, then the items are searched there: a request touches a few
+        pages of the mapped keys, not a path through all of them per item.
+        """
+        base = user * self.n_items
+        lo, hi = (int(i) for i in np.searchsorted(self.keys, (base, base + self.n_items)))
+        if hi <= lo:
             none = np.zeros(len(items), np.float32)
             return none, none + NEVER, none + NEVER, none.astype(bool)
-        pos = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
-        found = self.keys[pos] == keys
+        row = self.keys[lo:hi]
+        keys = base + items
+        pos = np.minimum(np.searchsorted(row, keys), hi - lo - 1)
+        found = row[pos] == keys
+        pos += lo
         return (np.where(found, self.baskets[pos], 0.0), np.where(found, self.days_since[pos], NEVER),
                 np.where(found, self.gap_days[pos], NEVER), found)
 
 
-def _rows_of(items: np.ndarray, order: np.ndarray, sorted_top: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(which of ``items`` are candidates, their candidate rows): ``sorted_top = top[order]``."""
-    pos = np.minimum(np.searchsorted(sorted_top, items), len(sorted_top) - 1)
-    hit = sorted_top[pos] == items
-    return hit, order[pos[hit]]
+#: the blend's sparse terms read as features (``ScoreParts`` fields), then the tag similarity: their columns
+_TERMS = ("repeat", "co", "basket", "store")
+_TERM_COLUMNS = np.array([FEATURES.index(name) for name in _TERMS + ("tag_similarity_to_cart",)])
+_LOCAL = threading.local()
 
 
-def _sparse_at(parts: Any, names: tuple[str, ...], order: np.ndarray, sorted_top: np.ndarray) -> np.ndarray:
-    """The sparse terms ``names`` of ``parts`` (each ``(items, values)``, repeats summed in float32) read at
-    the candidates: [len(names), n], candidates in ``top`` order (one search for all the terms)."""
-    n = len(sorted_top)
-    pairs = [getattr(parts, name) for name in names]
-    sizes = [len(items) for items, _ in pairs]
-    out = np.zeros(len(names) * n, np.float32)
-    if sum(sizes):
-        items = np.concatenate([items for items, _ in pairs])
-        values = np.concatenate([values.astype(np.float32, copy=False) for _, values in pairs])
-        term = np.repeat(np.arange(len(names)) * n, sizes)
-        hit, rows = _rows_of(items, order, sorted_top)
-        np.add.at(out, term[hit] + rows, values[hit])
-    return out.reshape(len(names), n)
+def _row_cells(n_items: int) -> np.ndarray:
+    """This thread's item -> X cell table (all -1 between calls): a gather is cheaper than a search."""
+    rows = getattr(_LOCAL, "rows", None)
+    if rows is None or rows.size < n_items:
+        rows = _LOCAL.rows = np.full(n_items, -1, np.int64)
+    return rows
+
+
+def _tag_neighbours(member: Any, cart: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(items, float32 cosine) of the cart's TF-IDF neighbours in the member model's numbering (repeats
+    kept); ``cart`` in the guest model's numbering."""
+    g = member.guest_
+    if g is None or not cart.size:
+        return np.empty(0, np.int64), np.empty(0, np.float32)
+    neighbours, scores = g.sim_neighbors_.take(cart, axis=0).ravel(), g.sim_scores_.take(cart, axis=0).ravel()
+    items = member.guest_indices_to_items(neighbours)
+    real = items >= 0  # rows are padded with -1; -1 too for products the member model lacks
+    return items[real], scores[real]
 
 
 def candidate_features(member: Any, stats: MemberStats, request: Any, parts: Any, top: np.ndarray) -> np.ndarray:
     """The :data:`FEATURES` rows (float32) of candidates ``top`` for a member ``member`` knows.
 
     ``member`` is a :class:`~.member.MemberRecommender`, ``parts`` its
-    :meth:`~.member.MemberRecommender.score_parts` for ``request``.
+    :meth:`~.member.MemberRecommender.score_parts` for ``request``. The sparse
+    terms (repeats summed) and the tag similarity (the best over the cart) are
+    read at the candidates in one gather over all their items: the cost here
+    is the number of numpy calls, not the data.
     """
     user = member.user_index_[request.user_id]
     n = len(top)
-    order = np.argsort(top, kind="stable")
-    sorted_top = top[order]
+    X = np.zeros((n, len(FEATURES)), np.float32)
+    pairs = [getattr(parts, name) for name in _TERMS]
+    pairs.append(_tag_neighbours(member, parts.cart))
+    sizes = [len(items) for items, _ in pairs]
+    if n and sum(sizes):
+        items = np.concatenate([items for items, _ in pairs])
+        values = np.concatenate([values for _, values in pairs]).astype(np.float32, copy=False)
+        rows = _row_cells(len(parts.two_tower))
+        rows[top] = np.arange(0, n * len(FEATURES), len(FEATURES))
+        try:
+            cell = rows[items]  # -1: not a candidate
+        finally:
+            rows[top] = -1
+        hit = cell >= 0
+        cell += np.repeat(_TERM_COLUMNS, sizes)  # flat position in X: row * width + column
+        n_sparse = len(items) - sizes[-1]
+        flat = X.reshape(-1)
+        np.add.at(flat, cell[:n_sparse][hit[:n_sparse]], values[:n_sparse][hit[:n_sparse]])
+        np.maximum.at(flat, cell[n_sparse:][hit[n_sparse:]], values[n_sparse:][hit[n_sparse:]])
     baskets, days, gap, found = stats.pairs(user, top)
-    sim = np.zeros(n, np.float32)
-    g = member.guest_
-    if g is not None and request.cart:
-        cart = g.indices(request.cart)
-        if cart.size:
-            neighbours, scores = g.sim_neighbors_[cart].ravel(), g.sim_scores_[cart].ravel()
-            real = neighbours >= 0  # rows are padded with -1
-            items, scores = member.guest_indices_to_items(neighbours[real]), scores[real]
-            known = items >= 0
-            items, scores = items[known], scores[known].astype(np.float32)
-            if items.size:
-                hit, rows = _rows_of(items, order, sorted_top)
-                np.maximum.at(sim, rows, scores[hit])
     member_baskets = float(stats.member_baskets[user])
-    X = np.empty((n, len(FEATURES)), np.float32)
     X[:, 0] = parts.two_tower[top]
-    X[:, 1:5] = _sparse_at(parts, ("repeat", "co", "basket", "store"), order, sorted_top).T
     X[:, 5] = baskets
     X[:, 6] = baskets / max(member_baskets, 1.0)
     X[:, 7] = days
-    X[:, 8] = member_baskets
     X[:, 9] = stats.log_popularity[top]
     X[:, 10] = stats.rebuy_rate[top]
-    X[:, 11] = len(request.cart)
-    X[:, 12] = float(request.age or 0)
     X[:, 13] = found
     X[:, 14] = gap
     X[:, 15] = days / np.maximum(gap, 1.0)
-    X[:, 16] = stats.member_days_since[user]
-    X[:, 17] = sim
+    X[:, (8, 11, 12, 16)] = (member_baskets, len(request.cart), float(request.age or 0),
+                             stats.member_days_since[user])
     return X
 
 
