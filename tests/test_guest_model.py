@@ -130,6 +130,38 @@ def test_rejects_inconsistent_arrays():
                          np.zeros((1, 1)), np.array([0]))
 
 
+def test_co_purchase_rows_are_served_without_their_padding():
+    """The model keeps only real partners (CSR); what it reads for a cart is what the padded table says,
+    for every ``co_top_k_per_item`` (shorter and longer than rows) and carts with repeats."""
+    from agent.recommenders.guest import sum_by_item
+
+    rng = np.random.default_rng(7)
+    n, width = 40, 6
+    lengths = rng.integers(0, width + 1, n)
+    co_nb = np.full((n, width), -1)
+    co_sc = np.zeros((n, width), np.float32)
+    for i, m in enumerate(lengths.tolist()):
+        co_nb[i, :m] = rng.choice(n, m, replace=False)
+        co_sc[i, :m] = np.sort(rng.random(m))[::-1]
+    ids = [f"p{i}" for i in range(n)]
+    empty = np.full((n, 1), -1)
+    for k in (1, 3, width, width + 4):
+        rec = GuestRecommender(ids, co_nb, co_sc, empty, np.zeros((n, 1)), np.arange(n),
+                               GuestParams(co_top_k_per_item=k))
+        for cart in ([0], [3, 3, 17], list(range(0, n, 3)), [int(np.argmin(lengths))]):
+            cart = np.array(cart)
+            nb, sc = co_nb[cart, :k].ravel(), co_sc[cart, :k].ravel()
+            want = sum_by_item(nb[nb >= 0], sc[nb >= 0])
+            got = rec.co_purchase_scores(cart)
+            assert got[0].tolist() == want[0].tolist()
+            np.testing.assert_array_equal(got[1], want[1])
+    holed = co_nb.copy()
+    row = int(np.argmax(lengths))
+    holed[row, 0] = -1  # padding before a real partner: not a table training writes
+    with pytest.raises(ValueError, match="padding"):
+        GuestRecommender(ids, holed, co_sc, empty, np.zeros((n, 1)), np.arange(n))
+
+
 def test_korean_tags_tokenise(model):
     vocab = model.vectorizer.vocabulary_
     assert "우유" in vocab and "쌀" in vocab and "dairy" in vocab

@@ -3,8 +3,12 @@
 All heavy work (TF-IDF, cosine nearest neighbours, co-purchase counting) is
 done at training time; the edge serves from precomputed neighbour tables:
 
-* ``co_neighbors_[i]`` / ``co_scores_[i]``: item i's best co-purchase partners,
-  best first, ``-1`` padded; scores are popularity-damped co-purchase counts.
+* co-purchase partners: the bundle's ``co_neighbors[i]`` / ``co_scores[i]`` are item
+  i's best partners, best first, ``-1`` padded; scores are popularity-damped
+  co-purchase counts. Most rows are mostly padding (83 % of a 50,000-product
+  table), so the model keeps only the real entries, row after row
+  (``co_items_`` / ``co_values_``, row i from ``co_starts_[i]``,
+  ``co_lengths_[i]`` long): 3.5 MB instead of 19 MB resident.
 * ``sim_neighbors_[i]`` / ``sim_scores_[i]``: item i's most TF-IDF-similar items
   (cosine similarity, self excluded), best first, ``-1`` padded.
 * ``popular_``: item indices by purchase count, for empty or unknown carts.
@@ -110,6 +114,7 @@ class RecentBaskets:
 
 _EMPTY_I = np.empty(0, dtype=np.int64)
 _EMPTY_F = np.empty(0, dtype=np.float64)
+_EMPTY_F32 = np.empty(0, dtype=np.float32)
 
 
 class GuestRecommender:
@@ -125,23 +130,35 @@ class GuestRecommender:
         self.params = params or GuestParams()
         self.item_ids_ = np.asarray(item_ids)
         n = len(self.item_ids_)
-        self.co_neighbors_ = np.ascontiguousarray(co_neighbors, dtype=np.int32)
-        self.co_scores_ = np.ascontiguousarray(co_scores, dtype=np.float32)
+        co_neighbors = np.asarray(co_neighbors)
+        co_scores = np.asarray(co_scores)
         self.sim_neighbors_ = np.ascontiguousarray(sim_neighbors, dtype=np.int32)
         self.sim_scores_ = np.ascontiguousarray(sim_scores, dtype=np.float32)
         self.popular_ = np.asarray(popular, dtype=np.int32)
-        for name, arr in (("co_neighbors", self.co_neighbors_), ("co_scores", self.co_scores_),
+        for name, arr in (("co_neighbors", co_neighbors), ("co_scores", co_scores),
                           ("sim_neighbors", self.sim_neighbors_), ("sim_scores", self.sim_scores_)):
             if arr.ndim != 2 or arr.shape[0] != n:
                 raise ValueError(f"{name} must have shape ({n}, k), got {arr.shape}")
-        if self.co_neighbors_.shape != self.co_scores_.shape:
+        if co_neighbors.shape != co_scores.shape:
             raise ValueError("co_neighbors and co_scores differ in shape")
         if self.sim_neighbors_.shape != self.sim_scores_.shape:
             raise ValueError("sim_neighbors and sim_scores differ in shape")
-        for name, arr in (("co_neighbors", self.co_neighbors_), ("sim_neighbors", self.sim_neighbors_),
+        for name, arr in (("co_neighbors", co_neighbors), ("sim_neighbors", self.sim_neighbors_),
                           ("popular", self.popular_)):
             if arr.size and (arr.max() >= n or arr.min() < -1):
                 raise ValueError(f"{name} holds indices outside the catalogue")
+        real = co_neighbors >= 0
+        lengths = real.sum(axis=1)
+        real ^= np.arange(co_neighbors.shape[1]) < lengths[:, None]  # now: where padding is not at a row's end
+        if real.any():
+            raise ValueError("co_neighbors: -1 padding must only end a row")
+        del real
+        self.co_width_ = co_neighbors.shape[1]
+        self.co_lengths_ = lengths.astype(np.int32)
+        self.co_starts_ = np.cumsum(lengths) - lengths
+        at = (np.arange(self.co_width_) < lengths[:, None]).ravel()
+        self.co_items_ = co_neighbors.reshape(-1)[at].astype(np.int32, copy=False)
+        self.co_values_ = co_scores.reshape(-1)[at].astype(np.float32, copy=False)
         if baskets is not None:
             b = baskets
             n_b = len(b.starts) - 1
@@ -182,9 +199,18 @@ class GuestRecommender:
         The member model blends this evidence in (``MemberParams.co_weight``).
         """
         k = self.params.co_top_k_per_item
-        items, scores = _rows(self.co_neighbors_, cart, k).ravel(), _rows(self.co_scores_, cart, k).ravel()
-        keep = items >= 0
-        return sum_by_item(items[keep], scores[keep])
+        return sum_by_item(*self._co_partners(cart, k))
+
+    def _co_partners(self, cart: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Each cart item's best ``k`` co-purchase partners and their scores, row after row."""
+        lo, sizes = self.co_starts_.take(cart), self.co_lengths_.take(cart)
+        if k < self.co_width_:
+            sizes = np.minimum(sizes, k)
+        ends = sizes.cumsum()
+        if not ends.size or not ends[-1]:
+            return _EMPTY_I, _EMPTY_F32
+        at = np.arange(ends[-1]) + np.repeat(lo - ends + sizes, sizes)
+        return self.co_items_.take(at), self.co_values_.take(at)
 
     def recommend_indices(self, request: RecommendRequest) -> np.ndarray:
         """Like :meth:`recommend` but returns item indices."""
@@ -213,7 +239,7 @@ class GuestRecommender:
         if not cart.size:
             return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float64)
         k = p.co_top_k_per_item
-        cand, score = scratch.add(_rows(self.co_neighbors_, cart, k), _rows(self.co_scores_, cart, k))
+        cand, score = scratch.add(*self._co_partners(cart, k))
         if self.baskets_ is not None and p.basket_weight:
             items, votes = self.baskets_.scores(cart, p.basket_neighbours)
             if items.size:
@@ -250,11 +276,6 @@ class GuestRecommender:
         pop = self.popular_[: need + taken.size + 1]
         pop = pop[~np.isin(pop, taken)][:need]
         return np.concatenate([picked, pop]).astype(np.int64)
-
-
-def _rows(table: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
-    """``table[rows, :k]``; ``take`` when all columns are wanted (a third of the cost at cart size)."""
-    return table.take(rows, axis=0) if k >= table.shape[1] else table[rows, :k]
 
 
 def sum_by_item(items: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -35,11 +35,12 @@ import numpy as np
 from .base import RecommendRequest
 from .features import CONTEXT_LENGTH, age_bucket, build_index, encode_context, gender_index
 from .guest import GuestRecommender, sum_by_item
+from .onnx import cpu_session
 from .rerank import MemberStats, TreeReranker, candidate_features
 
 _LOG = logging.getLogger(__name__)
 
-__all__ = ["MemberParams", "MemberHistory", "MemberBaskets", "ScoreParts", "MemberRecommender", "top_k"]
+__all__ = ["MemberParams", "MemberHistory", "MemberBaskets", "ScoreParts", "MemberRecommender", "top_k", "among"]
 
 INPUT_NAMES = ("user_index", "gender_index", "age_bucket", "context_index")
 
@@ -174,8 +175,6 @@ class MemberRecommender:
                  history: MemberHistory | None = None, guest: GuestRecommender | None = None,
                  params: MemberParams | None = None, neighbours: MemberHistory | None = None,
                  baskets: MemberBaskets | None = None, reranker: TreeReranker | None = None) -> None:
-        import onnxruntime as ort
-
         self.params = params or MemberParams()
         self.item_ids_ = np.asarray(item_lookup)
         emb = np.asarray(item_embeddings, dtype=np.float32)
@@ -201,6 +200,7 @@ class MemberRecommender:
         # were trained from the same catalogue), and the context index is derived
         # from the item index when context_lookup is ["", "[UNK]"] + item_lookup.
         if guest is not None and np.array_equal(guest.item_ids_, self.item_ids_):
+            self.item_ids_ = guest.item_ids_  # and its array: this model's copy is let go
             self.item_index_ = guest.index_
             self.guest_to_item_ = None  # same numbering
         else:
@@ -212,10 +212,7 @@ class MemberRecommender:
             self.context_index_ = None  # context index = item index + 2
         else:
             self.context_index_ = build_index(ctx.tolist())
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = self.params.threads
-        opts.inter_op_num_threads = 1
-        self.session_ = ort.InferenceSession(onnx_model, opts, providers=["CPUExecutionProvider"])
+        self.session_ = cpu_session(onnx_model, self.params.threads)
         names = [i.name for i in self.session_.get_inputs()]
         if sorted(names) != sorted(INPUT_NAMES):
             raise ValueError(f"ONNX inputs {names} != expected {list(INPUT_NAMES)}")

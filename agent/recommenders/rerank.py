@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from .onnx import cpu_session
+
 __all__ = ["FEATURES", "NEVER", "MemberStats", "TreeReranker", "candidate_features"]
 
 #: one column per feature, in this order (``member_meta.json`` names them; a mismatch refuses the bundle)
@@ -88,7 +90,7 @@ class MemberStats:
 
 #: the blend's sparse terms read as features (``ScoreParts`` fields), then the tag similarity: their columns
 _TERMS = ("repeat", "co", "basket", "store")
-_TERM_COLUMNS = np.array([FEATURES.index(name) for name in _TERMS + ("tag_similarity_to_cart",)])
+_TERM_COLUMNS = np.array([FEATURES.index(name) for name in _TERMS + ("tag_similarity_to_cart",)], np.int32)
 _LOCAL = threading.local()
 
 
@@ -96,7 +98,7 @@ def _row_cells(n_items: int) -> np.ndarray:
     """This thread's item -> X cell table (all -1 between calls): a gather is cheaper than a search."""
     rows = getattr(_LOCAL, "rows", None)
     if rows is None or rows.size < n_items:
-        rows = _LOCAL.rows = np.full(n_items, -1, np.int64)
+        rows = _LOCAL.rows = np.full(n_items, -1, np.int32)  # cells < MAX_CANDIDATES * len(FEATURES)
     return rows
 
 
@@ -162,15 +164,10 @@ class TreeReranker:
     """Boosted trees (ONNX ``TreeEnsembleRegressor``, input ``X`` [n, features]) scoring candidate rows."""
 
     def __init__(self, onnx_model: bytes, stats: MemberStats, candidates: int, threads: int = 1) -> None:
-        import onnxruntime as ort
-
         if not 1 <= candidates <= MAX_CANDIDATES:
             raise ValueError(f"rerank candidates must be 1..{MAX_CANDIDATES}, got {candidates}")
         self.stats, self.candidates = stats, int(candidates)
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        self.session_ = ort.InferenceSession(onnx_model, opts, providers=["CPUExecutionProvider"])
+        self.session_ = cpu_session(onnx_model, threads)
         inputs = self.session_.get_inputs()
         width = inputs[0].shape[-1] if len(inputs) == 1 and inputs[0].shape else None
         if len(inputs) != 1 or (isinstance(width, int) and width != len(FEATURES)):
