@@ -17,7 +17,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-__all__ = ["GUEST_DIR", "MEMBER_DIR", "GUEST_ARRAYS", "GUEST_META", "GUEST_BASKETS", "MEMBER_ARRAYS", "MEMBER_ONNX",
+__all__ = ["GUEST_DIR", "MEMBER_DIR", "GUEST_ARRAYS", "GUEST_META", "GUEST_BASKETS", "GUEST_CO_PARTNERS",
+           "MEMBER_ARRAYS", "MEMBER_ONNX",
            "MEMBER_ONNX_FP32", "MEMBER_HISTORY", "MEMBER_NEIGHBOURS", "MEMBER_BASKETS", "MEMBER_META",
            "MEMBER_RERANK_TREES", "MEMBER_RERANK_STATS",
            "SEED_GUEST_FILES", "EDGE_FILES",
@@ -34,6 +35,11 @@ GUEST_META = f"{GUEST_DIR}/guest_meta.json"
 #: -> path. Optional: older bundles have none, and the term is then off.
 GUEST_BASKETS = {name: f"{GUEST_DIR}/baskets_{name}.npy" for name in ("starts", "items", "postings_indptr",
                                                                       "postings")}
+#: The co-purchase partners without their padding (CSR: row i is ``items[indptr[i]:indptr[i+1]]``, best
+#: first, with ``scores``): part name -> path. Optional, all or none; agents prefer them to the padded
+#: ``co_neighbors``/``co_scores`` (mapped as they are, shared by processes), which bundles still carry for
+#: agents older than these files.
+GUEST_CO_PARTNERS = {name: f"{GUEST_DIR}/co_partners_{name}.npy" for name in ("indptr", "items", "scores")}
 #: The seed's pickled files (server side: the edge never unpickles).
 SEED_GUEST_FILES = tuple(f"{GUEST_DIR}/{name}" for name in (
     "tfidf_vectorizer.pkl", "knn_model.pkl", "df_items.pkl", "tag_matrix.pkl", "co_purchase_dict.pkl"))
@@ -63,7 +69,8 @@ MEMBER_RERANK_STATS = {name: f"{MEMBER_DIR}/rerank_{name}.npy" for name in (
     "rebuy_rate")}
 
 #: What a basket downloads and loads.
-EDGE_FILES = frozenset([*GUEST_ARRAYS.values(), GUEST_META, *GUEST_BASKETS.values(), *MEMBER_ARRAYS.values(),
+EDGE_FILES = frozenset([*GUEST_ARRAYS.values(), GUEST_META, *GUEST_BASKETS.values(), *GUEST_CO_PARTNERS.values(),
+                        *MEMBER_ARRAYS.values(),
                         MEMBER_ONNX,
                         *MEMBER_HISTORY.values(), *MEMBER_NEIGHBOURS.values(), *MEMBER_BASKETS.values(),
                         MEMBER_META, MEMBER_RERANK_TREES, *MEMBER_RERANK_STATS.values()])

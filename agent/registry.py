@@ -23,7 +23,7 @@ from . import layout
 from .bundle import verify_parameters
 from .errors import BundleError
 from .recommenders.base import RecommendRequest
-from .recommenders.guest import GuestParams, GuestRecommender, RecentBaskets
+from .recommenders.guest import CoPartners, GuestParams, GuestRecommender, RecentBaskets
 from .recommenders.member import MemberBaskets, MemberHistory, MemberParams, MemberRecommender, ScoreParts
 from .recommenders.rerank import FEATURES, MemberStats, TreeReranker
 
@@ -170,11 +170,26 @@ def snapshot_from_source(source: layout.Source, version: str, *, guest_params: G
 
 
 def guest_from_source(source: layout.Source, params: GuestParams | None = None) -> GuestRecommender:
-    """The guest recommender from ``guest_model/`` (raises BundleError when incomplete or invalid)."""
-    missing = [p for p in layout.GUEST_ARRAYS.values() if not source.has(p)]
+    """The guest recommender from ``guest_model/`` (raises BundleError when incomplete or invalid).
+
+    The co-purchase partners come from ``co_partners_*.npy`` when the bundle has them (served as they
+    are), else from the padded ``co_neighbors``/``co_scores`` (older bundles; converted at load).
+    """
+    co_partners = None
+    names = [name for name in layout.GUEST_ARRAYS if name != "item_names"]
+    if _optional_table(source, layout.GUEST_CO_PARTNERS, "co-purchase partner table"):
+        p = layout.GUEST_CO_PARTNERS
+        scores = source.array(p["scores"])
+        if scores.ndim != 1 or scores.dtype != np.float32:
+            raise BundleError(f"{p['scores']}: expected 1-D float32, got {scores.dtype} {scores.shape}")
+        co_partners = CoPartners(_indices(source, p["indptr"], np.int64), _indices(source, p["items"], np.int32),
+                                 scores)
+        names = [name for name in names if name not in ("co_neighbors", "co_scores")]
+    missing = [layout.GUEST_ARRAYS[name] for name in names + ["item_names"]
+               if not source.has(layout.GUEST_ARRAYS[name])]
     if missing:
         raise BundleError(f"guest model incomplete, missing: {', '.join(missing)}")
-    a = {name: source.array(path) for name, path in layout.GUEST_ARRAYS.items() if name != "item_names"}
+    a = {name: source.array(layout.GUEST_ARRAYS[name]) for name in names}
     baskets = None
     if _optional_table(source, layout.GUEST_BASKETS, "recent-basket table"):  # older bundles have none
         p = layout.GUEST_BASKETS
@@ -182,8 +197,8 @@ def guest_from_source(source: layout.Source, params: GuestParams | None = None) 
                                 _indices(source, p["postings_indptr"], np.int64),
                                 _indices(source, p["postings"], np.int32))
     try:
-        return GuestRecommender(a["item_ids"], a["co_neighbors"], a["co_scores"],
-                                a["sim_neighbors"], a["sim_scores"], a["popular"], params, baskets)
+        return GuestRecommender(a["item_ids"], a.get("co_neighbors"), a.get("co_scores"),
+                                a["sim_neighbors"], a["sim_scores"], a["popular"], params, baskets, co_partners)
     except ValueError as exc:
         raise BundleError(f"guest model invalid: {exc}") from exc
 

@@ -54,11 +54,12 @@ def large_parameters(member: bool, products: int = 50_000) -> Path:
 
     out = DATA / f"params-{products}-{'member' if member else 'guest'}"
     if (out / "manifest.json").exists() and (not (out / layout.GUEST_BASKETS["starts"]).exists()
+                                             or not (out / layout.GUEST_CO_PARTNERS["indptr"]).exists()
                                              or (member and not (_serving_is_current(out)
                                                                  and _column_major_embeddings(out)
                                                                  and _rerank_is_current(out)))):
-        shutil.rmtree(out)  # trained before the recent-basket tables, today's blend units, column-major
-        # embeddings or the reranker
+        shutil.rmtree(out)  # trained before the recent-basket tables, the unpadded co-purchase partners,
+        # today's blend units, column-major embeddings or the reranker
     if not (out / "manifest.json").exists():
         prod, purch = large_store_files(products)
         t0 = time.perf_counter()

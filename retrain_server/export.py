@@ -22,6 +22,7 @@ import scipy.sparse as sp
 
 from agent import layout
 from agent.bundle import MANIFEST, SIGNATURE, file_sha256
+from agent.recommenders.guest import CoPartners
 
 from .data import PurchaseLog
 from .guest import GuestModel
@@ -49,6 +50,9 @@ def write_guest_model(model: GuestModel, out: Path) -> None:
         np.save(out / Path(layout.GUEST_ARRAYS[name]).name, arr, allow_pickle=False)
     for name, arr in (model.baskets or {}).items():
         np.save(out / Path(layout.GUEST_BASKETS[name]).name, arr, allow_pickle=False)
+    co = CoPartners.from_table(model.co_neighbors, model.co_scores)  # what agents serve (the padded pair: older ones)
+    for name in layout.GUEST_CO_PARTNERS:
+        np.save(out / Path(layout.GUEST_CO_PARTNERS[name]).name, getattr(co, name), allow_pickle=False)
     (out / Path(layout.GUEST_META).name).write_text(json.dumps(model.meta(), indent=2), encoding="utf-8")
 
 

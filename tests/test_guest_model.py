@@ -269,3 +269,55 @@ def test_recent_baskets_term_raises_what_similar_baskets_hold(store, model):
     with pytest.raises(ValueError, match="baskets"):
         GuestRecommender(a["item_ids"], a["co_neighbors"], a["co_scores"], a["sim_neighbors"], a["sim_scores"],
                          a["popular"], GuestParams(), RecentBaskets(**bad))
+
+
+def test_bundles_ship_co_partners_unpadded_and_older_bundles_still_load(tmp_path, trained):
+    """A bundle's ``co_partners_*.npy`` are served as they are (the padded pair is not even read); a bundle
+    from before them loads the padded tables with the same answers; a partial or malformed table is
+    refused, naming it; a bundle with only the new table loads."""
+    import shutil
+
+    from agent import layout
+    from agent.errors import BundleError
+    from agent.layout import DirectorySource
+    from agent.recommenders.guest import CoPartners
+    from agent.registry import guest_from_source
+
+    def fresh(name: str) -> DirectorySource:
+        shutil.copytree(trained.parameters, tmp_path / name)
+        return DirectorySource(tmp_path / name)
+
+    source = fresh("now")
+    paths = layout.GUEST_CO_PARTNERS
+    assert all(source.has(p) and layout.is_edge_file(p) for p in paths.values())
+    served = guest_from_source(source)
+    padded = CoPartners.from_table(source.array(layout.GUEST_ARRAYS["co_neighbors"]),
+                                   source.array(layout.GUEST_ARRAYS["co_scores"]))
+    for name in paths:
+        assert np.array_equal(getattr(served.co_, name), np.load(source.root / paths[name]))
+        assert np.array_equal(getattr(served.co_, name), getattr(padded, name))
+    older = fresh("older")
+    for p in paths.values():
+        (older.root / p).unlink()
+    before = guest_from_source(older)
+    only_new = fresh("only-new")
+    for name in ("co_neighbors", "co_scores"):
+        (only_new.root / layout.GUEST_ARRAYS[name]).unlink()
+    newer = guest_from_source(only_new)
+    carts = [tuple(trained.family_items(f)[:3]) for f in range(5)]
+    for cart in carts:
+        req = RecommendRequest(cart=cart, top_k=10)
+        assert served.recommend_scored(req) == before.recommend_scored(req) == newer.recommend_scored(req)
+    broken = [(paths["items"], lambda a: a + len(served.item_ids_), "outside the catalogue"),
+              (paths["scores"], lambda a: a.astype(np.float64), "1-D float32"),
+              (paths["indptr"], lambda a: a[:-1], "malformed rows"),
+              (paths["items"], lambda a: a.astype(np.int64) + 2**32, "outside int32")]
+    for i, (relpath, mutate, needle) in enumerate(broken):
+        source = fresh(f"broken{i}")
+        np.save(source.root / relpath, mutate(np.load(source.root / relpath)))
+        with pytest.raises(BundleError, match=needle):
+            guest_from_source(source)
+    source = fresh("partial")
+    (source.root / paths["scores"]).unlink()
+    with pytest.raises(BundleError, match="co-purchase partner table incomplete"):
+        guest_from_source(source)

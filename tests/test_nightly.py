@@ -458,6 +458,7 @@ def test_member_model_is_fine_tuned_nightly_keeping_its_lookups(world):
     assert (world.tmp / "state" / "generations" / current.generation / "checkpoint").is_dir()
     # The basket table is rebuilt from PostgreSQL: the newbie's baskets of D+1, without tonight's held-out ones.
     assert set(layout.MEMBER_BASKETS.values()) <= names and set(layout.GUEST_BASKETS.values()) <= names
+    assert set(layout.GUEST_CO_PARTNERS.values()) <= names
     baskets = snap.member.baskets_
     u = users["newbie"]
     held = holdout_mask(np.array([f"nb-{i}" for i in range(10)]), world.config().gate.holdout_percent)

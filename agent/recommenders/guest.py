@@ -3,12 +3,12 @@
 All heavy work (TF-IDF, cosine nearest neighbours, co-purchase counting) is
 done at training time; the edge serves from precomputed neighbour tables:
 
-* co-purchase partners: the bundle's ``co_neighbors[i]`` / ``co_scores[i]`` are item
-  i's best partners, best first, ``-1`` padded; scores are popularity-damped
-  co-purchase counts. Most rows are mostly padding (83 % of a 50,000-product
-  table), so the model keeps only the real entries, row after row
-  (``co_items_`` / ``co_values_``, row i from ``co_starts_[i]``,
-  ``co_lengths_[i]`` long): 3.5 MB instead of 19 MB resident.
+* ``co_`` (:class:`CoPartners`): item i's best co-purchase partners, best
+  first, with popularity-damped co-purchase counts as scores, row after row
+  (CSR). The bundle's ``co_partners_*.npy`` are served as they are (mapped);
+  bundles without them carry only the padded ``co_neighbors`` / ``co_scores``
+  tables (``-1`` padded, 83 % padding on a 50,000-product store), converted at
+  load: 3.5 MB instead of 19 MB.
 * ``sim_neighbors_[i]`` / ``sim_scores_[i]``: item i's most TF-IDF-similar items
   (cosine similarity, self excluded), best first, ``-1`` padded.
 * ``popular_``: item indices by purchase count, for empty or unknown carts.
@@ -34,7 +34,7 @@ from .features import build_index
 
 _LOG = logging.getLogger(__name__)
 
-__all__ = ["GuestParams", "GuestRecommender", "RecentBaskets", "sum_by_item"]
+__all__ = ["GuestParams", "GuestRecommender", "CoPartners", "RecentBaskets", "sum_by_item"]
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,40 @@ class GuestParams:
         for name in ("sim_weight", "fallback_weight", "basket_weight"):
             if not isinstance(getattr(self, name), (int, float)) or getattr(self, name) < 0:
                 raise ValueError(f"guest.{name} must be a non-negative number")
+
+
+@dataclass(frozen=True)
+class CoPartners:
+    """Each item's co-purchase partners, best first, and their scores: row ``i`` is
+    ``items[indptr[i]:indptr[i+1]]`` (item indices) with ``scores[...]``."""
+
+    indptr: np.ndarray  # int64 [n_items + 1]
+    items: np.ndarray  # int32
+    scores: np.ndarray  # float32
+
+    @classmethod
+    def from_table(cls, neighbors: np.ndarray, scores: np.ndarray) -> CoPartners:
+        """From the padded tables (``[n_items, k]``, best first, ``-1`` after a row's last partner)."""
+        neighbors, scores = np.asarray(neighbors), np.asarray(scores)
+        if neighbors.ndim != 2 or neighbors.shape != scores.shape:
+            raise ValueError(f"co_neighbors {neighbors.shape} and co_scores {scores.shape}: two equal [n, k] tables")
+        real = neighbors >= 0
+        if np.any(real[:, 1:] > real[:, :-1]):
+            raise ValueError("co_neighbors: -1 padding must only end a row")
+        indptr = np.zeros(len(neighbors) + 1, np.int64)
+        np.cumsum(real.sum(axis=1), out=indptr[1:])
+        return cls(indptr, neighbors[real].astype(np.int32, copy=False), scores[real].astype(np.float32, copy=False))
+
+    def check(self, n_items: int) -> None:
+        """ValueError unless the rows fit a catalogue of ``n_items`` products."""
+        p = self.indptr
+        if (p.ndim != 1 or len(p) != n_items + 1 or p[0] != 0 or np.any(np.diff(p) < 0)
+                or p[-1] != len(self.items) or self.items.shape != self.scores.shape or self.items.ndim != 1):
+            raise ValueError("co-purchase partners: malformed rows")
+        if self.items.size and (self.items.min() < 0 or self.items.max() >= n_items):
+            raise ValueError("co_neighbors holds indices outside the catalogue")
+        if not np.all(np.isfinite(self.scores)):
+            raise ValueError("co-purchase partners: non-finite scores")
 
 
 @dataclass(frozen=True)
@@ -124,41 +158,38 @@ class GuestRecommender:
     Unknown product ids in a request are ignored; :meth:`unknown_ids` lists them.
     """
 
-    def __init__(self, item_ids: Sequence[str], co_neighbors: np.ndarray, co_scores: np.ndarray,
+    def __init__(self, item_ids: Sequence[str], co_neighbors: np.ndarray | None, co_scores: np.ndarray | None,
                  sim_neighbors: np.ndarray, sim_scores: np.ndarray, popular: np.ndarray,
-                 params: GuestParams | None = None, baskets: RecentBaskets | None = None) -> None:
+                 params: GuestParams | None = None, baskets: RecentBaskets | None = None,
+                 co_partners: CoPartners | None = None) -> None:
+        """``co_partners``, when given, replaces the padded ``co_neighbors``/``co_scores`` (then None)."""
         self.params = params or GuestParams()
         self.item_ids_ = np.asarray(item_ids)
         n = len(self.item_ids_)
-        co_neighbors = np.asarray(co_neighbors)
-        co_scores = np.asarray(co_scores)
         self.sim_neighbors_ = np.ascontiguousarray(sim_neighbors, dtype=np.int32)
         self.sim_scores_ = np.ascontiguousarray(sim_scores, dtype=np.float32)
         self.popular_ = np.asarray(popular, dtype=np.int32)
-        for name, arr in (("co_neighbors", co_neighbors), ("co_scores", co_scores),
-                          ("sim_neighbors", self.sim_neighbors_), ("sim_scores", self.sim_scores_)):
+        for name, arr in (("sim_neighbors", self.sim_neighbors_), ("sim_scores", self.sim_scores_)):
             if arr.ndim != 2 or arr.shape[0] != n:
                 raise ValueError(f"{name} must have shape ({n}, k), got {arr.shape}")
-        if co_neighbors.shape != co_scores.shape:
-            raise ValueError("co_neighbors and co_scores differ in shape")
         if self.sim_neighbors_.shape != self.sim_scores_.shape:
             raise ValueError("sim_neighbors and sim_scores differ in shape")
-        for name, arr in (("co_neighbors", co_neighbors), ("sim_neighbors", self.sim_neighbors_),
-                          ("popular", self.popular_)):
+        for name, arr in (("sim_neighbors", self.sim_neighbors_), ("popular", self.popular_)):
             if arr.size and (arr.max() >= n or arr.min() < -1):
                 raise ValueError(f"{name} holds indices outside the catalogue")
-        real = co_neighbors >= 0
-        lengths = real.sum(axis=1)
-        real ^= np.arange(co_neighbors.shape[1]) < lengths[:, None]  # now: where padding is not at a row's end
-        if real.any():
-            raise ValueError("co_neighbors: -1 padding must only end a row")
-        del real
-        self.co_width_ = co_neighbors.shape[1]
-        self.co_lengths_ = lengths.astype(np.int32)
-        self.co_starts_ = np.cumsum(lengths) - lengths
-        at = (np.arange(self.co_width_) < lengths[:, None]).ravel()
-        self.co_items_ = co_neighbors.reshape(-1)[at].astype(np.int32, copy=False)
-        self.co_values_ = co_scores.reshape(-1)[at].astype(np.float32, copy=False)
+        if co_partners is None:
+            if co_neighbors is None or co_scores is None:
+                raise ValueError("co-purchase partners missing: give co_neighbors and co_scores, or co_partners")
+            co_neighbors = np.asarray(co_neighbors)
+            if co_neighbors.ndim != 2 or co_neighbors.shape[0] != n:
+                raise ValueError(f"co_neighbors must have shape ({n}, k), got {co_neighbors.shape}")
+            if co_neighbors.size and (co_neighbors.max() >= n or co_neighbors.min() < -1):
+                raise ValueError("co_neighbors holds indices outside the catalogue")
+            co_partners = CoPartners.from_table(co_neighbors, co_scores)
+        co_partners.check(n)
+        self.co_ = co_partners
+        #: the longest row: ``co_top_k_per_item`` at or above it takes every row whole
+        self.co_width_ = int(np.diff(co_partners.indptr).max()) if n else 0
         if baskets is not None:
             b = baskets
             n_b = len(b.starts) - 1
@@ -203,14 +234,15 @@ class GuestRecommender:
 
     def _co_partners(self, cart: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Each cart item's best ``k`` co-purchase partners and their scores, row after row."""
-        lo, sizes = self.co_starts_.take(cart), self.co_lengths_.take(cart)
+        lo = self.co_.indptr.take(cart)
+        sizes = self.co_.indptr.take(cart + 1) - lo
         if k < self.co_width_:
             sizes = np.minimum(sizes, k)
         ends = sizes.cumsum()
         if not ends.size or not ends[-1]:
             return _EMPTY_I, _EMPTY_F32
         at = np.arange(ends[-1]) + np.repeat(lo - ends + sizes, sizes)
-        return self.co_items_.take(at), self.co_values_.take(at)
+        return self.co_.items.take(at), self.co_.scores.take(at)
 
     def recommend_indices(self, request: RecommendRequest) -> np.ndarray:
         """Like :meth:`recommend` but returns item indices."""
