@@ -36,9 +36,9 @@ GUEST_META = f"{GUEST_DIR}/guest_meta.json"
 GUEST_BASKETS = {name: f"{GUEST_DIR}/baskets_{name}.npy" for name in ("starts", "items", "postings_indptr",
                                                                       "postings")}
 #: The co-purchase partners without their padding (CSR: row i is ``items[indptr[i]:indptr[i+1]]``, best
-#: first, with ``scores``): part name -> path. Optional, all or none; agents prefer them to the padded
-#: ``co_neighbors``/``co_scores`` (mapped as they are, shared by processes), which bundles still carry for
-#: agents older than these files.
+#: first, with ``scores``): part name -> path. Optional, all or none. Agents serve these as they are
+#: (mapped, shared by processes) and then never read the padded ``co_neighbors``/``co_scores``, which
+#: bundles still carry for agents older than these files.
 GUEST_CO_PARTNERS = {name: f"{GUEST_DIR}/co_partners_{name}.npy" for name in ("indptr", "items", "scores")}
 #: The seed's pickled files (server side: the edge never unpickles).
 SEED_GUEST_FILES = tuple(f"{GUEST_DIR}/{name}" for name in (
@@ -92,6 +92,9 @@ class Source(Protocol):
 
     def read_bytes(self, relpath: str) -> bytes: ...
 
+    def forget_pages(self) -> None:
+        """Let go of mapped pages read so far (a source that maps nothing does nothing)."""
+
 
 class DirectorySource:
     """Files of a directory the caller wrote itself (server side: training, evaluation).
@@ -111,6 +114,9 @@ class DirectorySource:
 
     def read_bytes(self, relpath: str) -> bytes:
         return (self.root / relpath).read_bytes()
+
+    def forget_pages(self) -> None:
+        """Nothing is mapped: arrays are read into memory."""
 
     def json(self, relpath: str) -> Any:
         return json.loads(self.read_bytes(relpath).decode("utf-8"))

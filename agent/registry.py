@@ -158,9 +158,7 @@ def snapshot_from_source(source: layout.Source, version: str, *, guest_params: G
                          origins: Mapping[str, str] | None = None) -> ModelSnapshot:
     """Build and smoke-test a snapshot from a source's files (see :mod:`agent.layout`)."""
     guest = guest_from_source(source, guest_params)
-    forget_pages = getattr(source, "forget_pages", None)  # a verified manifest with mapped files
-    if forget_pages is not None:  # the guest's checks and copies read whole tables: not counted at the peak
-        forget_pages()
+    source.forget_pages()  # the guest's load-time checks read whole mapped tables: not counted at the peak
     member = member_from_source(source, guest, member_overrides or {})
     names = ProductNames(guest.index_, source.array(layout.GUEST_ARRAYS["item_names"]))
     snap = ModelSnapshot(version=version, guest=guest, member=member, names=names, metrics=dict(metrics or {}),

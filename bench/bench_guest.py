@@ -16,9 +16,9 @@ import joblib
 # first: it pins BLAS to one thread before numpy loads, as the agent does
 from common import large_parameters, plot_results, print_table, sample_carts, summary, time_calls, write_json
 
-from agent.layout import DirectorySource
 from agent.recommenders.base import RecommendRequest
-from agent.registry import guest_from_source, load_snapshot
+from agent.recommenders.guest import GuestRecommender
+from agent.registry import load_snapshot
 
 
 class SeedGuest:
@@ -62,7 +62,8 @@ def main() -> None:
     requests = [RecommendRequest(cart=c, top_k=10) for c in carts]
     ours = summary(time_calls(guest.recommend, requests))
     no_baskets = dataclasses.replace(guest.params, basket_weight=0.0)
-    plain_guest = guest_from_source(DirectorySource(params), no_baskets)
+    plain_guest = GuestRecommender(guest.item_ids_, None, None, guest.sim_neighbors_, guest.sim_scores_,
+                                   guest.popular_, no_baskets, co_partners=guest.co_)
     plain = summary(time_calls(plain_guest.recommend, requests))
     seed = SeedGuest(params / "guest_model")
     theirs = summary(time_calls(seed.recommend, carts[: args.seed_calls], warmup=20))

@@ -273,7 +273,7 @@ def _resident_kb(path) -> int:
 def test_a_mapped_version_counts_only_the_pages_serving_touches(tmp_path, keys):
     """Verifying hashes every byte and loading checks every index, through the mapping; those pages are
     let go after loading (they stay in the page cache), so RSS grows only with what requests read."""
-    from agent.layout import GUEST_ARRAYS
+    from agent.layout import GUEST_ARRAYS, GUEST_CO_PARTNERS
 
     # tables well above the kernel's fault-around (16 pages mapped per fault)
     store = make_store(n_products=4000, n_rows=20000, n_users=20, n_families=40)
@@ -282,8 +282,9 @@ def test_a_mapped_version_counts_only_the_pages_serving_touches(tmp_path, keys):
     _make_read_only(params)
     snap = load_snapshot(params, load_public_key(keys[1]), map_files=True)
     co, sim, names = (params / GUEST_ARRAYS[n] for n in ("co_neighbors", "sim_neighbors", "item_names"))
+    partners = params / GUEST_CO_PARTNERS["items"]
     assert sim.stat().st_size >= 256 * 1024 and names.stat().st_size > 4096  # fault-around maps 64 kB
-    assert _resident_kb(co) == _resident_kb(sim) == _resident_kb(names) == 0
+    assert _resident_kb(co) == _resident_kb(sim) == _resident_kb(names) == _resident_kb(partners) == 0
     # a product nobody bought: no co-purchase partners, so the answer falls back to its tag neighbours
     g = snap.guest
     unbought = np.flatnonzero(np.diff(g.co_.indptr) == 0)
@@ -294,8 +295,11 @@ def test_a_mapped_version_counts_only_the_pages_serving_touches(tmp_path, keys):
     assert snap.recommend(RecommendRequest(cart=(item,), top_k=10)).ids
     assert 0 < _resident_kb(sim) < sim.stat().st_size // 1024  # the cart's rows, not the table
     assert _resident_kb(names) == 0
-    # the co-purchase table is copied at load without its padding and never read through the mapping
-    assert _resident_kb(co) == 0
+    # a bought product: its co-purchase partners are read from the unpadded table, served where it is mapped;
+    # the padded pair (for older agents) is never read
+    bought = g.item_ids_[int(np.argmax(np.diff(g.co_.indptr)))]
+    assert snap.recommend(RecommendRequest(cart=(bought,), top_k=10)).ids
+    assert _resident_kb(partners) > 0 and _resident_kb(co) == 0
 
 
 def test_a_mapped_file_that_does_not_match_its_hash_is_refused(params, keys):

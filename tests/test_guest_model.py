@@ -311,7 +311,12 @@ def test_bundles_ship_co_partners_unpadded_and_older_bundles_still_load(tmp_path
     broken = [(paths["items"], lambda a: a + len(served.item_ids_), "outside the catalogue"),
               (paths["scores"], lambda a: a.astype(np.float64), "1-D float32"),
               (paths["indptr"], lambda a: a[:-1], "malformed rows"),
-              (paths["items"], lambda a: a.astype(np.int64) + 2**32, "outside int32")]
+              (paths["items"], lambda a: a.astype(np.int64) + 2**32, "outside int32"),
+              (paths["scores"], lambda a: np.where(np.arange(a.size) == 0, np.nan, a).astype(np.float32),
+               "non-finite"),
+              (paths["indptr"], lambda a: np.concatenate([[0, a[-1]], a[2:]]), "malformed rows"),
+              (paths["indptr"], lambda a: a + 1, "malformed rows"),
+              (paths["indptr"], lambda a: np.where(np.arange(a.size) == 1, 2**40, a), "malformed rows")]
     for i, (relpath, mutate, needle) in enumerate(broken):
         source = fresh(f"broken{i}")
         np.save(source.root / relpath, mutate(np.load(source.root / relpath)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -261,3 +262,68 @@ def test_member_stats_pairs_finds_each_members_own_rows_only():
         assert baskets.tolist() == [0.0 if r is None else float(stats.baskets[r]) for r in rows]
         assert days.tolist() == [NEVER if r is None else float(stats.days_since[r]) for r in rows]
         assert gap.tolist() == [NEVER if r is None else float(stats.gap_days[r]) for r in rows]
+
+
+def test_tag_similarity_when_the_guest_numbers_products_differently(snapshot, trained):
+    """A guest model whose catalogue order differs from the member model's (its tag neighbours renumbered,
+    padding scored non-zero): the feature is still the best similarity of each candidate to the cart, and
+    padding never counts as a product."""
+    from agent.recommenders.guest import CoPartners, GuestRecommender
+
+    g0 = snapshot.guest
+    n = len(g0.item_ids_)
+    perm = np.arange(n)[::-1]  # new row r is old product perm[r]
+    new_of = np.argsort(perm)
+
+    def renumber(table):
+        t = table[perm]
+        return np.where(t >= 0, new_of[np.maximum(t, 0)], -1)
+
+    sim_nb = np.concatenate([renumber(g0.sim_neighbors_), np.full((n, 1), -1)], axis=1)
+    sim_sc = np.concatenate([g0.sim_scores_[perm], np.full((n, 1), 0.9, np.float32)], axis=1)
+    rows = [g0.co_.items[g0.co_.indptr[o]:g0.co_.indptr[o + 1]] for o in perm.tolist()]
+    scores = [g0.co_.scores[g0.co_.indptr[o]:g0.co_.indptr[o + 1]] for o in perm.tolist()]
+    indptr = np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int64)
+    co = CoPartners(indptr, new_of[np.concatenate(rows)].astype(np.int32), np.concatenate(scores))
+    guest = GuestRecommender(g0.item_ids_[perm], None, None, sim_nb, sim_sc, new_of[g0.popular_], g0.params,
+                             co_partners=co)
+    m = member_from_source(DirectorySource(trained.parameters), guest)
+    assert m.guest_to_item_ is not None and m.reranker_ is not None
+    col = FEATURES.index("tag_similarity_to_cart")
+    for req in _requests(trained, m)[:10]:
+        parts = m.score_parts(req)
+        top = top_k(parts.total(m.params), 100)
+        X = candidate_features(m, m.reranker_.stats, req, parts, top)
+        sim = np.zeros(len(m.item_ids_), np.float32)
+        for c in guest.indices(req.cart).tolist():
+            for nb, sc in zip(sim_nb[c].tolist(), sim_sc[c].tolist()):
+                if nb >= 0:
+                    j = m.item_index_[guest.item_ids_[nb]]
+                    sim[j] = max(sim[j], sc)
+        np.testing.assert_array_equal(X[:, col], sim[top])
+
+
+def test_feature_cells_are_reset_even_when_a_request_fails(snapshot, trained):
+    """The per-thread item -> cell table is all -1 between calls, also after a call that raised."""
+    from agent.recommenders import rerank
+
+    m = snapshot.member
+    req = _requests(trained, m)[0]
+    parts = m.score_parts(req)
+    top = top_k(parts.total(m.params), 50)
+    candidate_features(m, m.reranker_.stats, req, parts, top)
+    assert np.all(rerank._LOCAL.rows == -1)
+    broken = dataclasses.replace(parts, co=(np.array([len(m.item_ids_) + 5]), np.ones(1, np.float32)))
+    with pytest.raises(IndexError):
+        candidate_features(m, m.reranker_.stats, req, broken, top)
+    assert np.all(rerank._LOCAL.rows == -1)
+
+
+def test_onnx_sessions_do_not_keep_a_copy_of_the_model(snapshot):
+    """onnxruntime's private copy of the model bytes is released (1.7 MB for the int8 user tower); this fails
+    if an onnxruntime upgrade renames what :func:`agent.recommenders.onnx.cpu_session` clears."""
+    for session in (snapshot.member.session_, snapshot.member.reranker_.session_):
+        assert hasattr(session, "_model_bytes") and session._model_bytes is None
+        assert session.run(None, {i.name: np.zeros([d if isinstance(d, int) else 1 for d in i.shape],
+                                                   np.int64 if "int64" in i.type else np.float32)
+                                  for i in session.get_inputs()})

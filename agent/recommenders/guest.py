@@ -94,16 +94,21 @@ class CoPartners:
         np.cumsum(real.sum(axis=1), out=indptr[1:])
         return cls(indptr, neighbors[real].astype(np.int32, copy=False), scores[real].astype(np.float32, copy=False))
 
-    def check(self, n_items: int) -> None:
-        """ValueError unless the rows fit a catalogue of ``n_items`` products."""
+    def check(self, n_items: int) -> int:
+        """The longest row's length; ValueError unless the rows fit a catalogue of ``n_items`` products."""
         p = self.indptr
-        if (p.ndim != 1 or len(p) != n_items + 1 or p[0] != 0 or np.any(np.diff(p) < 0)
+        if p.dtype != np.int64 or self.items.dtype != np.int32 or self.scores.dtype != np.float32:
+            raise ValueError(f"co-purchase partners: indptr int64, items int32, scores float32 expected, got "
+                             f"{p.dtype}, {self.items.dtype}, {self.scores.dtype}")
+        lengths = np.diff(p) if p.ndim == 1 else p
+        if (p.ndim != 1 or len(p) != n_items + 1 or p[0] != 0 or np.any(lengths < 0)
                 or p[-1] != len(self.items) or self.items.shape != self.scores.shape or self.items.ndim != 1):
             raise ValueError("co-purchase partners: malformed rows")
         if self.items.size and (self.items.min() < 0 or self.items.max() >= n_items):
             raise ValueError("co_neighbors holds indices outside the catalogue")
         if not np.all(np.isfinite(self.scores)):
             raise ValueError("co-purchase partners: non-finite scores")
+        return int(lengths.max()) if n_items else 0
 
 
 @dataclass(frozen=True)
@@ -177,19 +182,19 @@ class GuestRecommender:
         for name, arr in (("sim_neighbors", self.sim_neighbors_), ("popular", self.popular_)):
             if arr.size and (arr.max() >= n or arr.min() < -1):
                 raise ValueError(f"{name} holds indices outside the catalogue")
+        if (co_partners is None) == (co_neighbors is None or co_scores is None):
+            raise ValueError("give the co-purchase partners once: co_neighbors and co_scores, or co_partners")
         if co_partners is None:
-            if co_neighbors is None or co_scores is None:
-                raise ValueError("co-purchase partners missing: give co_neighbors and co_scores, or co_partners")
             co_neighbors = np.asarray(co_neighbors)
-            if co_neighbors.ndim != 2 or co_neighbors.shape[0] != n:
-                raise ValueError(f"co_neighbors must have shape ({n}, k), got {co_neighbors.shape}")
+            if co_neighbors.ndim != 2 or co_neighbors.shape[0] != n or co_neighbors.dtype.kind not in "iu":
+                raise ValueError(f"co_neighbors must be integers of shape ({n}, k), got {co_neighbors.dtype} "
+                                 f"{co_neighbors.shape}")
             if co_neighbors.size and (co_neighbors.max() >= n or co_neighbors.min() < -1):
                 raise ValueError("co_neighbors holds indices outside the catalogue")
             co_partners = CoPartners.from_table(co_neighbors, co_scores)
-        co_partners.check(n)
-        self.co_ = co_partners
         #: the longest row: ``co_top_k_per_item`` at or above it takes every row whole
-        self.co_width_ = int(np.diff(co_partners.indptr).max()) if n else 0
+        self.co_width_ = co_partners.check(n)
+        self.co_ = co_partners
         if baskets is not None:
             b = baskets
             n_b = len(b.starts) - 1

@@ -13,7 +13,9 @@ def cpu_session(model: bytes, threads: int = 1) -> Any:
     onnxruntime keeps the bytes it was given for as long as the session lives,
     only to rebuild the session if a provider fails; with the CPU provider alone
     there is nothing to fall back to, so the fallback is switched off and the
-    copy released (1.7 MB for the int8 user tower on 50,000 products).
+    copy released (1.7 MB for the int8 user tower on 50,000 products). The
+    session can therefore not be rebuilt in place: ``set_providers()`` would
+    leave it without a model (nothing here calls it; open a new session).
     """
     import onnxruntime as ort
 

@@ -109,9 +109,10 @@ def _tag_neighbours(member: Any, cart: np.ndarray) -> tuple[np.ndarray, np.ndarr
     if g is None or not cart.size:
         return np.empty(0, np.int64), np.empty(0, np.float32)
     neighbours, scores = g.sim_neighbors_.take(cart, axis=0).ravel(), g.sim_scores_.take(cart, axis=0).ravel()
-    items = member.guest_indices_to_items(neighbours)
-    real = items >= 0  # rows are padded with -1; -1 too for products the member model lacks
-    return items[real], scores[real]
+    real = neighbours >= 0  # rows are padded with -1 (dropped before renumbering: -1 would index the last row)
+    items, scores = member.guest_indices_to_items(neighbours[real]), scores[real]
+    known = items >= 0  # -1: a product the member model lacks
+    return items[known], scores[known]
 
 
 def candidate_features(member: Any, stats: MemberStats, request: Any, parts: Any, top: np.ndarray) -> np.ndarray:
