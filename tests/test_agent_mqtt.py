@@ -6,6 +6,7 @@ are known: a guest with cart [A] gets [B, C]; cart [A, B] (top_k 2) gets [C, D].
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import queue
@@ -510,6 +511,10 @@ def test_agent_serves_with_more_than_1024_descriptors_open(mqtt_broker: Broker, 
     probe = Probe(mqtt_broker, topic_prefix, "5")  # paho's own loop selects: keep its socket low
     held: list[int] = []
     svc = None
+    # objects of earlier tests that hold descriptors (sockets, mapped files) must not free low numbers while
+    # the agent connects: collect them now, and no collection until it has
+    gc.collect()
+    gc.disable()
     try:
         while not held or held[-1] < 1030:  # fill the low numbers: the agent's sockets get high ones
             held.append(os.open(os.devnull, os.O_RDONLY))
@@ -528,4 +533,5 @@ def test_agent_serves_with_more_than_1024_descriptors_open(mqtt_broker: Broker, 
         probe.close()
         for fd in held:
             os.close(fd)
+        gc.enable()
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -286,10 +286,13 @@ def _spoil(candidates: Path, models: set[str]):
             path = cand / layout.GUEST_BASKETS["items"]
             items = np.load(path)
             np.save(path, rng.integers(0, items.max() + 1, items.size).astype(items.dtype))
-        if "co" in models:
+        if "co" in models:  # both forms of the partners: what this agent serves and what older ones do
             path = cand / layout.GUEST_ARRAYS["co_neighbors"]
             co = np.load(path)
             np.save(path, rng.integers(0, co.shape[0], co.shape).astype(co.dtype))
+            path = cand / layout.GUEST_CO_PARTNERS["items"]
+            items = np.load(path)
+            np.save(path, rng.integers(0, co.shape[0], items.shape).astype(items.dtype))
     return after
 
 

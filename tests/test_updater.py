@@ -428,8 +428,18 @@ def _version_differs(v: Versions, s: BundleServer) -> tuple[dict, str]:
 
 
 def _out_of_range(v: Versions, s: BundleServer) -> tuple[dict, str]:
-    def bad(d: Path) -> None:
+    def bad(d: Path) -> None:  # the partners agents serve (the padded pair is for older agents)
+        rewrite_array(d / layout.GUEST_CO_PARTNERS["items"], lambda a: a + 10**6)
+    b = v.make(bad)
+    return update_message(b.version, s.url(b.bundle.name), b.bundle), \
+        "guest model invalid: co-purchase partners hold indices outside the catalogue"
+
+
+def _out_of_range_padded(v: Versions, s: BundleServer) -> tuple[dict, str]:
+    def bad(d: Path) -> None:  # a bundle from before the unpadded partners: the padded pair is read
         rewrite_array(d / "guest_model" / "co_neighbors.npy", lambda a: np.where(a >= 0, a + 10**6, a))
+        for path in layout.GUEST_CO_PARTNERS.values():
+            (d / path).unlink()
     b = v.make(bad)
     return update_message(b.version, s.url(b.bundle.name), b.bundle), \
         "guest model invalid: co_neighbors holds indices outside the catalogue"
@@ -440,6 +450,10 @@ def _smoke_fails(v: Versions, s: BundleServer) -> tuple[dict, str]:
         g = d / "guest_model"
         for name in ("co_neighbors", "sim_neighbors"):
             rewrite_array(g / f"{name}.npy", lambda a: np.full_like(a, -1))
+        p = layout.GUEST_CO_PARTNERS  # no partners at all
+        rewrite_array(d / p["indptr"], np.zeros_like)
+        rewrite_array(d / p["items"], lambda a: a[:0])
+        rewrite_array(d / p["scores"], lambda a: a[:0])
         rewrite_array(g / "popular.npy", lambda a: a[:1])
         for path in layout.GUEST_BASKETS.values():  # the recent baskets would still answer
             (d / path).unlink(missing_ok=True)
@@ -461,8 +475,8 @@ def _malformed(v: Versions, s: BundleServer) -> tuple[dict, str]:
 
 REJECTIONS = {f.__name__.lstrip("_"): f for f in (
     _flipped_byte, _other_key, _unsigned, _wrong_sha, _unreachable, _http_404, _truncated, _redirect_to_ftp,
-    _dotdot, _absolute, _symlink, _hardlink, _version_differs, _out_of_range, _smoke_fails, _no_manifest,
-    _not_gzip, _malformed)}
+    _dotdot, _absolute, _symlink, _hardlink, _version_differs, _out_of_range, _out_of_range_padded, _smoke_fails,
+    _no_manifest, _not_gzip, _malformed)}
 
 
 @pytest.mark.parametrize("case", list(REJECTIONS))

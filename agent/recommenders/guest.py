@@ -105,7 +105,7 @@ class CoPartners:
                 or p[-1] != len(self.items) or self.items.shape != self.scores.shape or self.items.ndim != 1):
             raise ValueError("co-purchase partners: malformed rows")
         if self.items.size and (self.items.min() < 0 or self.items.max() >= n_items):
-            raise ValueError("co_neighbors holds indices outside the catalogue")
+            raise ValueError("co-purchase partners hold indices outside the catalogue")
         if not np.all(np.isfinite(self.scores)):
             raise ValueError("co-purchase partners: non-finite scores")
         return int(lengths.max()) if n_items else 0
