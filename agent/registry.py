@@ -229,8 +229,8 @@ def member_from_source(source: layout.Source, guest: GuestRecommender | None,
     a = {name: source.array(path) for name, path in layout.MEMBER_ARRAYS.items()}
     try:
         reranker = _member_reranker(source, meta, len(a["item_lookup"]), params.threads) if rerank else None
-        return MemberRecommender(source.read_bytes(layout.MEMBER_ONNX), a["user_lookup"].tolist(),
-                                 a["context_lookup"].tolist(), a["item_lookup"], a["item_embeddings"],
+        return MemberRecommender(source.read_bytes(layout.MEMBER_ONNX), a["user_lookup"],
+                                 a["context_lookup"], a["item_lookup"], a["item_embeddings"],
                                  history=history, guest=guest, params=params, neighbours=neighbours,
                                  baskets=baskets, reranker=reranker)
     except BundleError:

@@ -7,12 +7,15 @@ integers; this module is the one place that says how.
 
 from __future__ import annotations
 
+import hashlib
+import threading
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
 __all__ = ["CONTEXT_LENGTH", "AGE_EDGES", "N_AGE_BUCKETS", "N_GENDERS", "PAD", "OOV",
-           "gender_index", "age_bucket", "encode_context", "build_index"]
+           "gender_index", "age_bucket", "encode_context", "build_index", "shared_index"]
 
 #: Context items fed to the user tower (the seed's padding length).
 CONTEXT_LENGTH = 10
@@ -40,6 +43,35 @@ def age_bucket(age: int | None) -> int:
 def build_index(vocabulary: Sequence[str]) -> dict[str, int]:
     """id -> row for a lookup array as stored in ``*_lookup.npy``."""
     return {v: i for i, v in enumerate(vocabulary)}
+
+
+class _Index(dict):
+    """An id -> row dict that :func:`shared_index` can hold weakly."""
+
+    __slots__ = ("__weakref__",)
+
+
+_SHARED: weakref.WeakValueDictionary[bytes, _Index] = weakref.WeakValueDictionary()
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_index(vocabulary: np.ndarray) -> dict[str, int]:
+    """:func:`build_index` of ``vocabulary``, the same dict for every live model built from an equal one.
+
+    A 50,000-product index costs 4.6 MB (the dict and its key strings). Tonight's
+    models usually keep yesterday's catalogue and members, so a hot swap reuses
+    the serving version's dict instead of holding two; it is dropped when no
+    model uses it any more. Keyed by a hash of the array's bytes, dtype and shape.
+    """
+    a = np.ascontiguousarray(vocabulary)
+    h = hashlib.blake2b(a, digest_size=20)
+    h.update(f"{a.dtype.str}{a.shape}".encode())
+    key = h.digest()
+    with _SHARED_LOCK:
+        index = _SHARED.get(key)
+        if index is None:
+            index = _SHARED[key] = _Index((v, i) for i, v in enumerate(a.tolist()))
+    return index
 
 
 def encode_context(items: Iterable[str], index: Mapping[str, int], offset: int = 0) -> np.ndarray:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .base import RecommendRequest
-from .features import build_index
+from .features import shared_index
 
 _LOG = logging.getLogger(__name__)
 
@@ -206,7 +206,7 @@ class GuestRecommender:
                     (b.postings.size and (b.postings.min() < 0 or b.postings.max() >= n_b)):
                 raise ValueError("baskets: indices outside the catalogue or the basket table")
         self.baskets_ = baskets
-        self.index_ = build_index(self.item_ids_.tolist())
+        self.index_ = shared_index(self.item_ids_)  # shared with the version a swap replaces
 
     @property
     def n_items(self) -> int:

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .base import RecommendRequest
-from .features import CONTEXT_LENGTH, age_bucket, build_index, encode_context, gender_index
+from .features import CONTEXT_LENGTH, age_bucket, build_index, encode_context, gender_index, shared_index
 from .guest import GuestRecommender, sum_by_item
 from .onnx import cpu_session
 from .rerank import MemberStats, TreeReranker, candidate_features
@@ -185,7 +185,7 @@ class MemberRecommender:
             np.ascontiguousarray(emb)
         if self.item_embeddings_.shape[0] != len(self.item_ids_):
             raise ValueError("item_embeddings rows != item_lookup length")
-        self.user_index_ = build_index(list(user_lookup))
+        self.user_index_ = shared_index(np.asarray(user_lookup))
         n_items = len(self.item_ids_)
         for name, table in (("history", history), ("neighbours", neighbours), ("baskets", baskets)):
             if table is not None and table.items.size and (table.items.min() < 0 or table.items.max() >= n_items):
