@@ -512,7 +512,7 @@ def test_agent_serves_with_more_than_1024_descriptors_open(mqtt_broker: Broker, 
     held: list[int] = []
     svc = None
     # objects of earlier tests that hold descriptors (sockets, mapped files) must not free low numbers while
-    # the agent connects: collect them now, and no collection until it has
+    # the agent connects: collect them now, and no cyclic collection until the test ends
     gc.collect()
     gc.disable()
     try:

@@ -319,6 +319,9 @@ def test_models_built_from_equal_lookups_share_one_index_until_none_uses_it(trai
     mine = np.char.add(a.guest.item_ids_, "-only-here")
     first, second = features.shared_index(mine), features.shared_index(mine.copy())
     assert first is second and first == {p: i for i, p in enumerate(mine.tolist())}
+    with pytest.raises(TypeError, match="read-only"):
+        first["new product"] = len(first)  # another snapshot would see it
+    assert features.shared_index(np.array([1, 2])) == {1: 0, 2: 1}  # not text: built, not shared
     gone = weakref.ref(first)
     del first, second
     gc.collect()

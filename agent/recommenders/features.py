@@ -46,9 +46,14 @@ def build_index(vocabulary: Sequence[str]) -> dict[str, int]:
 
 
 class _Index(dict):
-    """An id -> row dict that :func:`shared_index` can hold weakly."""
+    """A read-only id -> row dict that :func:`shared_index` can hold weakly (several models read it)."""
 
     __slots__ = ("__weakref__",)
+
+    def _read_only(self, *args: object, **kwargs: object) -> None:
+        raise TypeError("a shared id index is read-only")
+
+    __setitem__ = __delitem__ = update = pop = popitem = setdefault = clear = __ior__ = _read_only  # type: ignore
 
 
 _SHARED: weakref.WeakValueDictionary[bytes, _Index] = weakref.WeakValueDictionary()
@@ -64,6 +69,8 @@ def shared_index(vocabulary: np.ndarray) -> dict[str, int]:
     model uses it any more. Keyed by a hash of the array's bytes, dtype and shape.
     """
     a = np.ascontiguousarray(vocabulary)
+    if a.ndim != 1 or a.dtype.kind not in "US":  # only text lookups are shared (a hash of pointers is not a key)
+        return build_index(a.tolist())
     h = hashlib.blake2b(a, digest_size=20)
     h.update(f"{a.dtype.str}{a.shape}".encode())
     key = h.digest()
