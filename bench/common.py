@@ -145,13 +145,16 @@ def installed_copy(params: Path, parameters_dir: Path) -> Path:
 
 def sample_carts(params: Path, n: int, size: int = 10, seed: int = 0) -> list[tuple[str, ...]]:
     """Carts of ``size`` products drawn from the store's own baskets' families."""
-    ids = np.load(params / "guest_model" / "item_ids.npy")
-    co = np.load(params / "guest_model" / "co_neighbors.npy")
+    from agent import layout
+
+    ids = np.load(params / layout.GUEST_ARRAYS["item_ids"])
+    indptr = np.load(params / layout.GUEST_CO_PARTNERS["indptr"])
+    co = np.load(params / layout.GUEST_CO_PARTNERS["items"])  # best partners first, as the padded rows
     rng = np.random.default_rng(seed)
     carts = []
     for _ in range(n):
         first = int(rng.integers(len(ids)))
-        partners = co[first][co[first] >= 0]
+        partners = co[indptr[first]:indptr[first + 1]]
         pool = np.concatenate([[first], partners[: size * 2]])
         pick = pool if len(pool) <= size else np.concatenate([[first], rng.choice(pool[1:], size - 1, replace=False)])
         if len(pick) < size:
