@@ -314,10 +314,7 @@ class AgentService:
             self._wake()
 
     def _wake(self) -> None:
-        try:
-            self.mqtt.messages.put_nowait(_WAKE)
-        except queue.Full:
-            pass  # the worker is busy and will see the flags soon
+        self.mqtt.messages.put_nowait(_WAKE)  # unbounded: never blocks the network thread
 
     def _publish_status(self) -> None:
         try:
