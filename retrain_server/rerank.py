@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from agent import layout
+from agent.recommenders.features import build_index
 from agent.recommenders.rerank import FEATURES, NEVER, MemberStats, candidate_features
 
 from .data import PurchaseLog
@@ -114,8 +115,8 @@ class StatsHistory:
     """
 
     def __init__(self, log: PurchaseLog, user_lookup: Any, item_lookup: Any) -> None:
-        users = {u: i for i, u in enumerate(np.asarray(user_lookup).tolist())}
-        items = {p: i for i, p in enumerate(np.asarray(item_lookup).tolist())}
+        users = build_index(np.asarray(user_lookup).tolist())
+        items = build_index(np.asarray(item_lookup).tolist())
         self.n_users, self.n_items = len(users), len(items)
         item = np.fromiter((items.get(p, -1) for p in log.product_ids.tolist()), np.int64, len(log))
         user = np.fromiter((users.get(u, -1) if u else -1 for u in log.user_ids.tolist()), np.int64, len(log))
@@ -124,7 +125,7 @@ class StatsHistory:
         order = np.argsort(ts, kind="stable")
         self._ts, self._item, self._user = ts[order], item[order], user[order]
         self._session = session.reshape(-1)[order]
-        self._by_day: dict[int, MemberStats] = {}
+        self._by_day: dict[int | None, MemberStats] = {}
 
     def as_of(self, before: int | None = None) -> MemberStats:
         """The statistics of the rows strictly before ``before`` (epoch seconds; None: every row), with
@@ -164,10 +165,9 @@ class StatsHistory:
     def for_case(self, case: Any) -> MemberStats:
         """The statistics as of the start of the case's day (cached per day; no time: every row)."""
         day = None if case.at is None else int(case.at) - int(case.at) % 86400
-        key = -1 if day is None else day
-        if key not in self._by_day:
-            self._by_day[key] = self.as_of(day)
-        return self._by_day[key]
+        if day not in self._by_day:
+            self._by_day[day] = self.as_of(day)
+        return self._by_day[day]
 
 
 def member_stats(log: PurchaseLog, user_lookup: Any, item_lookup: Any) -> MemberStats:

@@ -100,9 +100,10 @@ class CoPartners:
         if p.dtype != np.int64 or self.items.dtype != np.int32 or self.scores.dtype != np.float32:
             raise ValueError(f"co-purchase partners: indptr int64, items int32, scores float32 expected, got "
                              f"{p.dtype}, {self.items.dtype}, {self.scores.dtype}")
-        lengths = np.diff(p) if p.ndim == 1 else p
-        if (p.ndim != 1 or len(p) != n_items + 1 or p[0] != 0 or np.any(lengths < 0)
-                or p[-1] != len(self.items) or self.items.shape != self.scores.shape or self.items.ndim != 1):
+        if p.ndim != 1 or len(p) != n_items + 1 or self.items.ndim != 1 or self.items.shape != self.scores.shape:
+            raise ValueError("co-purchase partners: malformed rows")
+        lengths = np.diff(p)
+        if p[0] != 0 or np.any(lengths < 0) or p[-1] != len(self.items):
             raise ValueError("co-purchase partners: malformed rows")
         if self.items.size and (self.items.min() < 0 or self.items.max() >= n_items):
             raise ValueError("co-purchase partners hold indices outside the catalogue")
