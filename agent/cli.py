@@ -35,6 +35,7 @@ from .bundle import load_public_key
 from .config import AgentConfig, HttpConfig, load_config, parse_hostport
 from .errors import AgentError, BundleError, ConfigError
 from .metrics import Metrics
+from .recommenders import native
 from .registry import ModelRegistry, ModelSnapshot, load_snapshot
 from .store import StartupResult, VersionStore
 from .updater import ReportFn, Updater
@@ -162,8 +163,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         bridge.start()
         _LOG.info("HTTP bridge on http://%s:%d (basket display: /display/<basket id>)", http.host, http.port)
     b = cfg.service.broker
-    _LOG.info("agent %s: broker %s:%d (MQTT %s), prefix %s", cfg.service.agent_id, b.host, b.port, b.protocol,
-              cfg.prefix)
+    _LOG.info("agent %s: broker %s:%d (MQTT %s), prefix %s; recommenders: %s", cfg.service.agent_id, b.host,
+              b.port, b.protocol, cfg.prefix, native.status())
     try:
         service.run_forever()
     finally:

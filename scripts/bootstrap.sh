@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Set up everything the demo and the tests need, idempotently:
 #   - system packages (Mosquitto, PostgreSQL server binaries, systemd for
-#     `systemd-analyze verify`, python3-venv; for the tests also Chromium and the Noto CJK fonts, which the
+#     `systemd-analyze verify`, python3-venv, a C compiler and Python's headers for the optional compiled
+#     kernels; for the tests also Chromium and the Noto CJK fonts, which the
 #     browser tests of the display and console pages drive headless) when missing and we are root;
 #   - a virtualenv in .venv with the project installed (agent + server + test extras).
-# Re-running is cheap: apt-get runs only when something is missing, pip only when pyproject.toml changed.
+# Re-running is cheap: apt-get runs only when something is missing, pip only when pyproject.toml, setup.py
+# or the compiled kernels' source changed.
 # Tests and the demo start private Mosquitto/PostgreSQL instances; nothing here starts a system service.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -38,9 +40,16 @@ if ! $for_demo; then
   have_cjk_fonts || need_pkgs+=(fonts-noto-cjk)
 fi
 PY=${PYTHON:-python3}
-if ! command -v "$PY" >/dev/null 2>&1; then need_pkgs+=(python3 python3-venv); fi
+if ! command -v "$PY" >/dev/null 2>&1; then need_pkgs+=(python3 python3-venv python3-dev); fi
 if command -v "$PY" >/dev/null 2>&1 && ! "$PY" -c 'import venv, ensurepip' >/dev/null 2>&1; then
   need_pkgs+=(python3-venv)
+fi
+# The recommenders' optional compiled kernels (setup.py, agent/recommenders/native.py) need a C compiler and
+# Python's headers; without them pip still installs and the recommenders run their numpy code.
+command -v cc >/dev/null 2>&1 || command -v gcc >/dev/null 2>&1 || need_pkgs+=(gcc)
+if command -v "$PY" >/dev/null 2>&1 && ! "$PY" -c 'import os, sys, sysconfig
+sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' >/dev/null 2>&1; then
+  need_pkgs+=(python3-dev)
 fi
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
@@ -58,7 +67,7 @@ if [ ${#need_pkgs[@]} -gt 0 ]; then
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null
     if $made_policy; then rm -f /usr/sbin/policy-rc.d; trap - EXIT; fi
-  elif $for_demo && [ -z "$(printf '%s\n' "${need_pkgs[@]}" | grep -vxE 'mosquitto|postgresql|systemd')" ]; then
+  elif $for_demo && [ -z "$(printf '%s\n' "${need_pkgs[@]}" | grep -vxE 'mosquitto|postgresql|systemd|gcc|python3-dev')" ]; then
     demo_pkgs=()  # systemd is only for the tests' `systemd-analyze verify`
     for pkg in "${need_pkgs[@]}"; do
       case $pkg in
@@ -67,6 +76,9 @@ if [ ${#need_pkgs[@]} -gt 0 ]; then
         postgresql) say "PostgreSQL is not installed and we are not root:" \
                         "the demo will skip the nightly retrain from PostgreSQL"
                     demo_pkgs+=(postgresql) ;;
+        gcc|python3-dev) say "$pkg is not installed and we are not root:" \
+                             "the recommenders will run their numpy code (slower, same answers)"
+                         demo_pkgs+=("$pkg") ;;
       esac
     done
     if [ ${#demo_pkgs[@]} -gt 0 ]; then say "(for the full demo:  sudo apt-get install ${demo_pkgs[*]})"; fi
@@ -86,7 +98,7 @@ if [ ! -x .venv/bin/python ]; then
   say "creating virtualenv .venv"
   "$PY" -m venv .venv
 fi
-stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
+stamp=.venv/.installed-$(cat pyproject.toml setup.py agent/recommenders/_native.c | sha256sum | cut -c1-16)
 if [ ! -f "$stamp" ]; then
   say "installing Python packages into .venv (first time: a few minutes, TensorFlow is large)"
   .venv/bin/python -m pip install -q --upgrade pip
@@ -94,6 +106,8 @@ if [ ! -f "$stamp" ]; then
   rm -f .venv/.installed-*
   touch "$stamp"
 fi
+kernels=$(.venv/bin/python -c 'from agent.recommenders import native; print(native.status())' 2>&1 | tail -1)
+say "recommenders' hot path: $kernels"
 mosq=$(command -v mosquitto || echo /usr/sbin/mosquitto)
 pg_ctl=$(pg_ctl_path || true)
 say "ready: $(.venv/bin/python --version), $( ("$mosq" -h 2>/dev/null || echo 'no mosquitto') | head -1)," \

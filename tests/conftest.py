@@ -163,3 +163,16 @@ def screenshot_path(tmp_path: Path) -> Callable[[str], Path]:
         return d / name
 
     return where
+
+
+# --- the recommenders' two implementations (agent/recommenders/native.py) -----------------------------
+@pytest.fixture(params=["compiled", "numpy"])
+def hot_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs a test with the compiled kernels and again with the numpy code they stand in for."""
+    from agent.recommenders import native
+
+    if request.param == "numpy":
+        monkeypatch.setattr(native, "KERNELS", None)
+    elif native.KERNELS is None:
+        pytest.skip(f"compiled kernels: {native.status()} (tests/test_native.py says why this fails)")
+    return request.param

@@ -194,7 +194,7 @@ def _baskets_of(log, ids, n_newest):
     return dict(newest)
 
 
-def test_recent_baskets_vote_like_a_brute_force_session_knn(store):
+def test_recent_baskets_vote_like_a_brute_force_session_knn(store, hot_path):
     from agent.recommenders.guest import RecentBaskets
     from retrain_server.guest import recent_basket_arrays
 

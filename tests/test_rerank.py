@@ -303,9 +303,12 @@ def test_tag_similarity_when_the_guest_numbers_products_differently(snapshot, tr
         np.testing.assert_array_equal(X[:, col], sim[top])
 
 
-def test_feature_cells_are_reset_even_when_a_request_fails(snapshot, trained):
-    """The per-thread item -> cell table is all -1 between calls, also after a call that raised."""
-    from agent.recommenders import rerank
+def test_feature_cells_are_reset_even_when_a_request_fails(snapshot, trained, monkeypatch):
+    """The per-thread item -> cell table is all -1 between calls, also after a call that raised (the numpy
+    code; tests/test_native.py checks the compiled kernel's own table)."""
+    from agent.recommenders import native, rerank
+
+    monkeypatch.setattr(native, "KERNELS", None)
 
     m = snapshot.member
     req = _requests(trained, m)[0]

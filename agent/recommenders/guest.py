@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import native
 from .base import RecommendRequest
 from .features import shared_index
 
@@ -132,11 +133,17 @@ class RecentBaskets:
         root of its size (a big basket shares something with every cart); each
         voting basket gives its items its similarity over the voters' total, so a
         product's summed vote is the similarity-weighted share of the voting
-        baskets that hold it (1: all of them). Items repeat in the output; the
-        caller sums them.
+        baskets that hold it (1: all of them). Of baskets equally similar at the
+        cut, the lower-numbered vote. Items repeat in the output; the caller sums
+        them. The compiled kernel (:mod:`.native`) gives the same votes.
         """
         if not cart.size or not neighbours:
             return _EMPTY_I, _EMPTY_F
+        kernels = native.KERNELS
+        if kernels is not None:
+            counts = native.scratch("basket_counts", len(self.starts) - 1, 0)
+            return kernels.basket_votes(self.starts, self.items, self.postings_indptr, self.postings, cart,
+                                        neighbours, counts)
         pi = self.postings_indptr
         hits = np.concatenate([self.postings[pi[c]:pi[c + 1]] for c in dict.fromkeys(cart.tolist())])
         if not hits.size:
@@ -145,8 +152,10 @@ class RecentBaskets:
         lo, hi = self.starts[baskets], self.starts[baskets + 1]
         sim = overlap / np.sqrt(hi - lo)
         if sim.size > neighbours:
-            top = np.argpartition(sim, sim.size - neighbours)[sim.size - neighbours:]
-            lo, hi, sim = lo[top], hi[top], sim[top]
+            kth = np.partition(sim, sim.size - neighbours)[sim.size - neighbours]
+            keep = sim > kth
+            keep[np.flatnonzero(sim == kth)[:neighbours - np.count_nonzero(keep)]] = True  # baskets are sorted
+            lo, hi, sim = lo[keep], hi[keep], sim[keep]
         sizes = hi - lo
         offsets = np.repeat(lo - np.cumsum(sizes) + sizes, sizes) + np.arange(int(sizes.sum()))
         return self.items[offsets].astype(np.int64), np.repeat(sim / sim.sum(), sizes)

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from . import native
 from .onnx import cpu_session
 
 __all__ = ["FEATURES", "NEVER", "MemberStats", "TreeReranker", "candidate_features"]
@@ -92,6 +93,8 @@ class MemberStats:
 _TERMS = ("repeat", "co", "basket", "store")
 _TERM_COLUMNS = np.array([FEATURES.index(name) for name in _TERMS + ("tag_similarity_to_cart",)], np.int32)
 _LOCAL = threading.local()
+#: no guest model: no TF-IDF neighbours, an empty cart in its numbering (the kernel's tag arguments)
+_NO_NEIGHBOURS = (np.full((1, 1), -1, np.int32), np.zeros((1, 1), np.float32), np.empty(0, np.int64), None)
 
 
 def _row_cells(n_items: int) -> np.ndarray:
@@ -127,6 +130,18 @@ def candidate_features(member: Any, stats: MemberStats, request: Any, parts: Any
     user = member.user_index_[request.user_id]
     n = len(top)
     X = np.zeros((n, len(FEATURES)), np.float32)
+    kernels = native.KERNELS
+    if kernels is not None:  # the same features in one call (tests/test_native.py)
+        g = member.guest_
+        tags = _NO_NEIGHBOURS if g is None else (g.sim_neighbors_, g.sim_scores_, parts.cart,
+                                                  member.guest_to_item_)
+        rows = native.scratch("rerank_rows", len(parts.two_tower), -1)
+        kernels.rerank_features(
+            X, top, rows, parts.two_tower, tuple(getattr(parts, name) for name in _TERMS), *tags,
+            stats.keys, stats.baskets, stats.days_since, stats.gap_days, user, stats.member_baskets[user],
+            stats.member_days_since[user], stats.log_popularity, stats.rebuy_rate, len(request.cart),
+            request.age or 0, NEVER)
+        return X
     pairs = [getattr(parts, name) for name in _TERMS]
     pairs.append(_tag_neighbours(member, parts.cart))
     sizes = [len(items) for items, _ in pairs]
@@ -189,3 +204,7 @@ class TreeReranker:
     def scores(self, X: np.ndarray) -> np.ndarray:
         """One score per row (higher: more likely the product the member wants next)."""
         return self.session_.run([self.output_name_], {self.input_name_: X})[0].reshape(-1)
+
+
+if native.KERNELS is not None and tuple(native.KERNELS.FEATURES) != FEATURES:
+    native.disable("the compiled kernels were built for another feature list: rebuild them (pip install -e .)")

@@ -1,0 +1,162 @@
+"""The compiled kernels (agent/recommenders/_native.c) answer as the numpy code they stand in for."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+import pytest
+
+from agent.bundle import load_public_key
+from agent.recommenders import native
+from agent.recommenders.guest import RecentBaskets
+from agent.recommenders.member import top_k
+from agent.recommenders.rerank import candidate_features
+from agent.registry import load_snapshot
+
+if native.KERNELS is None and os.environ.get("SMART_BASKET_NATIVE", "1").strip() == "0":
+    pytest.skip("SMART_BASKET_NATIVE=0: the compiled kernels are switched off", allow_module_level=True)
+
+K = native.KERNELS
+
+
+def test_the_kernels_are_built_where_the_tests_run():
+    """bootstrap.sh installs a compiler and Python's headers, so a missing build is a failed build."""
+    assert K is not None, f"hot path: {native.status()} (pip install -e . builds agent/recommenders/_native.c)"
+    assert native.status() == "compiled kernels"
+
+
+@pytest.fixture
+def numpy_path(monkeypatch):
+    """Run the recommenders' numpy code (as where the kernels are not built)."""
+    monkeypatch.setattr(native, "KERNELS", None)
+
+
+def _random_baskets(rng, n_items=60, n_baskets=400, max_size=6) -> RecentBaskets:
+    """Small baskets of few products: many baskets are equally similar to a cart (ties at the cut)."""
+    sizes = rng.integers(1, max_size + 1, n_baskets)
+    starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    items = np.concatenate([rng.choice(n_items, s, replace=False) for s in sizes.tolist()]).astype(np.int32)
+    basket_of = np.repeat(np.arange(n_baskets), sizes)
+    order = np.lexsort((-basket_of, items))  # per item, newest (highest) basket first
+    postings = basket_of[order].astype(np.int32)
+    indptr = np.zeros(n_items + 1, np.int64)
+    np.cumsum(np.bincount(items, minlength=n_items), out=indptr[1:])
+    return RecentBaskets(starts, items, indptr, postings)
+
+
+def _summed(items, votes):
+    out: dict[int, float] = {}
+    for i, v in zip(items.tolist(), votes.tolist()):
+        out[i] = out.get(i, 0.0) + v
+    return out
+
+
+@pytest.mark.parametrize("neighbours", [0, 1, 3, 50, 10_000])
+def test_basket_votes_equal_numpy_including_ties_at_the_cut(neighbours, monkeypatch):
+    rng = np.random.default_rng(neighbours)
+    b = _random_baskets(rng)
+    for _ in range(60):
+        cart = rng.integers(0, 60, int(rng.integers(0, 8)))  # repeats included: each counts once
+        items, votes = b.scores(cart, neighbours)
+        with monkeypatch.context() as m:
+            m.setattr(native, "KERNELS", None)
+            ref_items, ref_votes = b.scores(cart, neighbours)
+        assert items.dtype == ref_items.dtype == np.int64 and votes.dtype == ref_votes.dtype == np.float64
+        np.testing.assert_array_equal(items, ref_items)  # the same baskets, in the same order
+        np.testing.assert_allclose(votes, ref_votes, rtol=1e-12)  # the total may be summed in another order
+        got, ref = _summed(items, votes), _summed(ref_items, ref_votes)
+        assert got.keys() == ref.keys() and all(abs(got[i] - ref[i]) <= 1e-12 for i in ref)
+        assert all(0 < v <= 1 + 1e-12 for v in got.values())  # a share of the voting baskets
+    assert not native.scratch("basket_counts", 400, 0).any()  # the scratch counts are zero again
+
+
+def test_basket_votes_refuse_indices_outside_the_tables_and_leave_the_scratch_clean():
+    b = _random_baskets(np.random.default_rng(1))
+    counts = native.scratch("basket_counts", 400, 0)
+    with pytest.raises(ValueError, match="cart"):
+        K.basket_votes(b.starts, b.items, b.postings_indptr, b.postings, np.array([3, 60]), 10, counts)
+    bad = b.postings.copy()
+    bad[b.postings_indptr[5]] = 400  # basket 400 of 400
+    with pytest.raises(ValueError, match="postings"):
+        K.basket_votes(b.starts, b.items, b.postings_indptr, bad, np.array([2, 5]), 10, counts)
+    assert not counts.any()
+    with pytest.raises(TypeError, match="starts"):  # a float table is refused, never read as integers
+        K.basket_votes(b.starts.astype(np.float64), b.items, b.postings_indptr, b.postings, np.array([1]), 10,
+                       counts)
+    with pytest.raises(TypeError, match="counts"):
+        K.basket_votes(b.starts, b.items, b.postings_indptr, b.postings, np.array([1]), 10, counts[::2])
+
+
+@pytest.fixture(scope="module")
+def snapshot(trained):
+    return load_snapshot(trained.parameters, load_public_key(trained.public_key))
+
+
+def _member_requests(trained, member, n=40):
+    from tests.test_rerank import _requests
+
+    return _requests(trained, member, n)
+
+
+def test_rerank_features_equal_numpy_exactly(snapshot, trained, monkeypatch):
+    """Bit for bit: the trees read the same rows whichever code computed them."""
+    m = snapshot.member
+    for req in _member_requests(trained, m):
+        parts = m.score_parts(req)
+        for n in (1, 50, 200):
+            top = top_k(parts.total(m.params), n)
+            X = candidate_features(m, m.reranker_.stats, req, parts, top)
+            with monkeypatch.context() as mp:
+                mp.setattr(native, "KERNELS", None)
+                ref = candidate_features(m, m.reranker_.stats, req, parts, top)
+            np.testing.assert_array_equal(X, ref)
+    assert np.all(native.scratch("rerank_rows", len(m.item_ids_), -1) == -1)
+
+
+def test_rerank_features_with_a_differently_numbered_guest(snapshot, trained, monkeypatch):
+    """The tag similarity renumbers the guest's TF-IDF neighbours (padding dropped first) as numpy does."""
+    from tests.test_rerank import test_tag_similarity_when_the_guest_numbers_products_differently as check
+
+    check(snapshot, trained)  # with the kernels: the feature is checked against a slow definition there
+
+
+def test_a_failing_feature_call_leaves_the_row_table_clean(snapshot, trained):
+    m = snapshot.member
+    req = _member_requests(trained, m)[0]
+    parts = m.score_parts(req)
+    top = top_k(parts.total(m.params), 50)
+    broken = dataclasses.replace(parts, co=(np.array([len(m.item_ids_) + 5]), np.ones(1, np.float32)))
+    with pytest.raises(ValueError, match="term"):
+        candidate_features(m, m.reranker_.stats, req, broken, top)
+    assert np.all(native.scratch("rerank_rows", len(m.item_ids_), -1) == -1)
+    st, g = m.reranker_.stats, m.guest_
+
+    def call(X, keys=st.keys):
+        K.rerank_features(X, top, native.scratch("rerank_rows", len(m.item_ids_), -1), parts.two_tower, (),
+                          g.sim_neighbors_, g.sim_scores_, parts.cart, None, keys, st.baskets, st.days_since,
+                          st.gap_days, 0, 1.0, 1.0, st.log_popularity, st.rebuy_rate, 1.0, 0.0, 999.0)
+
+    call(np.zeros((50, 18), np.float32))
+    with pytest.raises(TypeError, match="X"):  # wrong types are refused, never read as something else
+        call(np.zeros((50, 18), np.float64))
+    with pytest.raises(TypeError, match="keys"):
+        call(np.zeros((50, 18), np.float32), st.keys.astype(np.int32))
+    with pytest.raises(ValueError, match="mismatched"):
+        call(np.zeros((49, 18), np.float32))
+
+
+def test_answers_are_the_same_with_and_without_the_kernels(snapshot, trained, monkeypatch):
+    """Guests and members, reranked or not: the same products in the same order."""
+    from agent.recommenders.base import RecommendRequest
+
+    m = snapshot.member
+    requests = _member_requests(trained, m)
+    requests += [dataclasses.replace(r, user_id=None) for r in requests]  # guests
+    requests += [RecommendRequest(cart=r.cart, user_id=r.user_id, top_k=r.top_k) for r in requests[:10]]
+    with_kernels = [snapshot.recommend(r) for r in requests]
+    monkeypatch.setattr(native, "KERNELS", None)
+    without = [snapshot.recommend(r) for r in requests]
+    assert with_kernels == without
+    assert any(with_kernels)
