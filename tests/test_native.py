@@ -112,7 +112,7 @@ def test_rerank_features_equal_numpy_exactly(snapshot, trained, monkeypatch):
                 mp.setattr(native, "KERNELS", None)
                 ref = candidate_features(m, m.reranker_.stats, req, parts, top)
             np.testing.assert_array_equal(X, ref)
-    assert np.all(native.scratch("rerank_rows", len(m.item_ids_), -1) == -1)
+    assert np.all(native.scratch("item_marks", len(m.item_ids_), -1) == -1)
 
 
 def test_rerank_features_with_a_differently_numbered_guest(snapshot, trained, monkeypatch):
@@ -130,11 +130,11 @@ def test_a_failing_feature_call_leaves_the_row_table_clean(snapshot, trained):
     broken = dataclasses.replace(parts, co=(np.array([len(m.item_ids_) + 5]), np.ones(1, np.float32)))
     with pytest.raises(ValueError, match="term"):
         candidate_features(m, m.reranker_.stats, req, broken, top)
-    assert np.all(native.scratch("rerank_rows", len(m.item_ids_), -1) == -1)
+    assert np.all(native.scratch("item_marks", len(m.item_ids_), -1) == -1)
     st, g = m.reranker_.stats, m.guest_
 
     def call(X, keys=st.keys):
-        K.rerank_features(X, top, native.scratch("rerank_rows", len(m.item_ids_), -1), parts.two_tower, (),
+        K.rerank_features(X, top, native.scratch("item_marks", len(m.item_ids_), -1), parts.two_tower, (),
                           g.sim_neighbors_, g.sim_scores_, parts.cart, None, keys, st.baskets, st.days_since,
                           st.gap_days, 0, 1.0, 1.0, st.log_popularity, st.rebuy_rate, 1.0, 0.0, 999.0)
 
@@ -160,3 +160,113 @@ def test_answers_are_the_same_with_and_without_the_kernels(snapshot, trained, mo
     without = [snapshot.recommend(r) for r in requests]
     assert with_kernels == without
     assert any(with_kernels)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_top_k_equals_numpy_with_ties_and_excluded_products(dtype, monkeypatch):
+    from agent.recommenders import member
+
+    rng = np.random.default_rng(7)
+    for n, k in ((50_000, 50), (50_000, 10), (300, 300), (300, 1), (10, 3), (1_000, 999)):
+        scores = np.round(rng.normal(size=n), 2).astype(dtype)  # many equal scores
+        scores[rng.choice(n, n // 10, replace=False)] = -np.inf  # cart and wishlist
+        got = member.top_k(scores, k)
+        with monkeypatch.context() as m:
+            m.setattr(native, "KERNELS", None)
+            ref = member.top_k(scores, k)
+        assert got.dtype == np.int64
+        np.testing.assert_array_equal(got, ref)
+
+
+def test_co_partner_sums_equal_numpy(snapshot, trained, monkeypatch):
+    g = snapshot.guest
+    rng = np.random.default_rng(5)
+    for size in (0, 1, 3, 10, 40):
+        cart = rng.integers(0, g.n_items, size)
+        cart[: size // 4] = cart[size - 1] if size else 0  # repeats: a product twice counts twice
+        for k in (0, 1, 5, g.params.co_top_k_per_item):
+            got = K.co_partner_sums(g.co_.indptr, g.co_.items, g.co_.scores, cart, k,
+                                    native.scratch("item_marks", g.n_items, -1))
+            with monkeypatch.context() as m:
+                m.setattr(native, "KERNELS", None)
+                ref = g.__class__._co_partners(g, cart, k)
+                from agent.recommenders.guest import sum_by_item
+
+                ref = sum_by_item(*ref)
+            assert got[0].dtype == np.int32 and got[1].dtype == np.float32
+            np.testing.assert_array_equal(got[0], ref[0])
+            np.testing.assert_allclose(got[1], ref[1], rtol=1e-6)  # float32 sums, maybe in another order
+    assert np.all(native.scratch("item_marks", g.n_items, -1) == -1)
+    with pytest.raises(ValueError, match="cart"):
+        K.co_partner_sums(g.co_.indptr, g.co_.items, g.co_.scores, np.array([g.n_items]), 5,
+                          native.scratch("item_marks", g.n_items, -1))
+
+
+def test_member_basket_scores_equal_numpy(snapshot, trained, monkeypatch):
+    m = snapshot.member
+    table = m.baskets_
+    assert table is not None
+    rng = np.random.default_rng(11)
+    n_users = len(table.indptr) - 1
+    compared = 0
+    for user in list(range(n_users)) + [n_users, n_users + 5]:  # members past the table: nothing
+        rows = table.items[table.starts[table.indptr[min(user, n_users)]]:table.starts[table.indptr[min(user,
+                                                                                                      n_users)]]]
+        own = table.items[table.starts[table.indptr[user]]:table.starts[table.indptr[user + 1]]] \
+            if user < n_users else rows
+        for cart in (own[:2], np.concatenate([own[:1], own[:1], rng.integers(0, len(m.item_ids_), 3)]),
+                     rng.integers(0, len(m.item_ids_), 4), np.zeros(0, np.int64)):
+            cart = np.asarray(cart, np.int64)
+            got = table.scores(user, cart)
+            with monkeypatch.context() as mp:
+                mp.setattr(native, "KERNELS", None)
+                ref = table.scores(user, cart)
+            assert got[0].dtype == ref[0].dtype == np.int64 and got[1].dtype == ref[1].dtype == np.float32
+            np.testing.assert_array_equal(got[0], ref[0])
+            np.testing.assert_allclose(got[1], ref[1], rtol=1e-6)
+            compared += bool(ref[0].size)
+    assert compared >= 20
+    assert np.all(native.scratch("item_marks", len(m.item_ids_), -1) == -1)
+
+
+def test_guest_answers_equal_numpy_for_carts_wishlists_and_thin_carts(snapshot, trained, monkeypatch):
+    """The guest kernel (co-purchase + recent baskets + the best k) answers as the numpy code, also where
+    too few candidates hand the request to the numpy path's TF-IDF fallback."""
+    from agent.recommenders.base import RecommendRequest
+
+    g = snapshot.guest
+    ids = g.item_ids_.tolist()
+    rng = np.random.default_rng(2)
+    requests = []
+    for _ in range(150):
+        cart = tuple(rng.choice(ids, int(rng.integers(1, 6)), replace=False).tolist())
+        wish = tuple(rng.choice(ids, int(rng.integers(0, 4)), replace=False).tolist())
+        requests.append(RecommendRequest(cart=cart, wishlist=wish, top_k=int(rng.choice([1, 5, 10, 40]))))
+    thin = int(np.argmin(np.diff(g.co_.indptr)))  # the product with the fewest partners
+    requests.append(RecommendRequest(cart=(ids[thin],), top_k=30))
+    cart = g.indices([ids[thin]])
+    assert g._rank_compiled(cart, cart, 30) is None  # too few candidates: this one takes the numpy path
+    requests.append(RecommendRequest(cart=("not-a-product",), top_k=5))
+    got = [g.recommend_scored(r) for r in requests]
+    monkeypatch.setattr(native, "KERNELS", None)
+    ref = [g.recommend_scored(r) for r in requests]
+    for a, b in zip(got, ref):
+        assert [i for i, _ in a] == [i for i, _ in b]
+        np.testing.assert_allclose([s for _, s in a], [s for _, s in b], rtol=1e-6)
+    assert np.all(native.scratch("item_marks", g.n_items, -1) == -1)
+
+
+def test_guest_kernel_refuses_bad_indices_and_leaves_the_marks_clean(snapshot):
+    g = snapshot.guest
+    marks = native.scratch("item_marks", g.n_items, -1)
+    none_i, none_f = np.empty(0, np.int64), np.empty(0, np.float64)
+    args = (g.co_.indptr, g.co_.items, g.co_.scores)
+    assert K.guest_rank(*args, np.array([1, 2]), 50, none_i, none_f, 10.0, np.array([1, 2]), 10, 10, marks)
+    with pytest.raises(ValueError, match="excluded"):
+        K.guest_rank(*args, np.array([1, 2]), 50, none_i, none_f, 10.0, np.array([1, g.n_items]), 10, 10, marks)
+    with pytest.raises(ValueError, match="vote_items"):
+        K.guest_rank(*args, np.array([1]), 50, np.array([-1]), np.ones(1), 10.0, np.array([1]), 10, 10, marks)
+    with pytest.raises(TypeError, match="votes"):
+        K.guest_rank(*args, np.array([1]), 50, np.array([3]), np.ones(1, np.float32), 10.0, np.array([1]), 10,
+                     10, marks)
+    assert np.all(marks == -1)

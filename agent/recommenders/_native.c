@@ -379,11 +379,436 @@ done:
     return result;
 }
 
+/* ---- sparse sums: the member's own baskets, the cart's co-purchase partners ----------------- */
+
+/* Sorts n non-negative int64 values below 2^32 (item indices), 8 bits a pass; tmp holds n. */
+static void sort_items(int64_t *a, int64_t *tmp, npy_intp n) {
+    if (n < 32) { /* insertion sort: a cart's few items */
+        for (npy_intp i = 1; i < n; i++) {
+            int64_t v = a[i];
+            npy_intp j = i;
+            for (; j > 0 && a[j - 1] > v; j--) a[j] = a[j - 1];
+            a[j] = v;
+        }
+        return;
+    }
+    for (int shift = 0; shift < 32; shift += 8) {
+        npy_intp count[257] = {0};
+        for (npy_intp i = 0; i < n; i++) count[((a[i] >> shift) & 255) + 1]++;
+        for (int b = 0; b < 256; b++) count[b + 1] += count[b];
+        for (npy_intp i = 0; i < n; i++) tmp[count[(a[i] >> shift) & 255]++] = a[i];
+        int64_t *t = a;
+        a = tmp;
+        tmp = t;
+    } /* four passes: the result is back in the caller's array */
+}
+
+/* Sorts touched items and gives back (items, values[mark[item]] as float32 / divisor), resetting the marks. */
+static PyObject *sorted_sums(int64_t *touched, int64_t *tmp, npy_intp n, const double *sums, int32_t *mark,
+                             double divisor, int item_type) {
+    sort_items(touched, tmp, n);
+    npy_intp dims[1] = {n};
+    PyObject *keys = PyArray_SimpleNew(1, dims, item_type), *values = PyArray_SimpleNew(1, dims, NPY_FLOAT32);
+    if (!keys || !values) {
+        Py_XDECREF(keys);
+        Py_XDECREF(values);
+        return NULL;
+    }
+    float *vo = data(values);
+    for (npy_intp t = 0; t < n; t++) {
+        vo[t] = (float)(sums[mark[touched[t]]] / divisor);
+        if (item_type == NPY_INT64) ((int64_t *)data(keys))[t] = touched[t];
+        else ((int32_t *)data(keys))[t] = (int32_t)touched[t];
+    }
+    return Py_BuildValue("(NN)", keys, values);
+}
+
+PyDoc_STRVAR(member_basket_scores_doc,
+"member_basket_scores(indptr, starts, items, weights, user, cart, marks) -> (items, scores) or ()\n\n"
+"MemberBaskets.scores: items sorted (int64), score / max score (float32); () when no basket of\n"
+"the member shares a product with the cart. ``marks``: int32 scratch, one per product, all -1\n"
+"(again on return).");
+
+static PyObject *member_basket_scores(PyObject *self, PyObject *args) {
+    PyObject *indptr_o, *starts_o, *items_o, *weights_o, *cart_o, *marks_o;
+    Py_ssize_t user;
+    if (!PyArg_ParseTuple(args, "OOOOnOO", &indptr_o, &starts_o, &items_o, &weights_o, &user, &cart_o, &marks_o))
+        return NULL;
+    Index items, cart;
+    if (!want(indptr_o, "indptr", 1, NPY_INT64, NPY_INT64) || !want(starts_o, "starts", 1, NPY_INT64, NPY_INT64) ||
+        !index_arg(items_o, "items", &items) || !want(weights_o, "weights", 1, NPY_FLOAT32, NPY_FLOAT32) ||
+        !index_arg(cart_o, "cart", &cart) || !want(marks_o, "marks", 1, NPY_INT32, NPY_INT32))
+        return NULL;
+    const int64_t *indptr = data(indptr_o), *starts = data(starts_o);
+    const float *weights = data(weights_o);
+    int32_t *mark = data(marks_o);
+    npy_intp n_items = len(marks_o);
+    if (user < 0 || user + 1 >= len(indptr_o) || !cart.n) return PyTuple_New(0);
+    int64_t b0 = indptr[user], b1 = indptr[user + 1];
+    if (b0 < 0 || b1 < b0 || b1 >= len(starts_o) || len(weights_o) < b1) return out_of_range("indptr");
+    if (b1 == b0) return PyTuple_New(0);
+    if (starts[b0] < 0 || starts[b1] < starts[b0] || starts[b1] > items.n) return out_of_range("starts");
+    for (npy_intp c = 0; c < cart.n; c++) {
+        int64_t i = at(&cart, c);
+        if (i < 0 || i >= n_items) return out_of_range("cart");
+    }
+    npy_intp most = starts[b1] - starts[b0];
+    int64_t *touched = malloc(sizeof(int64_t) * 2 * (most ? most : 1));
+    double *sums = malloc(sizeof(double) * (most ? most : 1));
+    npy_intp n_touched = 0;
+    PyObject *result = NULL;
+    if (!touched || !sums) { PyErr_NoMemory(); goto done; }
+    for (int64_t b = b0; b < b1; b++) {
+        int64_t lo = starts[b], hi = starts[b + 1];
+        if (hi <= lo || hi > starts[b1]) { out_of_range("starts"); goto done; }
+        npy_intp overlap = 0;
+        for (int64_t k = lo; k < hi; k++) {
+            int64_t item = at(&items, k);
+            if (item < 0 || item >= n_items) { out_of_range("items"); goto done; }
+            for (npy_intp c = 0; c < cart.n; c++)
+                if (at(&cart, c) == item) { overlap++; break; }
+        }
+        /* as numpy: float64 share of the basket in the cart times its (float32) weight */
+        double share = (double)overlap / (double)(hi - lo) * (double)weights[b];
+        if (!(share > 0)) continue; /* only the baskets sharing a product vote */
+        for (int64_t k = lo; k < hi; k++) {
+            int64_t item = at(&items, k);
+            if (mark[item] < 0) {
+                mark[item] = (int32_t)n_touched;
+                sums[n_touched] = 0.0;
+                touched[n_touched++] = item;
+            }
+            sums[mark[item]] += share;
+        }
+    }
+    if (!n_touched) { result = PyTuple_New(0); goto done; }
+    {
+        double best = sums[0];
+        for (npy_intp t = 1; t < n_touched; t++)
+            if (sums[t] > best) best = sums[t];
+        result = sorted_sums(touched, touched + most, n_touched, sums, mark, best, NPY_INT64);
+    }
+done:
+    if (touched)
+        for (npy_intp t = 0; t < n_touched; t++) mark[touched[t]] = -1;
+    free(touched);
+    free(sums);
+    return result;
+}
+
+PyDoc_STRVAR(co_partner_sums_doc,
+"co_partner_sums(indptr, items, scores, cart, k, marks) -> (items, sums)\n\n"
+"GuestRecommender.co_purchase_scores: every cart entry's best ``k`` partners, summed per item\n"
+"(float32), items sorted (int32). ``marks``: int32 scratch, one per product, all -1 (again on return).");
+
+static PyObject *co_partner_sums(PyObject *self, PyObject *args) {
+    PyObject *indptr_o, *items_o, *scores_o, *cart_o, *marks_o;
+    Py_ssize_t k;
+    if (!PyArg_ParseTuple(args, "OOOOnO", &indptr_o, &items_o, &scores_o, &cart_o, &k, &marks_o)) return NULL;
+    Index cart;
+    if (!want(indptr_o, "indptr", 1, NPY_INT64, NPY_INT64) || !want(items_o, "items", 1, NPY_INT32, NPY_INT32) ||
+        !want(scores_o, "scores", 1, NPY_FLOAT32, NPY_FLOAT32) || !index_arg(cart_o, "cart", &cart) ||
+        !want(marks_o, "marks", 1, NPY_INT32, NPY_INT32))
+        return NULL;
+    const int64_t *indptr = data(indptr_o);
+    const int32_t *items = data(items_o);
+    const float *scores = data(scores_o);
+    int32_t *mark = data(marks_o);
+    npy_intp n_items = len(indptr_o) - 1, n_partners = len(items_o);
+    if (n_items < 0 || len(marks_o) < n_items || len(scores_o) != n_partners) {
+        PyErr_SetString(PyExc_ValueError, "co_partner_sums: tables of mismatched sizes");
+        return NULL;
+    }
+    if (k < 0) k = 0;
+    npy_intp most = 0;
+    for (npy_intp c = 0; c < cart.n; c++) {
+        int64_t i = at(&cart, c);
+        if (i < 0 || i >= n_items) return out_of_range("cart");
+        if (indptr[i] < 0 || indptr[i + 1] < indptr[i] || indptr[i + 1] > n_partners) return out_of_range("indptr");
+        npy_intp size = indptr[i + 1] - indptr[i];
+        most += size < k ? size : k;
+    }
+    int64_t *touched = malloc(sizeof(int64_t) * 2 * (most ? most : 1));
+    double *sums = malloc(sizeof(double) * (most ? most : 1));
+    npy_intp n_touched = 0;
+    PyObject *result = NULL;
+    if (!touched || !sums) { PyErr_NoMemory(); goto done; }
+    for (npy_intp c = 0; c < cart.n; c++) { /* a product twice in the cart counts twice, as in numpy */
+        int64_t i = at(&cart, c), hi = indptr[i + 1];
+        if (hi - indptr[i] > k) hi = indptr[i] + k;
+        for (int64_t p = indptr[i]; p < hi; p++) {
+            int32_t j = items[p];
+            if (j < 0 || j >= n_items) { out_of_range("items"); goto done; }
+            if (mark[j] < 0) {
+                mark[j] = (int32_t)n_touched;
+                sums[n_touched] = 0.0f;
+                touched[n_touched++] = j;
+            }
+            sums[mark[j]] = (float)(sums[mark[j]] + scores[p]); /* summed in float32, as numpy */
+        }
+    }
+    result = sorted_sums(touched, touched + most, n_touched, sums, mark, 1.0, NPY_INT32);
+done:
+    if (touched)
+        for (npy_intp t = 0; t < n_touched; t++) mark[touched[t]] = -1;
+    free(touched);
+    free(sums);
+    return result;
+}
+
+/* ---- the guest model's ranking ---------------------------------------------------------------- */
+
+typedef struct {
+    double score;
+    int64_t item;
+} Candidate;
+
+/* a ranks after b: lower score, or equal and a higher item index */
+static inline int candidate_after(const Candidate *a, const Candidate *b) {
+    return a->score < b->score || (a->score == b->score && a->item > b->item);
+}
+
+static int candidate_order(const void *a, const void *b) {
+    return candidate_after(a, b) ? 1 : (candidate_after(b, a) ? -1 : 0);
+}
+
+PyDoc_STRVAR(guest_rank_doc,
+"guest_rank(co_indptr, co_items, co_scores, cart, k, vote_items, votes, basket_weight, excluded,\n"
+"           top_k, min_candidates, marks) -> (items, scores) or None\n\n"
+"GuestRecommender._rank without TF-IDF expansion: every cart entry's best ``k`` co-purchase partners\n"
+"summed per item (float32, then float64), plus the recent baskets' votes times basket_weight x the\n"
+"best co-purchase sum; excluded products never count. The ``top_k`` best (score, then lower index).\n"
+"None when fewer than ``min_candidates`` products scored (the caller adds the cart's TF-IDF\n"
+"neighbours: the numpy path). ``marks``: int32 scratch, one per product, all -1 (again on return).");
+
+static PyObject *guest_rank(PyObject *self, PyObject *args) {
+    PyObject *indptr_o, *items_o, *scores_o, *cart_o, *vitems_o, *votes_o, *excl_o, *marks_o;
+    Py_ssize_t k, top_k, min_candidates;
+    double basket_weight;
+    if (!PyArg_ParseTuple(args, "OOOOnOOdOnnO", &indptr_o, &items_o, &scores_o, &cart_o, &k, &vitems_o, &votes_o,
+                          &basket_weight, &excl_o, &top_k, &min_candidates, &marks_o))
+        return NULL;
+    Index cart, vitems, excl;
+    if (!want(indptr_o, "co_indptr", 1, NPY_INT64, NPY_INT64) ||
+        !want(items_o, "co_items", 1, NPY_INT32, NPY_INT32) ||
+        !want(scores_o, "co_scores", 1, NPY_FLOAT32, NPY_FLOAT32) || !index_arg(cart_o, "cart", &cart) ||
+        !index_arg(vitems_o, "vote_items", &vitems) || !want(votes_o, "votes", 1, NPY_FLOAT64, NPY_FLOAT64) ||
+        !index_arg(excl_o, "excluded", &excl) || !want(marks_o, "marks", 1, NPY_INT32, NPY_INT32))
+        return NULL;
+    const int64_t *indptr = data(indptr_o);
+    const int32_t *items = data(items_o);
+    const float *scores = data(scores_o);
+    const double *votes = data(votes_o);
+    int32_t *mark = data(marks_o);
+    npy_intp n_items = len(indptr_o) - 1, n_partners = len(items_o);
+    if (n_items < 0 || len(marks_o) < n_items || len(scores_o) != n_partners || len(votes_o) != vitems.n) {
+        PyErr_SetString(PyExc_ValueError, "guest_rank: tables of mismatched sizes");
+        return NULL;
+    }
+    if (k < 0) k = 0;
+    npy_intp most = vitems.n;
+    for (npy_intp c = 0; c < cart.n; c++) {
+        int64_t i = at(&cart, c);
+        if (i < 0 || i >= n_items) return out_of_range("cart");
+        if (indptr[i] < 0 || indptr[i + 1] < indptr[i] || indptr[i + 1] > n_partners) return out_of_range("indptr");
+        npy_intp size = indptr[i + 1] - indptr[i];
+        most += size < k ? size : k;
+    }
+    for (npy_intp e = 0; e < excl.n; e++) {
+        int64_t i = at(&excl, e);
+        if (i < 0 || i >= n_items) return out_of_range("excluded");
+    }
+    for (npy_intp v = 0; v < vitems.n; v++) {
+        int64_t i = at(&vitems, v);
+        if (i < 0 || i >= n_items) return out_of_range("vote_items");
+    }
+    Candidate *cand = malloc(sizeof(Candidate) * (most ? most : 1));
+    float *co_sum = malloc(sizeof(float) * (most ? most : 1));
+    npy_intp n_cand = 0, n_excl = 0;
+    PyObject *result = NULL;
+    if (!cand || !co_sum) { PyErr_NoMemory(); goto done; }
+    for (; n_excl < excl.n; n_excl++) mark[at(&excl, n_excl)] = -2;
+    for (npy_intp c = 0; c < cart.n; c++) { /* a product twice in the cart counts twice, as in numpy */
+        int64_t i = at(&cart, c), hi = indptr[i + 1];
+        if (hi - indptr[i] > k) hi = indptr[i] + k;
+        for (int64_t p = indptr[i]; p < hi; p++) {
+            int32_t j = items[p];
+            if (j < 0 || j >= n_items) { out_of_range("co_items"); goto done; }
+            if (mark[j] == -2) continue;
+            if (mark[j] < 0) {
+                mark[j] = (int32_t)n_cand;
+                co_sum[n_cand] = 0.0f;
+                cand[n_cand++].item = j;
+            }
+            co_sum[mark[j]] += scores[p]; /* float32, as numpy sums a product's partners */
+        }
+    }
+    double best_co = 0.0;
+    for (npy_intp t = 0; t < n_cand; t++) {
+        cand[t].score = 0.0 + (double)co_sum[t];
+        if (t == 0 || cand[t].score > best_co) best_co = cand[t].score;
+    }
+    if (!n_cand) best_co = 1.0;
+    if (vitems.n) {
+        double scale = basket_weight * best_co;
+        for (npy_intp v = 0; v < vitems.n; v++) {
+            int64_t j = at(&vitems, v);
+            if (mark[j] == -2) continue;
+            if (mark[j] < 0) {
+                mark[j] = (int32_t)n_cand;
+                cand[n_cand].item = j;
+                cand[n_cand++].score = 0.0;
+            }
+            cand[mark[j]].score += votes[v] * scale;
+        }
+    }
+    if (n_cand < min_candidates) {
+        result = Py_None;
+        Py_INCREF(result);
+        goto done;
+    }
+    {
+        npy_intp keep = top_k < n_cand ? (top_k > 0 ? top_k : 0) : n_cand;
+        if (keep && keep < n_cand) { /* a heap of the best ``keep``: its root ranks last */
+            Candidate *heap = cand;
+            for (npy_intp h = keep / 2; h-- > 0;) {
+                npy_intp i = h;
+                for (;;) {
+                    npy_intp l = 2 * i + 1, r = l + 1, m = i;
+                    if (l < keep && candidate_after(&heap[l], &heap[m])) m = l;
+                    if (r < keep && candidate_after(&heap[r], &heap[m])) m = r;
+                    if (m == i) break;
+                    Candidate t = heap[i]; heap[i] = heap[m]; heap[m] = t; i = m;
+                }
+            }
+            for (npy_intp t = keep; t < n_cand; t++) {
+                if (!candidate_after(&heap[0], &cand[t])) continue;
+                heap[0] = cand[t];
+                npy_intp i = 0;
+                for (;;) {
+                    npy_intp l = 2 * i + 1, r = l + 1, m = i;
+                    if (l < keep && candidate_after(&heap[l], &heap[m])) m = l;
+                    if (r < keep && candidate_after(&heap[r], &heap[m])) m = r;
+                    if (m == i) break;
+                    Candidate tmp = heap[i]; heap[i] = heap[m]; heap[m] = tmp; i = m;
+                }
+            }
+        }
+        qsort(cand, keep, sizeof(Candidate), candidate_order);
+        npy_intp dims[1] = {keep};
+        PyObject *out_items = PyArray_SimpleNew(1, dims, NPY_INT64), *out_scores = PyArray_SimpleNew(1, dims, NPY_FLOAT64);
+        if (!out_items || !out_scores) { Py_XDECREF(out_items); Py_XDECREF(out_scores); goto done; }
+        int64_t *oi = data(out_items);
+        double *os = data(out_scores);
+        for (npy_intp t = 0; t < keep; t++) {
+            oi[t] = cand[t].item;
+            os[t] = cand[t].score;
+        }
+        result = Py_BuildValue("(NN)", out_items, out_scores);
+    }
+done:
+    /* every marked product is a candidate (its item kept in cand[mark], even after the heap moved
+       entries: reset from the excluded list and a scan of the co and vote inputs instead) */
+    for (npy_intp e = 0; e < n_excl; e++) mark[at(&excl, e)] = -1;
+    for (npy_intp c = 0; c < cart.n; c++) {
+        int64_t i = at(&cart, c), hi = indptr[i + 1];
+        if (hi - indptr[i] > k) hi = indptr[i] + k;
+        for (int64_t p = indptr[i]; p < hi; p++)
+            if (items[p] >= 0 && items[p] < n_items) mark[items[p]] = -1;
+    }
+    for (npy_intp v = 0; v < vitems.n; v++) mark[at(&vitems, v)] = -1;
+    free(cand);
+    free(co_sum);
+    return result;
+}
+
+/* ---- the best k of a dense score vector ------------------------------------------------------- */
+
+typedef struct {
+    double score;
+    int64_t index;
+} Ranked;
+
+/* a ranks after b: lower score, or equal and a higher index */
+static inline int ranks_after(const Ranked *a, const Ranked *b) {
+    return a->score < b->score || (a->score == b->score && a->index > b->index);
+}
+
+static void sift_ranked(Ranked *heap, npy_intp n, npy_intp i) {
+    for (;;) {
+        npy_intp l = 2 * i + 1, r = l + 1, m = i;
+        if (l < n && ranks_after(&heap[l], &heap[m])) m = l;
+        if (r < n && ranks_after(&heap[r], &heap[m])) m = r;
+        if (m == i) return;
+        Ranked t = heap[i];
+        heap[i] = heap[m];
+        heap[m] = t;
+        i = m;
+    }
+}
+
+static int best_first(const void *a, const void *b) {
+    return ranks_after(a, b) ? 1 : (ranks_after(b, a) ? -1 : 0);
+}
+
+PyDoc_STRVAR(top_k_doc,
+"top_k(scores, k) -> indices\n\n"
+"member.top_k: indices (int64) of the k highest scores, best first, ties to the lower index;\n"
+"NaN ranks below every number.");
+
+#define TOP_K_LOOP(T)                                                                                      \
+    {                                                                                                       \
+        const T *s = data(scores_o);                                                                        \
+        for (npy_intp i = 0; i < n; i++) {                                                                  \
+            double x = isnan(s[i]) ? -INFINITY : (double)s[i];                                              \
+            if (filled < k) {                                                                               \
+                heap[filled].score = x;                                                                     \
+                heap[filled++].index = i;                                                                   \
+                if (filled == k)                                                                            \
+                    for (npy_intp h = k / 2; h-- > 0;) sift_ranked(heap, k, h);                            \
+            } else if (x > heap[0].score) { /* equal scores: the later index ranks after */                 \
+                heap[0].score = x;                                                                          \
+                heap[0].index = i;                                                                          \
+                sift_ranked(heap, k, 0);                                                                    \
+            }                                                                                               \
+        }                                                                                                   \
+    }
+
+static PyObject *top_k(PyObject *self, PyObject *args) {
+    PyObject *scores_o;
+    Py_ssize_t k;
+    if (!PyArg_ParseTuple(args, "On", &scores_o, &k)) return NULL;
+    if (!want(scores_o, "scores", 1, NPY_FLOAT32, NPY_FLOAT64)) return NULL;
+    npy_intp n = len(scores_o);
+    if (k < 0) k = 0;
+    if (k > n) k = n;
+    Ranked *heap = malloc(sizeof(Ranked) * (k ? k : 1));
+    if (!heap) return PyErr_NoMemory();
+    npy_intp filled = 0;
+    if (k) {
+        if (PyArray_TYPE((PyArrayObject *)scores_o) == NPY_FLOAT32) TOP_K_LOOP(float)
+        else TOP_K_LOOP(double)
+    }
+    qsort(heap, filled, sizeof(Ranked), best_first);
+    npy_intp dims[1] = {filled};
+    PyObject *out = PyArray_SimpleNew(1, dims, NPY_INT64);
+    if (out) {
+        int64_t *o = data(out);
+        for (npy_intp i = 0; i < filled; i++) o[i] = heap[i].index;
+    }
+    free(heap);
+    return out;
+}
+
 /* ---- module ------------------------------------------------------------------------------------ */
 
 static PyMethodDef methods[] = {
     {"basket_votes", basket_votes, METH_VARARGS, basket_votes_doc},
     {"rerank_features", rerank_features, METH_VARARGS, rerank_features_doc},
+    {"member_basket_scores", member_basket_scores, METH_VARARGS, member_basket_scores_doc},
+    {"co_partner_sums", co_partner_sums, METH_VARARGS, co_partner_sums_doc},
+    {"top_k", top_k, METH_VARARGS, top_k_doc},
+    {"guest_rank", guest_rank, METH_VARARGS, guest_rank_doc},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native",

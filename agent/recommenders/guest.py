@@ -245,6 +245,10 @@ class GuestRecommender:
         The member model blends this evidence in (``MemberParams.co_weight``).
         """
         k = self.params.co_top_k_per_item
+        kernels = native.KERNELS
+        if kernels is not None:
+            marks = native.scratch("item_marks", self.n_items, -1)
+            return kernels.co_partner_sums(self.co_.indptr, self.co_.items, self.co_.scores, cart, k, marks)
         return sum_by_item(*self._co_partners(cart, k))
 
     def _co_partners(self, cart: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -268,18 +272,36 @@ class GuestRecommender:
         top_k = request.top_k
         if top_k <= 0:
             return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float64)
-        scratch = self._scratch()
         cart = self.indices(request.cart)
         excluded = np.concatenate([cart, self.indices(request.wishlist)]) if request.wishlist else cart
-        scratch.excluded[excluded] = True
-        try:
-            picked, scores = self._rank(cart, top_k, scratch)
-        finally:
-            scratch.reset(excluded)
+        ranked = self._rank_compiled(cart, excluded, top_k)
+        if ranked is not None:
+            picked, scores = ranked
+        else:
+            scratch = self._scratch()
+            scratch.excluded[excluded] = True
+            try:
+                picked, scores = self._rank(cart, top_k, scratch)
+            finally:
+                scratch.reset(excluded)
         if picked.size < top_k:
             picked = self._fill_popular(picked, excluded, top_k)
             scores = np.concatenate([scores, np.zeros(picked.size - scores.size)])
         return picked, scores
+
+    def _rank_compiled(self, cart: np.ndarray, excluded: np.ndarray,
+                       top_k: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """:meth:`_rank` in one call of the compiled kernel, or None: no kernels, TF-IDF expansion configured,
+        or too few candidates (then :meth:`_rank` adds the cart's TF-IDF neighbours; rare)."""
+        kernels, p = native.KERNELS, self.params
+        if kernels is None or not cart.size or (p.expand_top and p.sim_top_k and p.sim_weight):
+            return None
+        votes = (self.baskets_.scores(cart, p.basket_neighbours) if self.baskets_ is not None and p.basket_weight
+                 else (_EMPTY_I, _EMPTY_F))
+        return kernels.guest_rank(self.co_.indptr, self.co_.items, self.co_.scores, cart, p.co_top_k_per_item,
+                                  *votes, float(p.basket_weight), excluded, top_k,
+                                  max(p.fallback_min_candidates, top_k) if p.sim_top_k else 0,
+                                  native.scratch("item_marks", self.n_items, -1))
 
     def _rank(self, cart: np.ndarray, top_k: int, scratch: "_Scratch") -> tuple[np.ndarray, np.ndarray]:
         p = self.params

@@ -29,9 +29,11 @@ import copy
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
+from . import native
 from .base import RecommendRequest
 from .features import CONTEXT_LENGTH, age_bucket, build_index, encode_context, gender_index, shared_index
 from .guest import GuestRecommender, sum_by_item
@@ -104,10 +106,20 @@ class MemberBaskets:
     items: np.ndarray  # int32 item indices (item_lookup numbering)
     weights: np.ndarray  # float32 [n_baskets]
 
+    @cached_property
+    def items_bound(self) -> int:
+        """One past the highest item index the table names (the kernel's scratch covers them)."""
+        return int(self.items.max()) + 1 if self.items.size else 0
+
     def scores(self, user: int, cart: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(items, score / max score) for ``user`` given the cart's item indices; empty when nothing overlaps."""
         if user + 1 >= len(self.indptr) or not cart.size:
             return _NONE
+        kernels = native.KERNELS
+        if kernels is not None:
+            marks = native.scratch("item_marks", max(self.items_bound, int(cart.max()) + 1), -1)
+            return kernels.member_basket_scores(self.indptr, self.starts, self.items, self.weights, user, cart,
+                                                marks) or _NONE
         b0, b1 = int(self.indptr[user]), int(self.indptr[user + 1])
         if b1 <= b0:
             return _NONE
@@ -365,6 +377,9 @@ def among(items: np.ndarray, values: np.ndarray) -> np.ndarray:
     return values[np.minimum(np.searchsorted(values, items), values.size - 1)] == items
 
 
+_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+
+
 def top_k(scores: np.ndarray, k: int, stride: int = 25) -> np.ndarray:
     """Indices of the k highest scores, best first (ties: lower index first).
 
@@ -372,6 +387,9 @@ def top_k(scores: np.ndarray, k: int, stride: int = 25) -> np.ndarray:
     every ``stride``-th item is a lower bound for the k-th best overall, so only
     items at or above it (about ``k * stride``) need ranking.
     """
+    kernels = native.KERNELS
+    if kernels is not None and scores.dtype in _FLOATS and scores.flags.c_contiguous:
+        return kernels.top_k(scores, k)  # one pass with a heap of k
     n = scores.shape[0]
     if n > 8 * k * stride:
         sample = scores[::stride]

@@ -135,7 +135,7 @@ def candidate_features(member: Any, stats: MemberStats, request: Any, parts: Any
         g = member.guest_
         tags = _NO_NEIGHBOURS if g is None else (g.sim_neighbors_, g.sim_scores_, parts.cart,
                                                   member.guest_to_item_)
-        rows = native.scratch("rerank_rows", len(parts.two_tower), -1)
+        rows = native.scratch("item_marks", len(parts.two_tower), -1)
         kernels.rerank_features(
             X, top, rows, parts.two_tower, tuple(getattr(parts, name) for name in _TERMS), *tags,
             stats.keys, stats.baskets, stats.days_since, stats.gap_days, user, stats.member_baskets[user],
