@@ -27,9 +27,12 @@ from common import (
     sample_carts,
     summary,
     time_calls,
+    time_interleaved,
+    without_kernels,
     write_json,
 )
 
+from agent.recommenders import native
 from agent.recommenders.base import RecommendRequest
 from agent.recommenders.features import CONTEXT_LENGTH, age_bucket, encode_context, gender_index
 from agent.recommenders.member import MemberRecommender
@@ -89,7 +92,9 @@ def main() -> None:
     snap = load_snapshot(params, None, allow_unsigned=True)
     member = snap.member
     reqs = requests_for(snap, args.calls, params)
-    int8 = summary(time_calls(member.recommend, reqs))
+    assert native.KERNELS is not None, f"the recommenders' hot path is {native.status()}"
+    int8, int8_numpy = (summary(t) for t in time_interleaved([member.recommend, without_kernels(member.recommend)],
+                                                            reqs))
     md = params / "member_model"
     lookups = np.load(md / "user_lookup.npy").tolist(), np.load(md / "context_lookup.npy").tolist()
     assert member.reranker_ is not None, "the benchmark bundle has no reranker"
@@ -136,6 +141,8 @@ def main() -> None:
                 ["implementation", "calls", "p50 ms", "p99 ms", "mean ms"],
                 [["edge, int8 ONNX (shipped: reranker, store's baskets on, column-major)", int8["calls"],
                   int8["p50_ms"], int8["p99_ms"], int8["mean_ms"]],
+                 ["edge, int8, shipped, numpy code (no compiled kernels)", int8_numpy["calls"],
+                  int8_numpy["p50_ms"], int8_numpy["p99_ms"], int8_numpy["mean_ms"]],
                  ["edge, int8, reranker off (member.rerank: false)", int8_no_rerank["calls"],
                   int8_no_rerank["p50_ms"], int8_no_rerank["p99_ms"], int8_no_rerank["mean_ms"]],
                  ["edge, int8, reranker and store's baskets off", int8_no_store["calls"],
@@ -153,7 +160,8 @@ def main() -> None:
                  ["edge process RSS, both models loaded (MB)", mem["loaded_mb"]],
                  ["  of which bare Python + numpy (MB)", mem["python_mb"]],
                  [f"Two-Tower training, {train_cfg.epochs} epochs on the 1M-row store (s)", round(train_s, 1)]])
-    write_json("member", {"n_items": n_items, "int8": int8, "int8_without_reranker": int8_no_rerank,
+    write_json("member", {"n_items": n_items, "int8": int8, "int8_numpy": int8_numpy,
+                          "int8_without_reranker": int8_no_rerank,
                           "int8_without_reranker_and_store_term": int8_no_store,
                           "rerank_trees": int(json.loads((md / "member_meta.json").read_text())["rerank"]["fit"]
                                               ["chosen"]["trees"]),

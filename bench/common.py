@@ -176,6 +176,32 @@ def time_calls(fn: Callable[[Any], Any], args: Sequence[Any], warmup: int = 200)
     return out
 
 
+def time_interleaved(fns: Sequence[Callable[[Any], Any]], args: Sequence[Any], rounds: int = 4,
+                     warmup: int = 200) -> list[np.ndarray]:
+    """:func:`time_calls` of several functions over the same ``args``, in ``rounds`` slices taken in turn
+    (order reversed every other round), so a slow minute of the machine falls on all of them."""
+    out: list[list[np.ndarray]] = [[] for _ in fns]
+    bounds = np.linspace(0, len(args), rounds + 1).astype(int)
+    for r in range(rounds):
+        order = range(len(fns)) if r % 2 == 0 else reversed(range(len(fns)))
+        for i in order:
+            out[i].append(time_calls(fns[i], args[bounds[r]:bounds[r + 1]], warmup=warmup if r == 0 else 20))
+    return [np.concatenate(parts) for parts in out]
+
+
+def without_kernels(fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """``fn`` served by the recommenders' numpy code (as with SMART_BASKET_NATIVE=0 or no compiler)."""
+    from agent.recommenders import native
+
+    def call(a: Any) -> Any:
+        kernels, native.KERNELS = native.KERNELS, None
+        try:
+            return fn(a)
+        finally:
+            native.KERNELS = kernels
+    return call
+
+
 def summary(ms: np.ndarray) -> dict[str, float]:
     return {"calls": int(ms.size), "p50_ms": round(float(np.percentile(ms, 50)), 4),
             "p99_ms": round(float(np.percentile(ms, 99)), 4), "mean_ms": round(float(ms.mean()), 4)}
@@ -357,13 +383,16 @@ def plot_hit_rates(path: Path, title: str, rows: Sequence[Mapping[str, Any]]) ->
 def _plot_guest(doc: Mapping[str, Any], out: Path) -> Path | None:
     goal = doc.get("goal", {})
     return plot_latency_bars(out, f"guest recommend(), {doc.get('n_items', 0):,} products, 10-item cart, batch 1",
-                             {"edge: precomputed tables": doc["edge"], "seed: kneighbors per request": doc["seed"]},
+                             {k: v for k, v in {"edge: precomputed tables (shipped)": doc["edge"],
+                                                "edge, numpy code (no compiled kernels)": doc.get("edge_numpy") or {},
+                                                "seed: kneighbors per request": doc["seed"]}.items() if v},
                              {"p50": goal.get("p50_ms", 0.1), "p99": goal.get("p99_ms", 0.5)})
 
 
 def _plot_member(doc: Mapping[str, Any], out: Path) -> Path | None:
     goal = doc.get("goal", {})
     series = {"edge, int8 ONNX (shipped)": doc["int8"],
+              "edge, numpy code (no compiled kernels)": doc.get("int8_numpy") or {},
               "edge, int8, reranker off": doc.get("int8_without_reranker") or {},
               "edge, int8, reranker and store's baskets off": doc.get("int8_without_reranker_and_store_term") or {},
               "edge, int8, row-major embeddings": doc.get("int8_row_major_embeddings") or {},

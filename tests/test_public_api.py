@@ -16,7 +16,9 @@ def _modules() -> list[str]:
     names = []
     for pkg in ("agent", "agent.recommenders", "retrain_server", "retrain_server.sources"):
         mod = importlib.import_module(pkg)
-        names += [f"{pkg}.{m.name}" for m in pkgutil.iter_modules(mod.__path__) if not m.ispkg]
+        # private modules (the compiled ``_native``) are not public API
+        names += [f"{pkg}.{m.name}" for m in pkgutil.iter_modules(mod.__path__)
+                  if not m.ispkg and not m.name.startswith("_")]
     return sorted(names)
 
 
