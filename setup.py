@@ -9,4 +9,6 @@ from setuptools import Extension, setup
 
 setup(ext_modules=[Extension("agent.recommenders._native", ["agent/recommenders/_native.c"],
                              include_dirs=[numpy.get_include()],
+                             # no fused multiply-add (aarch64's default): the kernels round as numpy does
+                             extra_compile_args=["-ffp-contract=off"],
                              optional=True)])

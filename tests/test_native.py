@@ -270,3 +270,49 @@ def test_guest_kernel_refuses_bad_indices_and_leaves_the_marks_clean(snapshot):
         K.guest_rank(*args, np.array([1]), 50, np.array([3]), np.ones(1, np.float32), 10.0, np.array([1]), 10,
                      10, marks)
     assert np.all(marks == -1)
+
+
+def test_blend_top_k_equals_total_then_top_k_bit_for_bit(snapshot, trained, monkeypatch):
+    """The blend's best k without the dense copy: the same items and float32 scores as ``total()``, the
+    excluded products at -inf and ``top_k``; the terms are left untouched."""
+    from agent.recommenders.member import ScoreParts
+
+    m = snapshot.member
+    rng = np.random.default_rng(4)
+    n = len(m.item_ids_)
+    for req in _member_requests(trained, m)[:20]:
+        parts = m.score_parts(req)
+        before = parts.two_tower.copy()
+        for weights in (ScoreParts.weights(m.params), (0.7, 0.0, 1.3, 2.0, 0.25, 3.0), (0.0,) * 6):
+            params = dataclasses.replace(m.params, **dict(zip(ScoreParts.WEIGHTS, weights)))
+            excluded = np.unique(rng.integers(0, n, 4))
+            for k in (1, 10, 50, n - len(excluded)):
+                terms = tuple((w, *getattr(parts, name)) for w, name in zip(weights, ScoreParts.SPARSE))
+                top, scores = K.blend_top_k(parts.two_tower, terms, excluded, k,
+                                            native.scratch("item_marks", n, -1))
+                s = parts.total(params)
+                s[excluded] = -np.inf
+                with monkeypatch.context() as mp:
+                    mp.setattr(native, "KERNELS", None)
+                    want = top_k(s, k)
+                np.testing.assert_array_equal(top, want)
+                np.testing.assert_array_equal(scores, s[want])
+        np.testing.assert_array_equal(parts.two_tower, before)
+    assert np.all(native.scratch("item_marks", n, -1) == -1)
+    with pytest.raises(TypeError, match="values"):  # float64 values: the numpy path's business, not ours
+        K.blend_top_k(parts.two_tower, ((1.0, np.array([1]), np.ones(1)),), np.empty(0, np.int64), 5,
+                      native.scratch("item_marks", n, -1))
+
+
+def test_member_answers_without_the_reranker_are_the_same_with_and_without_the_kernels(trained, monkeypatch):
+    snap = load_snapshot(trained.parameters, load_public_key(trained.public_key), member_overrides={"rerank": False})
+    m = snap.member
+    assert m.reranker_ is None
+    requests = _member_requests(trained, m)
+    requests += [dataclasses.replace(r, cart=()) for r in requests[:10]]  # empty carts
+    got = [m.recommend_scored(r) for r in requests]
+    monkeypatch.setattr(native, "KERNELS", None)
+    ref = [m.recommend_scored(r) for r in requests]
+    assert [[i for i, _ in a] for a in got] == [[i for i, _ in b] for b in ref]
+    # the sparse terms' sums may be added in another order (co-purchase, own and store baskets): last bits
+    np.testing.assert_allclose([s for a in got for _, s in a], [s for b in ref for _, s in b], rtol=1e-6)

@@ -16,6 +16,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 /* The features' columns, in the order of agent.recommenders.rerank.FEATURES (checked at import there). */
 static const char *FEATURES[] = {
@@ -751,6 +752,47 @@ static int best_first(const void *a, const void *b) {
     return ranks_after(a, b) ? 1 : (ranks_after(b, a) ? -1 : 0);
 }
 
+/* Offers s[i] for i in [from, n) to a full heap of k (its root the worst), in index order, skipping
+ * products with mark[i] >= 0 (when mark is given). Sixteen scores are compared at once (vectorised);
+ * once the heap holds good scores nearly every block is skipped whole. */
+#if defined(__GNUC__) /* GCC and Clang: vector extensions, SSE on x86-64, NEON on aarch64 */
+typedef float f32x4 __attribute__((vector_size(16)));
+typedef int32_t i32x4 __attribute__((vector_size(16)));
+
+static inline int any_above(const float *s, float worst) {
+    f32x4 a, b, c, d, w = {worst, worst, worst, worst};
+    memcpy(&a, s, 16);
+    memcpy(&b, s + 4, 16);
+    memcpy(&c, s + 8, 16);
+    memcpy(&d, s + 12, 16);
+    i32x4 m = (a > w) | (b > w) | (c > w) | (d > w);
+    return (m[0] | m[1] | m[2] | m[3]) != 0;
+}
+#else
+static inline int any_above(const float *s, float worst) {
+    int any = 0;
+    for (int j = 0; j < 16; j++) any |= s[j] > worst;
+    return any;
+}
+#endif
+
+static void scan_f32(const float *s, npy_intp from, npy_intp n, const int32_t *mark, Ranked *heap, npy_intp k) {
+    float worst = (float)heap[0].score; /* a float32 score (or -inf): exact */
+    npy_intp i = from;
+    for (; i < n; i += 16) {
+        npy_intp end = i + 16 < n ? i + 16 : n;
+        if (end - i == 16 && !any_above(s + i, worst)) continue;
+        for (npy_intp j = i; j < end; j++) { /* NaN fails the test; an equal score at a later index ranks after */
+            if (s[j] > worst && (!mark || mark[j] < 0)) {
+                heap[0].score = (double)s[j];
+                heap[0].index = j;
+                sift_ranked(heap, k, 0);
+                worst = (float)heap[0].score;
+            }
+        }
+    }
+}
+
 PyDoc_STRVAR(top_k_doc,
 "top_k(scores, k) -> indices\n\n"
 "member.top_k: indices (int64) of the k highest scores, best first, ties to the lower index;\n"
@@ -759,17 +801,23 @@ PyDoc_STRVAR(top_k_doc,
 #define TOP_K_LOOP(T)                                                                                      \
     {                                                                                                       \
         const T *s = data(scores_o);                                                                        \
-        for (npy_intp i = 0; i < n; i++) {                                                                  \
-            double x = isnan(s[i]) ? -INFINITY : (double)s[i];                                              \
-            if (filled < k) {                                                                               \
-                heap[filled].score = x;                                                                     \
-                heap[filled++].index = i;                                                                   \
-                if (filled == k)                                                                            \
-                    for (npy_intp h = k / 2; h-- > 0;) sift_ranked(heap, k, h);                            \
-            } else if (x > heap[0].score) { /* equal scores: the later index ranks after */                 \
-                heap[0].score = x;                                                                          \
-                heap[0].index = i;                                                                          \
-                sift_ranked(heap, k, 0);                                                                    \
+        npy_intp i = 0;                                                                                     \
+        for (; i < n && filled < k; i++) {                                                                  \
+            heap[filled].score = isnan(s[i]) ? -INFINITY : (double)s[i];                                    \
+            heap[filled++].index = i;                                                                       \
+        }                                                                                                   \
+        for (npy_intp h = k / 2; h-- > 0;) sift_ranked(heap, k, h);                                        \
+        if (sizeof(T) == sizeof(float)) {                                                                   \
+            scan_f32((const float *)s, i, n, NULL, heap, k);                                                \
+        } else {                                                                                            \
+            double worst = heap[0].score;                                                                   \
+            for (; i < n; i++) {                                                                            \
+                if ((double)s[i] > worst) {                                                                 \
+                    heap[0].score = (double)s[i];                                                           \
+                    heap[0].index = i;                                                                      \
+                    sift_ranked(heap, k, 0);                                                                \
+                    worst = heap[0].score;                                                                  \
+                }                                                                                           \
             }                                                                                               \
         }                                                                                                   \
     }
@@ -800,6 +848,126 @@ static PyObject *top_k(PyObject *self, PyObject *args) {
     return out;
 }
 
+PyDoc_STRVAR(blend_top_k_doc,
+"blend_top_k(two_tower, terms, excluded, k, marks) -> (indices, scores)\n\n"
+"ScoreParts.total, excluded products at -inf, then top_k, without copying the dense scores: ``terms``\n"
+"is a tuple of (weight, items, float32 values), each added as np.add.at(s, items, weight * values)\n"
+"(float32), in order. ``marks``: int32 scratch, one per product, all -1 (again on return).");
+
+static PyObject *blend_top_k(PyObject *self, PyObject *args) {
+    PyObject *tt_o, *terms, *excl_o, *marks_o;
+    Py_ssize_t k;
+    if (!PyArg_ParseTuple(args, "OO!OnO", &tt_o, &PyTuple_Type, &terms, &excl_o, &k, &marks_o)) return NULL;
+    Index excl;
+    if (!want(tt_o, "two_tower", 1, NPY_FLOAT32, NPY_FLOAT32) || !index_arg(excl_o, "excluded", &excl) ||
+        !want(marks_o, "marks", 1, NPY_INT32, NPY_INT32))
+        return NULL;
+    const float *tt = data(tt_o);
+    int32_t *mark = data(marks_o);
+    npy_intp n = len(tt_o);
+    if (len(marks_o) < n) {
+        PyErr_SetString(PyExc_ValueError, "blend_top_k: marks shorter than the scores");
+        return NULL;
+    }
+    Py_ssize_t n_terms = PyTuple_GET_SIZE(terms);
+    npy_intp most = excl.n;
+    for (Py_ssize_t t = 0; t < n_terms; t++) {
+        PyObject *term = PyTuple_GET_ITEM(terms, t);
+        if (!PyTuple_Check(term) || PyTuple_GET_SIZE(term) != 3 ||
+            !want(PyTuple_GET_ITEM(term, 2), "term values", 1, NPY_FLOAT32, NPY_FLOAT32)) {
+            if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "blend_top_k: terms are (weight, items, values)");
+            return NULL;
+        }
+        most += len(PyTuple_GET_ITEM(term, 2));
+    }
+    if (k < 0) k = 0;
+    if (k > n) k = n;
+    int64_t *touched = malloc(sizeof(int64_t) * (most ? most : 1));
+    float *value = malloc(sizeof(float) * (most ? most : 1));
+    Ranked *heap = malloc(sizeof(Ranked) * (k ? k : 1));
+    npy_intp n_touched = 0, filled = 0;
+    PyObject *result = NULL;
+    if (!touched || !value || !heap) { PyErr_NoMemory(); goto done; }
+    for (Py_ssize_t t = 0; t < n_terms; t++) {
+        PyObject *term = PyTuple_GET_ITEM(terms, t);
+        double w = PyFloat_AsDouble(PyTuple_GET_ITEM(term, 0));
+        if (w == -1.0 && PyErr_Occurred()) goto done;
+        Index items;
+        if (!index_arg(PyTuple_GET_ITEM(term, 1), "term items", &items)) goto done;
+        const float *v = data(PyTuple_GET_ITEM(term, 2));
+        if (items.n != len(PyTuple_GET_ITEM(term, 2))) {
+            PyErr_SetString(PyExc_ValueError, "blend_top_k: a term's items and values differ in length");
+            goto done;
+        }
+        if (w == 0.0) continue; /* as total(): a term weighted 0 is not added */
+        float wf = (float)w;    /* weight * values: a Python float times float32 is float32 */
+        for (npy_intp j = 0; j < items.n; j++) {
+            int64_t i = at(&items, j);
+            if (i < 0 || i >= n) { out_of_range("a term's items"); goto done; }
+            if (mark[i] < 0) {
+                mark[i] = (int32_t)n_touched;
+                value[n_touched] = tt[i];
+                touched[n_touched++] = i;
+            }
+            value[mark[i]] += wf * v[j];
+        }
+    }
+    for (npy_intp e = 0; e < excl.n; e++) {
+        int64_t i = at(&excl, e);
+        if (i < 0 || i >= n) { out_of_range("excluded"); goto done; }
+        if (mark[i] < 0) {
+            mark[i] = (int32_t)n_touched;
+            touched[n_touched++] = i;
+        }
+        value[mark[i]] = -INFINITY;
+    }
+    if (k) {
+        /* the untouched products straight from the dense scores (one compare each), in index order ... */
+        npy_intp i = 0;
+        for (; i < n && filled < k; i++) {
+            if (mark[i] >= 0) continue;
+            heap[filled].score = isnan(tt[i]) ? -INFINITY : (double)tt[i];
+            heap[filled++].index = i;
+        }
+        if (filled == k) {
+            for (npy_intp h = k / 2; h-- > 0;) sift_ranked(heap, k, h);
+            scan_f32(tt, i, n, mark, heap, k);
+        }
+        /* ... then the few products the terms or the exclusions touched, with their own values */
+        for (npy_intp t = 0; t < n_touched; t++) {
+            Ranked r = {isnan(value[t]) ? -INFINITY : (double)value[t], touched[t]};
+            if (filled < k) {
+                heap[filled++] = r;
+                if (filled == k)
+                    for (npy_intp h = k / 2; h-- > 0;) sift_ranked(heap, k, h);
+            } else if (ranks_after(&heap[0], &r)) {
+                heap[0] = r;
+                sift_ranked(heap, k, 0);
+            }
+        }
+    }
+    qsort(heap, filled, sizeof(Ranked), best_first);
+    {
+        npy_intp dims[1] = {filled};
+        PyObject *idx = PyArray_SimpleNew(1, dims, NPY_INT64), *scores = PyArray_SimpleNew(1, dims, NPY_FLOAT32);
+        if (!idx || !scores) { Py_XDECREF(idx); Py_XDECREF(scores); goto done; }
+        int64_t *io = data(idx);
+        float *so = data(scores);
+        for (npy_intp t = 0; t < filled; t++) {
+            io[t] = heap[t].index;
+            so[t] = mark[heap[t].index] >= 0 ? value[mark[heap[t].index]] : tt[heap[t].index];
+        }
+        result = Py_BuildValue("(NN)", idx, scores);
+    }
+done:
+    if (touched)
+        for (npy_intp t = 0; t < n_touched; t++) mark[touched[t]] = -1;
+    free(touched);
+    free(value);
+    free(heap);
+    return result;
+}
+
 /* ---- module ------------------------------------------------------------------------------------ */
 
 static PyMethodDef methods[] = {
@@ -808,6 +976,7 @@ static PyMethodDef methods[] = {
     {"member_basket_scores", member_basket_scores, METH_VARARGS, member_basket_scores_doc},
     {"co_partner_sums", co_partner_sums, METH_VARARGS, co_partner_sums_doc},
     {"top_k", top_k, METH_VARARGS, top_k_doc},
+    {"blend_top_k", blend_top_k, METH_VARARGS, blend_top_k_doc},
     {"guest_rank", guest_rank, METH_VARARGS, guest_rank_doc},
     {NULL, NULL, 0, NULL}};
 

@@ -348,25 +348,41 @@ class MemberRecommender:
             tree = r.scores(candidate_features(self, r.stats, request, parts, top))
             order = np.argsort(-tree, kind="stable")[:k]  # ties: the blend's order
             return list(zip(self.item_ids_[top[order]].tolist(), tree[order].astype(float).tolist()))
-        s = self.scores(request)
-        excluded = [self.item_index_[p] for p in request.excluded if p in self.item_index_]
-        if excluded:
-            s[excluded] = -np.inf
-        k = min(k, s.shape[0] - len(set(excluded)))
+        p = self.params
+        parts = self._parts(request, repeat=bool(p.repeat_weight), co=bool(p.co_weight),
+                            neighbours=bool(p.neighbour_weight), known=bool(p.known_weight),
+                            basket=bool(p.basket_weight), store=bool(p.store_weight))
+        excluded = self.item_indices(request.excluded)  # distinct: ``excluded`` is a set
+        k = min(k, len(self.item_ids_) - len(excluded))
         if k <= 0:
             return []
+        top, scores = self._best(parts, excluded, k, inplace=True)
+        return list(zip(self.item_ids_[top].tolist(), scores.tolist()))
+
+    def _best(self, parts: ScoreParts, excluded: np.ndarray, k: int,
+              inplace: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` best items of the blend (``parts.total``, ``excluded`` at -inf) and their scores. The
+        compiled kernel never copies nor changes the dense scores; the numpy code adds the terms into
+        ``parts.two_tower`` when ``inplace`` (the caller does not read it again)."""
+        kernels = native.KERNELS
+        weights = ScoreParts.weights(self.params)
+        terms = tuple((w, *getattr(parts, name)) for w, name in zip(weights, ScoreParts.SPARSE))
+        if kernels is not None and parts.two_tower.dtype == np.float32 and all(
+                t[2].dtype == np.float32 for t in terms):
+            return kernels.blend_top_k(parts.two_tower, terms, excluded, k,
+                                       native.scratch("item_marks", len(parts.two_tower), -1))
+        s = parts.total(self.params, inplace=inplace)
+        s[excluded] = -np.inf
         top = top_k(s, k)
-        return list(zip(self.item_ids_[top].tolist(), s[top].tolist()))
+        return top, s[top]
 
     def candidates(self, request: RecommendRequest, n: int) -> tuple[ScoreParts, np.ndarray]:
         """(every term, the blend's best ``n`` items best first, cart and wishlist excluded): what the
         reranker orders, here and where its trees are fitted."""
         parts = self.score_parts(request)
-        s = parts.total(self.params)  # a copy: the features read parts.two_tower
         excluded = self.item_indices(request.excluded)  # distinct: ``excluded`` is a set
-        s[excluded] = -np.inf
-        n = min(n, s.shape[0] - len(excluded))
-        return parts, (top_k(s, n) if n > 0 else np.empty(0, np.int64))
+        n = min(n, len(parts.two_tower) - len(excluded))
+        return parts, (self._best(parts, excluded, n)[0] if n > 0 else np.empty(0, np.int64))
 
 
 def among(items: np.ndarray, values: np.ndarray) -> np.ndarray:
