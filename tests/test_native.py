@@ -316,3 +316,80 @@ def test_member_answers_without_the_reranker_are_the_same_with_and_without_the_k
     assert [[i for i, _ in a] for a in got] == [[i for i, _ in b] for b in ref]
     # the sparse terms' sums may be added in another order (co-purchase, own and store baskets): last bits
     np.testing.assert_allclose([s for a in got for _, s in a], [s for b in ref for _, s in b], rtol=1e-6)
+
+
+def test_scratch_and_outputs_must_be_writeable_and_indices_in_range():
+    """A read-only scratch table is refused (not written through a read-only mapping); a member index past
+    the table is nobody, even one that would overflow."""
+    import sys
+
+    ro = np.full(8, -1, np.int32)
+    ro.flags.writeable = False
+    one = np.array([0], np.int64)
+    with pytest.raises(TypeError, match="writeable"):
+        K.co_partner_sums(np.arange(9, dtype=np.int64) * 0 + np.r_[0, [1] * 8], np.array([1], np.int32),
+                          np.ones(1, np.float32), one, 5, ro)
+    with pytest.raises(TypeError, match="writeable"):
+        K.blend_top_k(np.zeros(8, np.float32), (), one, 2, ro)
+    indptr = np.array([0, 1, 1], np.int64)[1:]  # one member, no baskets, after a value the kernel must not read
+    for user in (1, 5, sys.maxsize):
+        assert K.member_basket_scores(indptr, np.array([0, 2]), np.array([0, 1], np.int32), np.ones(1, np.float32),
+                                      user, one, native.scratch("item_marks", 4, -1)) == ()
+
+
+def test_nan_scores_never_push_an_excluded_product_into_the_answer():
+    """A broken model's NaN ranks as the lowest finite score: below every number, above the excluded (-inf)."""
+    marks = native.scratch("item_marks", 64, -1)
+    top, _ = K.blend_top_k(np.array([0, np.nan, 1], np.float32), (), np.array([0]), 2, marks)
+    assert top.tolist() == [2, 1]
+    s = np.full(50, np.nan, np.float32)
+    s[[3, 40]] = -np.inf  # the cart
+    s[17] = 2.0
+    assert K.top_k(s, 48).tolist()[:2] == [17, 0] and not {3, 40} & set(K.top_k(s, 48).tolist())
+    for n in (40, 50_000):  # short and long (vectorised) scans
+        s = np.random.default_rng(n).normal(size=n).astype(np.float32)
+        s[::7] = np.nan
+        excluded = np.arange(1, n, 7)
+        got, _ = K.blend_top_k(s, (), excluded, n - len(excluded), marks if n < 64 else
+                               native.scratch("item_marks", n, -1))
+        assert not set(excluded.tolist()) & set(got.tolist())
+        finite = np.flatnonzero(np.isfinite(s) & ~np.isin(np.arange(n), excluded))
+        assert got[:len(finite)].tolist() == finite[np.lexsort((finite, -s[finite]))].tolist()
+
+
+def test_a_member_model_with_non_finite_embeddings_is_refused(trained):
+    from agent.errors import BundleError
+    from agent.layout import DirectorySource
+    from agent.registry import guest_from_source, member_from_source
+
+    class Spoiled(DirectorySource):
+        def array(self, path):
+            a = super().array(path)
+            if path.endswith("item_embeddings.npy"):
+                a = np.array(a)
+                a[3, 1] = np.nan
+            return a
+
+    source = Spoiled(trained.parameters)
+    with pytest.raises(BundleError, match="non-finite"):
+        member_from_source(source, guest_from_source(source))
+
+
+def test_numpy_float_weights_blend_as_python_floats(snapshot, trained, monkeypatch):
+    """Weights given as numpy scalars (a tuning script's) rank as the same Python floats on both paths."""
+    from agent.recommenders.member import ScoreParts
+
+    m = snapshot.member
+    heavy = dataclasses.replace(m.params, **{w: np.float64(getattr(m.params, w)) * np.float64(1.1)
+                                             for w in ScoreParts.WEIGHTS})
+    assert all(type(w) is float for w in ScoreParts.weights(heavy))
+    req = _member_requests(trained, m)[0]
+    parts = m.score_parts(req)
+    excluded = m.item_indices(req.excluded)
+    with monkeypatch.context() as mp:
+        mp.setattr(m, "params", heavy)
+        top, scores = m._best(parts, excluded, 50)
+        mp.setattr(native, "KERNELS", None)
+        ref_top, ref_scores = m._best(parts, excluded, 50)  # a copy: parts stay as they are
+    np.testing.assert_array_equal(top, ref_top)
+    np.testing.assert_array_equal(scores, ref_scores)

@@ -13,6 +13,7 @@
 #include <Python.h>
 #define NPY_NO_DEPRECATED_API NPY_1_7_API_VERSION
 #include <numpy/arrayobject.h>
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -40,6 +41,16 @@ static int want(PyObject *o, const char *name, int ndim, int type_a, int type_b)
     if (PyArray_NDIM(a) != ndim || !PyArray_IS_C_CONTIGUOUS(a) || !PyArray_ISALIGNED(a) ||
         !(t == type_a || t == type_b) || !PyArray_ISNOTSWAPPED(a)) {
         PyErr_Format(PyExc_TypeError, "%s: a %d-D contiguous array of the expected type", name, ndim);
+        return 0;
+    }
+    return 1;
+}
+
+/* ``want``, and the kernel may write into it (a scratch table or an output). */
+static int want_writeable(PyObject *o, const char *name, int ndim, int type) {
+    if (!want(o, name, ndim, type, type)) return 0;
+    if (!PyArray_ISWRITEABLE((PyArrayObject *)o)) {
+        PyErr_Format(PyExc_TypeError, "%s: a writeable array expected", name);
         return 0;
     }
     return 1;
@@ -84,6 +95,18 @@ static int values_arg(PyObject *o, const char *name, Values *out) {
 
 static inline float value_at(const Values *v, npy_intp i) {
     return v->wide ? (float)((const double *)v->p)[i] : ((const float *)v->p)[i];
+}
+
+/* (a, b), or NULL after letting both go when either is missing (its exception is set). Kernels build
+ * their result tuple only after their scratch is clean: a tuple may start the garbage collector, and
+ * a finalizer could call a kernel again on this thread. */
+static PyObject *pair(PyObject *a, PyObject *b) {
+    if (!a || !b) {
+        Py_XDECREF(a);
+        Py_XDECREF(b);
+        return NULL;
+    }
+    return Py_BuildValue("(NN)", a, b);
 }
 
 static PyObject *out_of_range(const char *what) {
@@ -136,7 +159,7 @@ static PyObject *basket_votes(PyObject *self, PyObject *args) {
     Index items, post, cart;
     if (!want(starts_o, "starts", 1, NPY_INT64, NPY_INT64) || !index_arg(items_o, "items", &items) ||
         !want(pind_o, "postings_indptr", 1, NPY_INT64, NPY_INT64) || !index_arg(post_o, "postings", &post) ||
-        !index_arg(cart_o, "cart", &cart) || !want(counts_o, "counts", 1, NPY_INT32, NPY_INT32))
+        !index_arg(cart_o, "cart", &cart) || !want_writeable(counts_o, "counts", 1, NPY_INT32))
         return NULL;
     const int64_t *starts = data(starts_o), *pind = data(pind_o);
     int32_t *counts = data(counts_o);
@@ -152,7 +175,7 @@ static PyObject *basket_votes(PyObject *self, PyObject *args) {
         if (pind[i] < 0 || pind[i + 1] < pind[i] || pind[i + 1] > post.n) return out_of_range("postings_indptr");
         hits += pind[i + 1] - pind[i];
     }
-    PyObject *result = NULL;
+    PyObject *out_items = NULL, *out_votes = NULL;
     Voter *voters = NULL;
     int64_t *touched = malloc(sizeof(int64_t) * (hits ? hits : 1));
     npy_intp n_touched = 0;
@@ -201,13 +224,9 @@ static PyObject *basket_votes(PyObject *self, PyObject *args) {
             n_out += starts[voters[v].basket + 1] - starts[voters[v].basket];
         }
         npy_intp dims[1] = {n_out};
-        PyObject *out_items = PyArray_SimpleNew(1, dims, NPY_INT64);
-        PyObject *out_votes = PyArray_SimpleNew(1, dims, NPY_FLOAT64);
-        if (!out_items || !out_votes) {
-            Py_XDECREF(out_items);
-            Py_XDECREF(out_votes);
-            goto done;
-        }
+        out_items = PyArray_SimpleNew(1, dims, NPY_INT64);
+        out_votes = PyArray_SimpleNew(1, dims, NPY_FLOAT64);
+        if (!out_items || !out_votes) goto done;
         int64_t *oi = data(out_items);
         double *ov = data(out_votes);
         npy_intp w = 0;
@@ -216,8 +235,7 @@ static PyObject *basket_votes(PyObject *self, PyObject *args) {
             for (int64_t k = starts[voters[v].basket]; k < starts[voters[v].basket + 1]; k++) {
                 int64_t item = at(&items, k);
                 if (item < 0 || item >= n_items) {
-                    Py_DECREF(out_items);
-                    Py_DECREF(out_votes);
+                    Py_CLEAR(out_items);
                     out_of_range("items");
                     goto done;
                 }
@@ -225,13 +243,12 @@ static PyObject *basket_votes(PyObject *self, PyObject *args) {
                 ov[w++] = vote;
             }
         }
-        result = Py_BuildValue("(NN)", out_items, out_votes);
     }
 done:
     for (npy_intp t = 0; t < n_touched; t++) counts[touched[t]] = 0;
     free(touched);
     free(voters);
-    return result;
+    return pair(out_items, out_votes);
 }
 
 /* ---- the reranker's features ----------------------------------------------------------------- */
@@ -263,8 +280,8 @@ static PyObject *rerank_features(PyObject *self, PyObject *args) {
                           &member_days_since, &lp_o, &rr_o, &cart_size, &age, &never))
         return NULL;
     Index top, cart, g2i = {NULL, 1, 0};
-    if (!want(X_o, "X", 2, NPY_FLOAT32, NPY_FLOAT32) || !index_arg(top_o, "top", &top) ||
-        !want(rows_o, "rows", 1, NPY_INT32, NPY_INT32) || !want(tt_o, "two_tower", 1, NPY_FLOAT32, NPY_FLOAT32) ||
+    if (!want_writeable(X_o, "X", 2, NPY_FLOAT32) || !index_arg(top_o, "top", &top) ||
+        !want_writeable(rows_o, "rows", 1, NPY_INT32) || !want(tt_o, "two_tower", 1, NPY_FLOAT32, NPY_FLOAT32) ||
         !want(sn_o, "sim_neighbors", 2, NPY_INT32, NPY_INT32) ||
         !want(ss_o, "sim_scores", 2, NPY_FLOAT32, NPY_FLOAT32) || !index_arg(cart_o, "cart", &cart) ||
         (g2i_o != Py_None && !index_arg(g2i_o, "guest_to_item", &g2i)) ||
@@ -283,10 +300,14 @@ static PyObject *rerank_features(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "rerank_features: arrays of mismatched sizes");
         return NULL;
     }
+    if (user < 0 || (n_items && user > (INT64_MAX - n_items) / n_items)) {
+        PyErr_SetString(PyExc_ValueError, "rerank_features: member index out of range");
+        return NULL;
+    }
     Py_ssize_t n_terms = PyTuple_GET_SIZE(terms);
     for (Py_ssize_t t = 0; t < n_terms; t++) {
-        PyObject *pair = PyTuple_GET_ITEM(terms, t);
-        if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2) {
+        PyObject *term = PyTuple_GET_ITEM(terms, t);
+        if (!PyTuple_Check(term) || PyTuple_GET_SIZE(term) != 2) {
             PyErr_SetString(PyExc_TypeError, "rerank_features: terms are (items, values) pairs");
             return NULL;
         }
@@ -310,11 +331,11 @@ static PyObject *rerank_features(PyObject *self, PyObject *args) {
     }
     /* the blend's sparse terms, summed per candidate in order (as np.add.at) */
     for (Py_ssize_t t = 0; t < n_terms; t++) {
-        PyObject *pair = PyTuple_GET_ITEM(terms, t);
+        PyObject *term = PyTuple_GET_ITEM(terms, t);
         Index items;
         Values values;
-        if (!index_arg(PyTuple_GET_ITEM(pair, 0), "term items", &items) ||
-            !values_arg(PyTuple_GET_ITEM(pair, 1), "term values", &values))
+        if (!index_arg(PyTuple_GET_ITEM(term, 0), "term items", &items) ||
+            !values_arg(PyTuple_GET_ITEM(term, 1), "term values", &values))
             goto done;
         if (items.n != values.n) {
             PyErr_SetString(PyExc_ValueError, "rerank_features: a term's items and values differ in length");
@@ -404,24 +425,21 @@ static void sort_items(int64_t *a, int64_t *tmp, npy_intp n) {
     } /* four passes: the result is back in the caller's array */
 }
 
-/* Sorts touched items and gives back (items, values[mark[item]] as float32 / divisor), resetting the marks. */
-static PyObject *sorted_sums(int64_t *touched, int64_t *tmp, npy_intp n, const double *sums, int32_t *mark,
-                             double divisor, int item_type) {
+/* Sorts the touched items into new arrays: (items, values[mark[item]] as float32 / divisor); 0 on failure. */
+static int sorted_sums(int64_t *touched, int64_t *tmp, npy_intp n, const double *sums, const int32_t *mark,
+                       double divisor, int item_type, PyObject **keys, PyObject **values) {
     sort_items(touched, tmp, n);
     npy_intp dims[1] = {n};
-    PyObject *keys = PyArray_SimpleNew(1, dims, item_type), *values = PyArray_SimpleNew(1, dims, NPY_FLOAT32);
-    if (!keys || !values) {
-        Py_XDECREF(keys);
-        Py_XDECREF(values);
-        return NULL;
-    }
-    float *vo = data(values);
+    *keys = PyArray_SimpleNew(1, dims, item_type);
+    *values = PyArray_SimpleNew(1, dims, NPY_FLOAT32);
+    if (!*keys || !*values) return 0;
+    float *vo = data(*values);
     for (npy_intp t = 0; t < n; t++) {
         vo[t] = (float)(sums[mark[touched[t]]] / divisor);
-        if (item_type == NPY_INT64) ((int64_t *)data(keys))[t] = touched[t];
-        else ((int32_t *)data(keys))[t] = (int32_t)touched[t];
+        if (item_type == NPY_INT64) ((int64_t *)data(*keys))[t] = touched[t];
+        else ((int32_t *)data(*keys))[t] = (int32_t)touched[t];
     }
-    return Py_BuildValue("(NN)", keys, values);
+    return 1;
 }
 
 PyDoc_STRVAR(member_basket_scores_doc,
@@ -438,13 +456,13 @@ static PyObject *member_basket_scores(PyObject *self, PyObject *args) {
     Index items, cart;
     if (!want(indptr_o, "indptr", 1, NPY_INT64, NPY_INT64) || !want(starts_o, "starts", 1, NPY_INT64, NPY_INT64) ||
         !index_arg(items_o, "items", &items) || !want(weights_o, "weights", 1, NPY_FLOAT32, NPY_FLOAT32) ||
-        !index_arg(cart_o, "cart", &cart) || !want(marks_o, "marks", 1, NPY_INT32, NPY_INT32))
+        !index_arg(cart_o, "cart", &cart) || !want_writeable(marks_o, "marks", 1, NPY_INT32))
         return NULL;
     const int64_t *indptr = data(indptr_o), *starts = data(starts_o);
     const float *weights = data(weights_o);
     int32_t *mark = data(marks_o);
     npy_intp n_items = len(marks_o);
-    if (user < 0 || user + 1 >= len(indptr_o) || !cart.n) return PyTuple_New(0);
+    if (user < 0 || user >= len(indptr_o) - 1 || !cart.n) return PyTuple_New(0);
     int64_t b0 = indptr[user], b1 = indptr[user + 1];
     if (b0 < 0 || b1 < b0 || b1 >= len(starts_o) || len(weights_o) < b1) return out_of_range("indptr");
     if (b1 == b0) return PyTuple_New(0);
@@ -457,7 +475,8 @@ static PyObject *member_basket_scores(PyObject *self, PyObject *args) {
     int64_t *touched = malloc(sizeof(int64_t) * 2 * (most ? most : 1));
     double *sums = malloc(sizeof(double) * (most ? most : 1));
     npy_intp n_touched = 0;
-    PyObject *result = NULL;
+    PyObject *keys = NULL, *scores = NULL;
+    int nothing = 0;
     if (!touched || !sums) { PyErr_NoMemory(); goto done; }
     for (int64_t b = b0; b < b1; b++) {
         int64_t lo = starts[b], hi = starts[b + 1];
@@ -482,19 +501,19 @@ static PyObject *member_basket_scores(PyObject *self, PyObject *args) {
             sums[mark[item]] += share;
         }
     }
-    if (!n_touched) { result = PyTuple_New(0); goto done; }
+    if (!n_touched) { nothing = 1; goto done; }
     {
         double best = sums[0];
         for (npy_intp t = 1; t < n_touched; t++)
             if (sums[t] > best) best = sums[t];
-        result = sorted_sums(touched, touched + most, n_touched, sums, mark, best, NPY_INT64);
+        sorted_sums(touched, touched + most, n_touched, sums, mark, best, NPY_INT64, &keys, &scores);
     }
 done:
     if (touched)
         for (npy_intp t = 0; t < n_touched; t++) mark[touched[t]] = -1;
     free(touched);
     free(sums);
-    return result;
+    return nothing ? PyTuple_New(0) : pair(keys, scores);
 }
 
 PyDoc_STRVAR(co_partner_sums_doc,
@@ -509,7 +528,7 @@ static PyObject *co_partner_sums(PyObject *self, PyObject *args) {
     Index cart;
     if (!want(indptr_o, "indptr", 1, NPY_INT64, NPY_INT64) || !want(items_o, "items", 1, NPY_INT32, NPY_INT32) ||
         !want(scores_o, "scores", 1, NPY_FLOAT32, NPY_FLOAT32) || !index_arg(cart_o, "cart", &cart) ||
-        !want(marks_o, "marks", 1, NPY_INT32, NPY_INT32))
+        !want_writeable(marks_o, "marks", 1, NPY_INT32))
         return NULL;
     const int64_t *indptr = data(indptr_o);
     const int32_t *items = data(items_o);
@@ -532,7 +551,7 @@ static PyObject *co_partner_sums(PyObject *self, PyObject *args) {
     int64_t *touched = malloc(sizeof(int64_t) * 2 * (most ? most : 1));
     double *sums = malloc(sizeof(double) * (most ? most : 1));
     npy_intp n_touched = 0;
-    PyObject *result = NULL;
+    PyObject *keys = NULL, *values = NULL;
     if (!touched || !sums) { PyErr_NoMemory(); goto done; }
     for (npy_intp c = 0; c < cart.n; c++) { /* a product twice in the cart counts twice, as in numpy */
         int64_t i = at(&cart, c), hi = indptr[i + 1];
@@ -548,13 +567,13 @@ static PyObject *co_partner_sums(PyObject *self, PyObject *args) {
             sums[mark[j]] = (float)(sums[mark[j]] + scores[p]); /* summed in float32, as numpy */
         }
     }
-    result = sorted_sums(touched, touched + most, n_touched, sums, mark, 1.0, NPY_INT32);
+    sorted_sums(touched, touched + most, n_touched, sums, mark, 1.0, NPY_INT32, &keys, &values);
 done:
     if (touched)
         for (npy_intp t = 0; t < n_touched; t++) mark[touched[t]] = -1;
     free(touched);
     free(sums);
-    return result;
+    return pair(keys, values);
 }
 
 /* ---- the guest model's ranking ---------------------------------------------------------------- */
@@ -594,7 +613,7 @@ static PyObject *guest_rank(PyObject *self, PyObject *args) {
         !want(items_o, "co_items", 1, NPY_INT32, NPY_INT32) ||
         !want(scores_o, "co_scores", 1, NPY_FLOAT32, NPY_FLOAT32) || !index_arg(cart_o, "cart", &cart) ||
         !index_arg(vitems_o, "vote_items", &vitems) || !want(votes_o, "votes", 1, NPY_FLOAT64, NPY_FLOAT64) ||
-        !index_arg(excl_o, "excluded", &excl) || !want(marks_o, "marks", 1, NPY_INT32, NPY_INT32))
+        !index_arg(excl_o, "excluded", &excl) || !want_writeable(marks_o, "marks", 1, NPY_INT32))
         return NULL;
     const int64_t *indptr = data(indptr_o);
     const int32_t *items = data(items_o);
@@ -626,7 +645,8 @@ static PyObject *guest_rank(PyObject *self, PyObject *args) {
     Candidate *cand = malloc(sizeof(Candidate) * (most ? most : 1));
     float *co_sum = malloc(sizeof(float) * (most ? most : 1));
     npy_intp n_cand = 0, n_excl = 0;
-    PyObject *result = NULL;
+    PyObject *out_items = NULL, *out_scores = NULL;
+    int too_few = 0;
     if (!cand || !co_sum) { PyErr_NoMemory(); goto done; }
     for (; n_excl < excl.n; n_excl++) mark[at(&excl, n_excl)] = -2;
     for (npy_intp c = 0; c < cart.n; c++) { /* a product twice in the cart counts twice, as in numpy */
@@ -664,8 +684,7 @@ static PyObject *guest_rank(PyObject *self, PyObject *args) {
         }
     }
     if (n_cand < min_candidates) {
-        result = Py_None;
-        Py_INCREF(result);
+        too_few = 1;
         goto done;
     }
     {
@@ -697,15 +716,15 @@ static PyObject *guest_rank(PyObject *self, PyObject *args) {
         }
         qsort(cand, keep, sizeof(Candidate), candidate_order);
         npy_intp dims[1] = {keep};
-        PyObject *out_items = PyArray_SimpleNew(1, dims, NPY_INT64), *out_scores = PyArray_SimpleNew(1, dims, NPY_FLOAT64);
-        if (!out_items || !out_scores) { Py_XDECREF(out_items); Py_XDECREF(out_scores); goto done; }
+        out_items = PyArray_SimpleNew(1, dims, NPY_INT64);
+        out_scores = PyArray_SimpleNew(1, dims, NPY_FLOAT64);
+        if (!out_items || !out_scores) goto done;
         int64_t *oi = data(out_items);
         double *os = data(out_scores);
         for (npy_intp t = 0; t < keep; t++) {
             oi[t] = cand[t].item;
             os[t] = cand[t].score;
         }
-        result = Py_BuildValue("(NN)", out_items, out_scores);
     }
 done:
     /* every marked product is a candidate (its item kept in cand[mark], even after the heap moved
@@ -720,7 +739,8 @@ done:
     for (npy_intp v = 0; v < vitems.n; v++) mark[at(&vitems, v)] = -1;
     free(cand);
     free(co_sum);
-    return result;
+    if (too_few) Py_RETURN_NONE;
+    return pair(out_items, out_scores);
 }
 
 /* ---- the best k of a dense score vector ------------------------------------------------------- */
@@ -734,6 +754,10 @@ typedef struct {
 static inline int ranks_after(const Ranked *a, const Ranked *b) {
     return a->score < b->score || (a->score == b->score && a->index > b->index);
 }
+
+/* The rank of a score: NaN (a broken model) counts as the lowest finite score, so an excluded product
+ * (-inf) never takes a NaN product's place. */
+static inline double rank_of(double x) { return isnan(x) ? -FLT_MAX : x; }
 
 static void sift_ranked(Ranked *heap, npy_intp n, npy_intp i) {
     for (;;) {
@@ -777,14 +801,17 @@ static inline int any_above(const float *s, float worst) {
 #endif
 
 static void scan_f32(const float *s, npy_intp from, npy_intp n, const int32_t *mark, Ranked *heap, npy_intp k) {
-    float worst = (float)heap[0].score; /* a float32 score (or -inf): exact */
+    float worst = (float)heap[0].score; /* a float32 rank (or -inf): exact */
     npy_intp i = from;
     for (; i < n; i += 16) {
         npy_intp end = i + 16 < n ? i + 16 : n;
-        if (end - i == 16 && !any_above(s + i, worst)) continue;
-        for (npy_intp j = i; j < end; j++) { /* NaN fails the test; an equal score at a later index ranks after */
-            if (s[j] > worst && (!mark || mark[j] < 0)) {
-                heap[0].score = (double)s[j];
+        /* a block is skipped whole unless a score beats the worst kept; while that is an excluded
+           product (-inf), a NaN (ranked as the lowest finite score) does too, so no block is skipped */
+        if (end - i == 16 && worst > -INFINITY && !any_above(s + i, worst)) continue;
+        for (npy_intp j = i; j < end; j++) { /* an equal rank at a later index ranks after */
+            float x = isnan(s[j]) ? -FLT_MAX : s[j];
+            if (x > worst && (!mark || mark[j] < 0)) {
+                heap[0].score = (double)x;
                 heap[0].index = j;
                 sift_ranked(heap, k, 0);
                 worst = (float)heap[0].score;
@@ -796,14 +823,14 @@ static void scan_f32(const float *s, npy_intp from, npy_intp n, const int32_t *m
 PyDoc_STRVAR(top_k_doc,
 "top_k(scores, k) -> indices\n\n"
 "member.top_k: indices (int64) of the k highest scores, best first, ties to the lower index;\n"
-"NaN ranks below every number.");
+"NaN ranks as the lowest finite score (above -inf: excluded products).");
 
 #define TOP_K_LOOP(T)                                                                                      \
     {                                                                                                       \
         const T *s = data(scores_o);                                                                        \
         npy_intp i = 0;                                                                                     \
         for (; i < n && filled < k; i++) {                                                                  \
-            heap[filled].score = isnan(s[i]) ? -INFINITY : (double)s[i];                                    \
+            heap[filled].score = rank_of((double)s[i]);                                                     \
             heap[filled++].index = i;                                                                       \
         }                                                                                                   \
         for (npy_intp h = k / 2; h-- > 0;) sift_ranked(heap, k, h);                                        \
@@ -812,8 +839,8 @@ PyDoc_STRVAR(top_k_doc,
         } else {                                                                                            \
             double worst = heap[0].score;                                                                   \
             for (; i < n; i++) {                                                                            \
-                if ((double)s[i] > worst) {                                                                 \
-                    heap[0].score = (double)s[i];                                                           \
+                if (rank_of((double)s[i]) > worst) {                                                        \
+                    heap[0].score = rank_of((double)s[i]);                                                  \
                     heap[0].index = i;                                                                      \
                     sift_ranked(heap, k, 0);                                                                \
                     worst = heap[0].score;                                                                  \
@@ -860,7 +887,7 @@ static PyObject *blend_top_k(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "OO!OnO", &tt_o, &PyTuple_Type, &terms, &excl_o, &k, &marks_o)) return NULL;
     Index excl;
     if (!want(tt_o, "two_tower", 1, NPY_FLOAT32, NPY_FLOAT32) || !index_arg(excl_o, "excluded", &excl) ||
-        !want(marks_o, "marks", 1, NPY_INT32, NPY_INT32))
+        !want_writeable(marks_o, "marks", 1, NPY_INT32))
         return NULL;
     const float *tt = data(tt_o);
     int32_t *mark = data(marks_o);
@@ -871,6 +898,11 @@ static PyObject *blend_top_k(PyObject *self, PyObject *args) {
     }
     Py_ssize_t n_terms = PyTuple_GET_SIZE(terms);
     npy_intp most = excl.n;
+    double weight[16]; /* read before any mark is set: a weight's __float__ may run Python code */
+    if (n_terms > 16) {
+        PyErr_SetString(PyExc_ValueError, "blend_top_k: at most 16 terms");
+        return NULL;
+    }
     for (Py_ssize_t t = 0; t < n_terms; t++) {
         PyObject *term = PyTuple_GET_ITEM(terms, t);
         if (!PyTuple_Check(term) || PyTuple_GET_SIZE(term) != 3 ||
@@ -878,6 +910,8 @@ static PyObject *blend_top_k(PyObject *self, PyObject *args) {
             if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "blend_top_k: terms are (weight, items, values)");
             return NULL;
         }
+        weight[t] = PyFloat_AsDouble(PyTuple_GET_ITEM(term, 0));
+        if (weight[t] == -1.0 && PyErr_Occurred()) return NULL;
         most += len(PyTuple_GET_ITEM(term, 2));
     }
     if (k < 0) k = 0;
@@ -886,12 +920,11 @@ static PyObject *blend_top_k(PyObject *self, PyObject *args) {
     float *value = malloc(sizeof(float) * (most ? most : 1));
     Ranked *heap = malloc(sizeof(Ranked) * (k ? k : 1));
     npy_intp n_touched = 0, filled = 0;
-    PyObject *result = NULL;
+    PyObject *idx = NULL, *scores = NULL;
     if (!touched || !value || !heap) { PyErr_NoMemory(); goto done; }
     for (Py_ssize_t t = 0; t < n_terms; t++) {
         PyObject *term = PyTuple_GET_ITEM(terms, t);
-        double w = PyFloat_AsDouble(PyTuple_GET_ITEM(term, 0));
-        if (w == -1.0 && PyErr_Occurred()) goto done;
+        double w = weight[t];
         Index items;
         if (!index_arg(PyTuple_GET_ITEM(term, 1), "term items", &items)) goto done;
         const float *v = data(PyTuple_GET_ITEM(term, 2));
@@ -926,7 +959,7 @@ static PyObject *blend_top_k(PyObject *self, PyObject *args) {
         npy_intp i = 0;
         for (; i < n && filled < k; i++) {
             if (mark[i] >= 0) continue;
-            heap[filled].score = isnan(tt[i]) ? -INFINITY : (double)tt[i];
+            heap[filled].score = rank_of((double)tt[i]);
             heap[filled++].index = i;
         }
         if (filled == k) {
@@ -935,7 +968,7 @@ static PyObject *blend_top_k(PyObject *self, PyObject *args) {
         }
         /* ... then the few products the terms or the exclusions touched, with their own values */
         for (npy_intp t = 0; t < n_touched; t++) {
-            Ranked r = {isnan(value[t]) ? -INFINITY : (double)value[t], touched[t]};
+            Ranked r = {rank_of((double)value[t]), touched[t]};
             if (filled < k) {
                 heap[filled++] = r;
                 if (filled == k)
@@ -949,15 +982,15 @@ static PyObject *blend_top_k(PyObject *self, PyObject *args) {
     qsort(heap, filled, sizeof(Ranked), best_first);
     {
         npy_intp dims[1] = {filled};
-        PyObject *idx = PyArray_SimpleNew(1, dims, NPY_INT64), *scores = PyArray_SimpleNew(1, dims, NPY_FLOAT32);
-        if (!idx || !scores) { Py_XDECREF(idx); Py_XDECREF(scores); goto done; }
+        idx = PyArray_SimpleNew(1, dims, NPY_INT64);
+        scores = PyArray_SimpleNew(1, dims, NPY_FLOAT32);
+        if (!idx || !scores) goto done;
         int64_t *io = data(idx);
         float *so = data(scores);
         for (npy_intp t = 0; t < filled; t++) {
             io[t] = heap[t].index;
             so[t] = mark[heap[t].index] >= 0 ? value[mark[heap[t].index]] : tt[heap[t].index];
         }
-        result = Py_BuildValue("(NN)", idx, scores);
     }
 done:
     if (touched)
@@ -965,7 +998,7 @@ done:
     free(touched);
     free(value);
     free(heap);
-    return result;
+    return pair(idx, scores);
 }
 
 /* ---- module ------------------------------------------------------------------------------------ */
@@ -989,7 +1022,11 @@ PyMODINIT_FUNC PyInit__native(void) {
     if (!m) return NULL;
     PyObject *features = PyTuple_New(N_FEATURES);
     if (!features) { Py_DECREF(m); return NULL; }
-    for (int i = 0; i < N_FEATURES; i++) PyTuple_SET_ITEM(features, i, PyUnicode_FromString(FEATURES[i]));
+    for (int i = 0; i < N_FEATURES; i++) {
+        PyObject *name = PyUnicode_FromString(FEATURES[i]);
+        if (!name) { Py_DECREF(features); Py_DECREF(m); return NULL; }
+        PyTuple_SET_ITEM(features, i, name);
+    }
     if (PyModule_AddObject(m, "FEATURES", features) < 0) { Py_DECREF(features); Py_DECREF(m); return NULL; }
     return m;
 }

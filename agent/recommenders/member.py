@@ -166,8 +166,9 @@ class ScoreParts:
 
     @staticmethod
     def weights(params: MemberParams) -> tuple[float, ...]:
-        """The weight of each of :attr:`SPARSE`'s terms."""
-        return tuple(getattr(params, w) for w in ScoreParts.WEIGHTS)
+        """The weight of each of :attr:`SPARSE`'s terms, as Python floats (a float32 term times a Python
+        float stays float32, as the compiled kernels compute it; a numpy float64 weight would not)."""
+        return tuple(float(getattr(params, w)) for w in ScoreParts.WEIGHTS)
 
     def total(self, params: MemberParams, *, inplace: bool = False) -> np.ndarray:
         """``two_tower`` plus each sparse term times its weight (``repeat_weight * repeat + ...``)."""
@@ -197,6 +198,8 @@ class MemberRecommender:
             np.ascontiguousarray(emb)
         if self.item_embeddings_.shape[0] != len(self.item_ids_):
             raise ValueError("item_embeddings rows != item_lookup length")
+        if not np.isfinite(self.item_embeddings_).all():  # NaN scores would rank at random
+            raise ValueError("item_embeddings hold non-finite values")
         self.user_index_ = shared_index(np.asarray(user_lookup))
         n_items = len(self.item_ids_)
         for name, table in (("history", history), ("neighbours", neighbours), ("baskets", baskets)):
