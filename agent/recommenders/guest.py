@@ -134,8 +134,9 @@ class RecentBaskets:
         voting basket gives its items its similarity over the voters' total, so a
         product's summed vote is the similarity-weighted share of the voting
         baskets that hold it (1: all of them). Of baskets equally similar at the
-        cut, the lower-numbered (newer: the table is newest first) vote. Items repeat in the output; the caller sums
-        them. The compiled kernel (:mod:`.native`) gives the same votes.
+        cut, the lower-numbered vote (the newer: the table is newest first).
+        Items repeat in the output; the caller sums them. The compiled kernel
+        (:mod:`.native`) gives the same votes.
         """
         if not cart.size or not neighbours:
             return _EMPTY_I, _EMPTY_F

@@ -1,13 +1,15 @@
 """The optional compiled kernels (``_native.c``) and the per-thread scratch tables they use.
 
-A member request used to be a few dozen numpy calls on arrays of tens to
-hundreds of values, each costing 1-3 µs of numpy's own overhead. The kernels do
-the session-kNN votes (:meth:`.guest.RecentBaskets.scores`) and the reranker's
-features (:func:`.rerank.candidate_features`) in one call each, on the same
-arrays. The numpy code stays the definition and the fallback: the kernels are
-built at install when a C compiler and Python's headers are there (``setup.py``,
-optional), and ``SMART_BASKET_NATIVE=0`` switches them off. tests/test_native.py
-checks both give the same answers.
+A request used to be a few dozen numpy calls on arrays of tens to hundreds of
+values, each costing 1-3 µs of numpy's own overhead. The kernels do each step
+in one call, on the same arrays: the session-kNN votes
+(:meth:`.guest.RecentBaskets.scores`), the guest ranking, the co-purchase
+sums, the member's own baskets, the reranker's features
+(:func:`.rerank.candidate_features`) and the best k of the blend. The numpy
+code stays the definition and the fallback: the kernels are built at install
+when a C compiler and Python's headers are there (``setup.py``, optional), and
+``SMART_BASKET_NATIVE=0`` switches them off. tests/test_native.py checks both
+give the same answers.
 """
 
 from __future__ import annotations
