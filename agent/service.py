@@ -84,17 +84,29 @@ class UpdateSink(Protocol):
 
 
 _local_zone: list[Any] = [float("-inf"), None]  # [refresh after (time.time()), this machine's UTC offset]
+#: (the second, its text to the second, its UTC offset text): an answer's timestamp formats only milliseconds
+_this_second: list[tuple[int, str, str]] = [(-1, "", "")]
 
 
 def _now_iso() -> str:
-    """Local time with offset, to the millisecond. The offset is looked up once a minute:
-    ``astimezone()`` asks the C library, which re-reads /etc/localtime's metadata each time
-    (3 % of the agent's CPU at saturation)."""
+    """Local time with offset, to the millisecond, as ``datetime.isoformat(timespec="milliseconds")``.
+
+    The offset is looked up once a minute: ``astimezone()`` asks the C library, which re-reads
+    /etc/localtime's metadata each time (3 % of the agent's CPU at saturation); the text up to the
+    second once a second (formatting a datetime per answer was another 2.7 %: 5 µs, now ~0.6)."""
     now = time.time()
+    second = int(now)
+    micros = round((now - second) * 1e6)  # as datetime.fromtimestamp rounds (half to even)
+    cached = _this_second[0]
+    if cached[0] == second and micros < 1_000_000 and now < _local_zone[0]:
+        return f"{cached[1]}.{micros // 1000:03d}{cached[2]}"
     if now >= _local_zone[0]:
         _local_zone[1] = datetime.fromtimestamp(now).astimezone().tzinfo
         _local_zone[0] = now + 60.0
-    return datetime.fromtimestamp(now, _local_zone[1]).isoformat(timespec="milliseconds")
+    text = datetime.fromtimestamp(now, _local_zone[1]).isoformat(timespec="milliseconds")
+    if micros < 1_000_000:
+        _this_second[0] = (second, text[:19], text[23:])  # "YYYY-MM-DDTHH:MM:SS" ".mmm" "+HH:MM"
+    return text
 
 
 def _dumps(obj: Any) -> bytes:

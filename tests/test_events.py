@@ -692,3 +692,26 @@ def test_shared_states_take_a_new_trip_whose_checkout_another_agent_saw() -> Non
         got = [s.apply("b", ev({"event_id": "e-1", "seq": 1, "cart": ["B"]}), 1.0).kind,
                s.apply("b", ev({"event_id": "e-2", "seq": 0, "cart": ["C"]}), 2.0).kind]
         assert got == expected
+
+
+def test_answer_timestamps_are_datetime_isoformat_to_the_millisecond(monkeypatch):
+    """The answer's ``ts`` formats only the milliseconds within a cached second; it must read exactly as
+    ``datetime.isoformat(timespec="milliseconds")`` of the same instant, across seconds, at the rounding
+    edges and when the local zone is looked up again."""
+    import random
+    from datetime import datetime
+
+    from agent import service
+
+    clock = [0.0]
+    monkeypatch.setattr(service.time, "time", lambda: clock[0])
+    monkeypatch.setattr(service, "_this_second", [(-1, "", "")])
+    monkeypatch.setattr(service, "_local_zone", [float("-inf"), None])
+    rng = random.Random(5)
+    base = 1_795_590_000.0
+    instants = sorted(base + rng.random() * 5 for _ in range(20_000))
+    instants += [base + 5.9995, base + 5.99951, base + 6.0004999, base + 6.9999996, base + 200.25]
+    for now in instants:
+        clock[0] = now
+        assert service._now_iso() == datetime.fromtimestamp(now, service._local_zone[1]).isoformat(
+            timespec="milliseconds"), now
