@@ -306,7 +306,7 @@ def test_tag_similarity_when_the_guest_numbers_products_differently(snapshot, tr
 def test_feature_cells_are_reset_even_when_a_request_fails(snapshot, trained, monkeypatch):
     """The per-thread item -> cell table is all -1 between calls, also after a call that raised (the numpy
     code; tests/test_native.py checks the compiled kernel's own table)."""
-    from agent.recommenders import native, rerank
+    from agent.recommenders import native
 
     monkeypatch.setattr(native, "KERNELS", None)
 
@@ -315,11 +315,11 @@ def test_feature_cells_are_reset_even_when_a_request_fails(snapshot, trained, mo
     parts = m.score_parts(req)
     top = top_k(parts.total(m.params), 50)
     candidate_features(m, m.reranker_.stats, req, parts, top)
-    assert np.all(rerank._LOCAL.rows == -1)
+    assert np.all(native.scratch("feature_cells", len(m.item_ids_), -1) == -1)
     broken = dataclasses.replace(parts, co=(np.array([len(m.item_ids_) + 5]), np.ones(1, np.float32)))
     with pytest.raises(IndexError):
         candidate_features(m, m.reranker_.stats, req, broken, top)
-    assert np.all(rerank._LOCAL.rows == -1)
+    assert np.all(native.scratch("feature_cells", len(m.item_ids_), -1) == -1)
 
 
 def test_onnx_sessions_do_not_keep_a_copy_of_the_model(snapshot):

@@ -59,12 +59,14 @@ static int want_writeable(PyObject *o, const char *name, int ndim, int type) {
 static inline npy_intp len(PyObject *o) { return PyArray_SIZE((PyArrayObject *)o); }
 static inline void *data(PyObject *o) { return PyArray_DATA((PyArrayObject *)o); }
 
-/* An index array that may be int32 or int64. */
+/* A 1-D array of one of two widths: indices (int32 or int64) or values (float32 or float64). */
 typedef struct {
     const void *p;
     int wide;
     npy_intp n;
-} Index;
+} Column;
+typedef Column Index;
+typedef Column Values;
 
 static int index_arg(PyObject *o, const char *name, Index *out) {
     if (!want(o, name, 1, NPY_INT32, NPY_INT64)) return 0;
@@ -78,13 +80,7 @@ static inline int64_t at(const Index *ix, npy_intp i) {
     return ix->wide ? ((const int64_t *)ix->p)[i] : (int64_t)((const int32_t *)ix->p)[i];
 }
 
-/* A value array that may be float32 or float64 (read as float32: the features' type). */
-typedef struct {
-    const void *p;
-    int wide;
-    npy_intp n;
-} Values;
-
+/* Values are read as float32: the features' type. */
 static int values_arg(PyObject *o, const char *name, Values *out) {
     if (!want(o, name, 1, NPY_FLOAT32, NPY_FLOAT64)) return 0;
     out->p = data(o);
@@ -116,31 +112,49 @@ static PyObject *out_of_range(const char *what) {
 
 /* ---- the store's recent baskets: session-kNN votes ------------------------------------------ */
 
+/* A score and its product (or basket) index; ranked by score, ties to the lower index. */
 typedef struct {
-    double sim;
-    int64_t basket;
-} Voter;
+    double score;
+    int64_t index;
+} Ranked;
 
-/* a ranks after b: lower similarity, or equal and a higher basket index */
-static inline int after(const Voter *a, const Voter *b) {
-    return a->sim < b->sim || (a->sim == b->sim && a->basket > b->basket);
+/* a ranks after b: lower score, or equal and a higher index */
+static inline int ranks_after(const Ranked *a, const Ranked *b) {
+    return a->score < b->score || (a->score == b->score && a->index > b->index);
 }
 
-static void sift_down(Voter *heap, npy_intp n, npy_intp i) { /* root: the voter ranking last */
+static void sift_ranked(Ranked *heap, npy_intp n, npy_intp i) { /* root: the one ranking last */
     for (;;) {
         npy_intp l = 2 * i + 1, r = l + 1, m = i;
-        if (l < n && after(&heap[l], &heap[m])) m = l;
-        if (r < n && after(&heap[r], &heap[m])) m = r;
+        if (l < n && ranks_after(&heap[l], &heap[m])) m = l;
+        if (r < n && ranks_after(&heap[r], &heap[m])) m = r;
         if (m == i) return;
-        Voter t = heap[i];
+        Ranked t = heap[i];
         heap[i] = heap[m];
         heap[m] = t;
         i = m;
     }
 }
 
-static int by_basket(const void *a, const void *b) {
-    int64_t x = ((const Voter *)a)->basket, y = ((const Voter *)b)->basket;
+/* Offers r to a heap of the best k (*filled so far): pushed while there is room (a heap once full),
+ * else it takes the root's place when it ranks before it. */
+static inline void offer(Ranked *heap, npy_intp *filled, npy_intp k, Ranked r) {
+    if (*filled < k) {
+        heap[(*filled)++] = r;
+        if (*filled == k)
+            for (npy_intp h = k / 2; h-- > 0;) sift_ranked(heap, k, h);
+    } else if (k && ranks_after(&heap[0], &r)) {
+        heap[0] = r;
+        sift_ranked(heap, k, 0);
+    }
+}
+
+static int best_first(const void *a, const void *b) {
+    return ranks_after(a, b) ? 1 : (ranks_after(b, a) ? -1 : 0);
+}
+
+static int by_index(const void *a, const void *b) {
+    int64_t x = ((const Ranked *)a)->index, y = ((const Ranked *)b)->index;
     return (x > y) - (x < y);
 }
 
@@ -176,7 +190,7 @@ static PyObject *basket_votes(PyObject *self, PyObject *args) {
         hits += pind[i + 1] - pind[i];
     }
     PyObject *out_items = NULL, *out_votes = NULL;
-    Voter *voters = NULL;
+    Ranked *voters = NULL;
     int64_t *touched = malloc(sizeof(int64_t) * (hits ? hits : 1));
     npy_intp n_touched = 0;
     if (!touched) return PyErr_NoMemory();
@@ -197,31 +211,23 @@ static PyObject *basket_votes(PyObject *self, PyObject *args) {
     if (neighbours <= 0 || !n_touched) { keep = 0; }
     else {
         keep = n_touched < neighbours ? n_touched : neighbours;
-        voters = malloc(sizeof(Voter) * keep);
+        voters = malloc(sizeof(Ranked) * keep);
         if (!voters) { PyErr_NoMemory(); goto done; }
         npy_intp filled = 0;
         for (npy_intp t = 0; t < n_touched; t++) {
             int64_t b = touched[t];
             int64_t size = starts[b + 1] - starts[b];
             if (size <= 0 || starts[b] < 0 || starts[b + 1] > items.n) { out_of_range("starts"); goto done; }
-            Voter v = {(double)counts[b] / sqrt((double)size), b};
-            if (filled < keep) {
-                voters[filled++] = v;
-                if (filled == keep)
-                    for (npy_intp h = keep / 2; h-- > 0;) sift_down(voters, keep, h);
-            } else if (after(&voters[0], &v)) {
-                voters[0] = v;
-                sift_down(voters, keep, 0);
-            }
+            offer(voters, &filled, keep, (Ranked){(double)counts[b] / sqrt((double)size), b});
         }
-        qsort(voters, keep, sizeof(Voter), by_basket);
+        qsort(voters, keep, sizeof(Ranked), by_index);
     }
     {
         double total = 0.0;
         npy_intp n_out = 0;
         for (npy_intp v = 0; v < keep; v++) {
-            total += voters[v].sim;
-            n_out += starts[voters[v].basket + 1] - starts[voters[v].basket];
+            total += voters[v].score;
+            n_out += starts[voters[v].index + 1] - starts[voters[v].index];
         }
         npy_intp dims[1] = {n_out};
         out_items = PyArray_SimpleNew(1, dims, NPY_INT64);
@@ -231,8 +237,8 @@ static PyObject *basket_votes(PyObject *self, PyObject *args) {
         double *ov = data(out_votes);
         npy_intp w = 0;
         for (npy_intp v = 0; v < keep; v++) {
-            double vote = voters[v].sim / total;
-            for (int64_t k = starts[voters[v].basket]; k < starts[voters[v].basket + 1]; k++) {
+            double vote = voters[v].score / total;
+            for (int64_t k = starts[voters[v].index]; k < starts[voters[v].index + 1]; k++) {
                 int64_t item = at(&items, k);
                 if (item < 0 || item >= n_items) {
                     Py_CLEAR(out_items);
@@ -578,20 +584,6 @@ done:
 
 /* ---- the guest model's ranking ---------------------------------------------------------------- */
 
-typedef struct {
-    double score;
-    int64_t item;
-} Candidate;
-
-/* a ranks after b: lower score, or equal and a higher item index */
-static inline int candidate_after(const Candidate *a, const Candidate *b) {
-    return a->score < b->score || (a->score == b->score && a->item > b->item);
-}
-
-static int candidate_order(const void *a, const void *b) {
-    return candidate_after(a, b) ? 1 : (candidate_after(b, a) ? -1 : 0);
-}
-
 PyDoc_STRVAR(guest_rank_doc,
 "guest_rank(co_indptr, co_items, co_scores, cart, k, vote_items, votes, basket_weight, excluded,\n"
 "           top_k, min_candidates, marks) -> (items, scores) or None\n\n"
@@ -642,7 +634,7 @@ static PyObject *guest_rank(PyObject *self, PyObject *args) {
         int64_t i = at(&vitems, v);
         if (i < 0 || i >= n_items) return out_of_range("vote_items");
     }
-    Candidate *cand = malloc(sizeof(Candidate) * (most ? most : 1));
+    Ranked *cand = malloc(sizeof(Ranked) * (most ? most : 1));
     float *co_sum = malloc(sizeof(float) * (most ? most : 1));
     npy_intp n_cand = 0, n_excl = 0;
     PyObject *out_items = NULL, *out_scores = NULL;
@@ -659,7 +651,7 @@ static PyObject *guest_rank(PyObject *self, PyObject *args) {
             if (mark[j] < 0) {
                 mark[j] = (int32_t)n_cand;
                 co_sum[n_cand] = 0.0f;
-                cand[n_cand++].item = j;
+                cand[n_cand++].index = j;
             }
             co_sum[mark[j]] += scores[p]; /* float32, as numpy sums a product's partners */
         }
@@ -677,7 +669,7 @@ static PyObject *guest_rank(PyObject *self, PyObject *args) {
             if (mark[j] == -2) continue;
             if (mark[j] < 0) {
                 mark[j] = (int32_t)n_cand;
-                cand[n_cand].item = j;
+                cand[n_cand].index = j;
                 cand[n_cand++].score = 0.0;
             }
             cand[mark[j]].score += votes[v] * scale;
@@ -688,33 +680,9 @@ static PyObject *guest_rank(PyObject *self, PyObject *args) {
         goto done;
     }
     {
-        npy_intp keep = top_k < n_cand ? (top_k > 0 ? top_k : 0) : n_cand;
-        if (keep && keep < n_cand) { /* a heap of the best ``keep``: its root ranks last */
-            Candidate *heap = cand;
-            for (npy_intp h = keep / 2; h-- > 0;) {
-                npy_intp i = h;
-                for (;;) {
-                    npy_intp l = 2 * i + 1, r = l + 1, m = i;
-                    if (l < keep && candidate_after(&heap[l], &heap[m])) m = l;
-                    if (r < keep && candidate_after(&heap[r], &heap[m])) m = r;
-                    if (m == i) break;
-                    Candidate t = heap[i]; heap[i] = heap[m]; heap[m] = t; i = m;
-                }
-            }
-            for (npy_intp t = keep; t < n_cand; t++) {
-                if (!candidate_after(&heap[0], &cand[t])) continue;
-                heap[0] = cand[t];
-                npy_intp i = 0;
-                for (;;) {
-                    npy_intp l = 2 * i + 1, r = l + 1, m = i;
-                    if (l < keep && candidate_after(&heap[l], &heap[m])) m = l;
-                    if (r < keep && candidate_after(&heap[r], &heap[m])) m = r;
-                    if (m == i) break;
-                    Candidate tmp = heap[i]; heap[i] = heap[m]; heap[m] = tmp; i = m;
-                }
-            }
-        }
-        qsort(cand, keep, sizeof(Candidate), candidate_order);
+        npy_intp keep = 0; /* the best top_k, kept in place at the front of cand */
+        for (npy_intp t = 0; t < n_cand; t++) offer(cand, &keep, top_k > 0 ? top_k : 0, cand[t]);
+        qsort(cand, keep, sizeof(Ranked), best_first);
         npy_intp dims[1] = {keep};
         out_items = PyArray_SimpleNew(1, dims, NPY_INT64);
         out_scores = PyArray_SimpleNew(1, dims, NPY_FLOAT64);
@@ -722,7 +690,7 @@ static PyObject *guest_rank(PyObject *self, PyObject *args) {
         int64_t *oi = data(out_items);
         double *os = data(out_scores);
         for (npy_intp t = 0; t < keep; t++) {
-            oi[t] = cand[t].item;
+            oi[t] = cand[t].index;
             os[t] = cand[t].score;
         }
     }
@@ -745,40 +713,10 @@ done:
 
 /* ---- the best k of a dense score vector ------------------------------------------------------- */
 
-typedef struct {
-    double score;
-    int64_t index;
-} Ranked;
-
-/* a ranks after b: lower score, or equal and a higher index */
-static inline int ranks_after(const Ranked *a, const Ranked *b) {
-    return a->score < b->score || (a->score == b->score && a->index > b->index);
-}
-
 /* The rank of a score: NaN (a broken model) counts as the lowest finite score, so an excluded product
  * (-inf) never takes a NaN product's place. */
 static inline double rank_of(double x) { return isnan(x) ? -FLT_MAX : x; }
 
-static void sift_ranked(Ranked *heap, npy_intp n, npy_intp i) {
-    for (;;) {
-        npy_intp l = 2 * i + 1, r = l + 1, m = i;
-        if (l < n && ranks_after(&heap[l], &heap[m])) m = l;
-        if (r < n && ranks_after(&heap[r], &heap[m])) m = r;
-        if (m == i) return;
-        Ranked t = heap[i];
-        heap[i] = heap[m];
-        heap[m] = t;
-        i = m;
-    }
-}
-
-static int best_first(const void *a, const void *b) {
-    return ranks_after(a, b) ? 1 : (ranks_after(b, a) ? -1 : 0);
-}
-
-/* Offers s[i] for i in [from, n) to a full heap of k (its root the worst), in index order, skipping
- * products with mark[i] >= 0 (when mark is given). Sixteen scores are compared at once (vectorised);
- * once the heap holds good scores nearly every block is skipped whole. */
 #if defined(__GNUC__) /* GCC and Clang: vector extensions, SSE on x86-64, NEON on aarch64 */
 typedef float f32x4 __attribute__((vector_size(16)));
 typedef int32_t i32x4 __attribute__((vector_size(16)));
@@ -800,6 +738,9 @@ static inline int any_above(const float *s, float worst) {
 }
 #endif
 
+/* Offers s[i] for i in [from, n) to a full heap of k (its root the worst), in index order, skipping
+ * products with mark[i] >= 0 (when mark is given). Sixteen scores are compared at once (vectorised);
+ * once the heap holds good scores nearly every block is skipped whole. */
 static void scan_f32(const float *s, npy_intp from, npy_intp n, const int32_t *mark, Ranked *heap, npy_intp k) {
     float worst = (float)heap[0].score; /* a float32 rank (or -inf): exact */
     npy_intp i = from;
@@ -829,11 +770,7 @@ PyDoc_STRVAR(top_k_doc,
     {                                                                                                       \
         const T *s = data(scores_o);                                                                        \
         npy_intp i = 0;                                                                                     \
-        for (; i < n && filled < k; i++) {                                                                  \
-            heap[filled].score = rank_of((double)s[i]);                                                     \
-            heap[filled++].index = i;                                                                       \
-        }                                                                                                   \
-        for (npy_intp h = k / 2; h-- > 0;) sift_ranked(heap, k, h);                                        \
+        for (; i < n && filled < k; i++) offer(heap, &filled, k, (Ranked){rank_of((double)s[i]), i});      \
         if (sizeof(T) == sizeof(float)) {                                                                   \
             scan_f32((const float *)s, i, n, NULL, heap, k);                                                \
         } else {                                                                                            \
@@ -957,26 +894,12 @@ static PyObject *blend_top_k(PyObject *self, PyObject *args) {
     if (k) {
         /* the untouched products straight from the dense scores (one compare each), in index order ... */
         npy_intp i = 0;
-        for (; i < n && filled < k; i++) {
-            if (mark[i] >= 0) continue;
-            heap[filled].score = rank_of((double)tt[i]);
-            heap[filled++].index = i;
-        }
-        if (filled == k) {
-            for (npy_intp h = k / 2; h-- > 0;) sift_ranked(heap, k, h);
-            scan_f32(tt, i, n, mark, heap, k);
-        }
+        for (; i < n && filled < k; i++)
+            if (mark[i] < 0) offer(heap, &filled, k, (Ranked){rank_of((double)tt[i]), i});
+        if (filled == k) scan_f32(tt, i, n, mark, heap, k);
         /* ... then the few products the terms or the exclusions touched, with their own values */
         for (npy_intp t = 0; t < n_touched; t++) {
-            Ranked r = {rank_of((double)value[t]), touched[t]};
-            if (filled < k) {
-                heap[filled++] = r;
-                if (filled == k)
-                    for (npy_intp h = k / 2; h-- > 0;) sift_ranked(heap, k, h);
-            } else if (ranks_after(&heap[0], &r)) {
-                heap[0] = r;
-                sift_ranked(heap, k, 0);
-            }
+            offer(heap, &filled, k, (Ranked){rank_of((double)value[t]), touched[t]});
         }
     }
     qsort(heap, filled, sizeof(Ranked), best_first);

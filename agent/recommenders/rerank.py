@@ -16,7 +16,6 @@ edge and by the server that fits the trees.
 from __future__ import annotations
 
 import copy
-import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,17 +91,8 @@ class MemberStats:
 #: the blend's sparse terms read as features (``ScoreParts`` fields), then the tag similarity: their columns
 _TERMS = ("repeat", "co", "basket", "store")
 _TERM_COLUMNS = np.array([FEATURES.index(name) for name in _TERMS + ("tag_similarity_to_cart",)], np.int32)
-_LOCAL = threading.local()
 #: no guest model: no TF-IDF neighbours, an empty cart in its numbering (the kernel's tag arguments)
 _NO_NEIGHBOURS = (np.full((1, 1), -1, np.int32), np.zeros((1, 1), np.float32), np.empty(0, np.int64), None)
-
-
-def _row_cells(n_items: int) -> np.ndarray:
-    """This thread's item -> X cell table (all -1 between calls): a gather is cheaper than a search."""
-    rows = getattr(_LOCAL, "rows", None)
-    if rows is None or rows.size < n_items:
-        rows = _LOCAL.rows = np.full(n_items, -1, np.int32)  # cells < MAX_CANDIDATES * len(FEATURES)
-    return rows
 
 
 def _tag_neighbours(member: Any, cart: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -148,7 +138,7 @@ def candidate_features(member: Any, stats: MemberStats, request: Any, parts: Any
     if n and sum(sizes):
         items = np.concatenate([items for items, _ in pairs])
         values = np.concatenate([values for _, values in pairs]).astype(np.float32, copy=False)
-        rows = _row_cells(len(parts.two_tower))
+        rows = native.scratch("feature_cells", len(parts.two_tower), -1)  # item -> X cell; all -1 between calls
         rows[top] = np.arange(0, n * len(FEATURES), len(FEATURES))
         try:
             cell = rows[items]  # -1: not a candidate
