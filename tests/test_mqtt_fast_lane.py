@@ -1,0 +1,259 @@
+"""The MQTT fast lane (``MqttClient._read_fast``): PUBLISH and PUBACK packets read without paho.
+
+It must deliver exactly what paho would (topic, payload, QoS, retain flag, packet id), over
+both protocols, through a real Mosquitto, with MQTT 5 properties skipped correctly; and it
+must leave every packet it does not fully understand to paho, untouched.
+"""
+
+from __future__ import annotations
+
+import queue
+import struct
+import threading
+import time
+import uuid
+from typing import Any
+
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from agent.mqtt import _CONNECTED, FAST_LANE_NEEDS, BufferedSocket, Message, MqttClient
+from scripts.brokers import Broker
+
+PAHO_PROTOCOLS = {"3.1.1": paho.MQTTv311, "5": paho.MQTTv5}
+
+
+def _wait(cond: Any, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.01)
+    return cond()
+
+
+def _publisher(broker: Broker, protocol: str) -> paho.Client:
+    pub = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"pub-{uuid.uuid4().hex[:8]}",
+                      protocol=PAHO_PROTOCOLS[protocol])
+    pub.max_inflight_messages_set(0)
+    pub.connect(broker.host, broker.port)
+    pub.loop_start()
+    return pub
+
+
+def _drain(client: MqttClient, n: int, timeout: float = 10.0) -> list[Message]:
+    """Take n messages, acknowledging each (the broker holds QoS 1 messages past its inflight window)."""
+    got: list[Message] = []
+    deadline = time.monotonic() + timeout
+    while len(got) < n and time.monotonic() < deadline:
+        try:
+            msg = client.messages.get(timeout=0.2)
+        except queue.Empty:
+            continue
+        assert client.ack(msg)
+        got.append(msg)
+    return got
+
+
+def test_paho_has_what_the_fast_lane_needs() -> None:
+    """A paho release that renames these fails here, not silently in the field (the lane would be off)."""
+    client = MqttClient("127.0.0.1", 1, client_id="needs")
+    assert client.fast_lane, [name for name in FAST_LANE_NEEDS if not hasattr(client._client, name)]
+    assert _CONNECTED is not None
+
+
+@pytest.mark.parametrize("protocol", ["3.1.1", "5"])
+def test_messages_read_by_the_fast_lane_are_what_paho_delivers(mqtt_broker: Broker, protocol: str) -> None:
+    prefix = f"fast/{uuid.uuid4().hex[:8]}"
+    sub = MqttClient(mqtt_broker.host, mqtt_broker.port, client_id=f"fast-{uuid.uuid4().hex[:8]}",
+                     protocol=protocol, subscriptions=[(f"{prefix}/#", 1)], manual_ack=True,
+                     session_expiry_s=60)
+    # the reference: paho itself, subscribed to the same topics
+    seen: queue.Queue[paho.MQTTMessage] = queue.Queue()
+    ref = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"ref-{uuid.uuid4().hex[:8]}",
+                      protocol=PAHO_PROTOCOLS[protocol])
+    ref.on_message = lambda c, u, m: seen.put(m)
+    ref.connect(mqtt_broker.host, mqtt_broker.port)
+    ref.subscribe(f"{prefix}/#", 1)
+    ref.loop_start()
+    pub = _publisher(mqtt_broker, protocol)
+    try:
+        sub.start()
+        assert sub.wait_connected(10)
+        time.sleep(0.2)  # the reference's SUBACK
+        sent = []
+        sizes = [0, 1, 2, 127, 128, 300, 16383, 16384, 70_000, 200_000]  # length bytes 1..3; past the read-ahead
+        for i in range(120):
+            topic = f"{prefix}/basket/장바구니-{i % 7}/cart"
+            payload = bytes((i + j) % 251 for j in range(sizes[i % len(sizes)]))
+            qos = i % 2
+            props = None
+            if protocol == "5" and i % 3 == 0:  # properties the lane must skip, of several lengths
+                props = Properties(PacketTypes.PUBLISH)
+                props.UserProperty = [("k", "v" * (i * 3))]
+                props.ContentType = "application/json"
+            pub.publish(topic, payload, qos, properties=props)
+            sent.append((topic, payload, qos))
+        got = _drain(sub, len(sent))
+        for qos in (0, 1):  # in order within a QoS (the broker may hold QoS 1 back behind its window)
+            assert [(m.topic, m.payload, m.qos) for m in got if m.qos == qos] == [x for x in sent if x[2] == qos]
+        assert all(m.retain is False for m in got)
+        assert all((m.mid > 0) == (m.qos == 1) for m in got)
+        assert len({m.mid for m in got if m.qos}) == sum(1 for _, _, q in sent if q)
+        reference = [seen.get(timeout=5) for _ in sent]
+        assert sorted((m.topic, m.payload, m.qos) for m in reference) == sorted(sent)
+        assert sub.fast_read >= len(sent) // 2, "the fast lane took (almost) nothing"
+        assert sub.acks_sent == sum(1 for _, _, q in sent if q)
+
+        # a retained message replayed on subscribe carries the retain flag
+        pub.publish(f"{prefix}/kept", b"old", 1, retain=True).wait_for_publish(5)
+        sub.stop()
+        sub2 = MqttClient(mqtt_broker.host, mqtt_broker.port, client_id=f"fast2-{uuid.uuid4().hex[:8]}",
+                          protocol=protocol, subscriptions=[(f"{prefix}/kept", 1)])
+        sub2.start()
+        try:
+            kept = _drain(sub2, 1)
+            assert [(m.topic, m.payload, m.retain) for m in kept] == [(f"{prefix}/kept", b"old", True)]
+        finally:
+            sub2.stop()
+    finally:
+        pub.publish(f"{prefix}/kept", b"", 1, retain=True).wait_for_publish(5)
+        sub.stop()
+        for c in (ref, pub):
+            c.loop_stop()
+            c.disconnect()
+
+
+@pytest.mark.parametrize("protocol", ["3.1.1", "5"])
+def test_pubacks_read_by_the_fast_lane_complete_publishes(mqtt_broker: Broker, protocol: str) -> None:
+    out = MqttClient(mqtt_broker.host, mqtt_broker.port, client_id=f"out-{uuid.uuid4().hex[:8]}",
+                     protocol=protocol, track_published=True)
+    acked = threading.Event()
+    out.on_published = acked.set
+    out.start()
+    try:
+        assert out.wait_connected(10)
+        infos = [out.publish(f"fast/{uuid.uuid4().hex[:6]}/out", b"x" * (i % 50), 1) for i in range(500)]
+        assert _wait(lambda: len(out.published_mids) == 500)
+        assert sorted(out.published_mids) == sorted(info.mid for info in infos)
+        assert all(info.is_published() for info in infos)
+        assert not out._client._out_messages  # paho forgot them: nothing is resent on a reconnect
+        assert out.fast_read >= 250
+    finally:
+        out.stop()
+
+
+class _Bytes:
+    """A socket that returns prepared bytes once."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def recv(self, n: int) -> bytes:
+        if not self.data:
+            raise BlockingIOError
+        out, self.data = self.data[:n], self.data[n:]
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+def _publish_packet(topic: bytes, payload: bytes, qos: int = 1, mid: int = 7, props: bytes = b"") -> bytes:
+    body = struct.pack("!H", len(topic)) + topic + (struct.pack("!H", mid) if qos else b"") + props + payload
+    return bytes([0x30 | qos << 1]) + _varint(len(body)) + body
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        n, b = divmod(n, 128)
+        out.append(b | (128 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+GOOD = _publish_packet(b"s/basket/b1/cart", b'{"a":1}', props=b"\x00")
+LEFT_FOR_PAHO = {
+    "QoS 2": _publish_packet(b"s/basket/b1/cart", b"x", qos=2, props=b"\x00"),
+    "a $ topic": _publish_packet(b"$SYS/broker/publish/messages/dropped", b"3", qos=0, props=b"\x00"),
+    "an empty topic (an alias)": _publish_packet(b"", b"x", props=b"\x03\x23\x00\x01"),
+    "a topic that is not UTF-8": _publish_packet(b"s/\xff\xfe", b"x", props=b"\x00"),
+    "properties longer than the packet": _publish_packet(b"s/t", b"", props=b"\x05\x01"),
+    "a length of five bytes": b"\x32\xff\xff\xff\xff\x01" + b"\x00" * 8,
+    "a packet cut by the end of the read": GOOD[:-3],
+    "a PUBACK with a failure": b"\x40\x03\x00\x07\x80",
+    "a PUBACK with properties": b"\x40\x08\x00\x07\x00\x04\x1f\x00\x01x",
+    "a SUBACK": b"\x90\x03\x00\x01\x01",
+    "a PINGRESP": b"\xd0\x00",
+    "a packet id past the packet": b"\x32\x03\x00\x01s",
+}
+
+
+@pytest.mark.parametrize("what", list(LEFT_FOR_PAHO))
+def test_what_the_fast_lane_does_not_read_is_left_to_paho(what: str) -> None:
+    """Two good packets are taken; the one after them is left, byte for byte, for paho."""
+    client = MqttClient("127.0.0.1", 1, client_id="parse", protocol="5", manual_ack=True)
+    client._client._state = _CONNECTED
+    tail = LEFT_FOR_PAHO[what] + (b"" if "cut" in what else GOOD)
+    sock = BufferedSocket(_Bytes(GOOD + GOOD + tail))
+    assert sock.fill()
+    client._read_fast(sock)
+    got = [client.messages.get_nowait() for _ in range(client.messages.qsize())]
+    assert [(m.topic, m.payload, m.mid, m.qos) for m in got] == [("s/basket/b1/cart", b'{"a":1}', 7, 1)] * 2
+    assert sock.buffered == len(tail)
+    assert sock.recv(len(tail)) == tail  # paho reads exactly what was left
+
+
+def test_successful_pubacks_complete_the_publish_whatever_their_reason_code() -> None:
+    """MQTT 5 success codes below 0x80 (Mosquitto sends 0x10 "no matching subscribers") are successes."""
+    client = MqttClient("127.0.0.1", 1, client_id="acks", protocol="5", track_published=True)
+    c = client._client
+    c._state = _CONNECTED
+    c._sock = BufferedSocket(_Bytes(b""))
+    infos = [client.publish("s/out", b"x", 1) for _ in range(4)]
+    acks = b"".join([b"\x40\x02" + struct.pack("!H", infos[0].mid),
+                     b"\x40\x03" + struct.pack("!H", infos[1].mid) + b"\x10",
+                     b"\x40\x04" + struct.pack("!H", infos[2].mid) + b"\x00\x00",
+                     b"\x40\x03" + struct.pack("!H", infos[3].mid) + b"\x00"])
+    sock = BufferedSocket(_Bytes(acks))
+    assert sock.fill()
+    client._read_fast(sock)
+    assert list(client.published_mids) == [info.mid for info in infos]
+    assert all(info.is_published() for info in infos) and not c._out_messages and sock.buffered == 0
+
+
+def test_the_fast_lane_stops_at_a_full_queue() -> None:
+    client = MqttClient("127.0.0.1", 1, client_id="full", protocol="3.1.1", queue_size=3)
+    client._client._state = _CONNECTED
+    one = _publish_packet(b"s/t", b"x", qos=0)
+    sock = BufferedSocket(_Bytes(one * 10))
+    assert sock.fill()
+    client._read_fast(sock)
+    assert client.messages.qsize() == 3
+    assert sock.buffered == len(one) * 7
+    client.discard_incoming()  # shutting down: read on, queue nothing
+    client._read_fast(sock)
+    assert client.messages.qsize() == 3 and client.discarded == 7 and sock.buffered == 0
+
+
+def test_fill_keeps_the_end_of_the_connection_for_paho() -> None:
+    class Closed:
+        def recv(self, n: int) -> bytes:
+            return b""
+
+    sock = BufferedSocket(Closed())
+    assert not sock.fill() and sock.failed
+    assert sock.recv(1) == b""  # paho sees the end and reconnects
+
+    class Broken:
+        def recv(self, n: int) -> bytes:
+            raise ConnectionResetError("reset")
+
+    sock = BufferedSocket(Broken())
+    assert not sock.fill() and sock.failed
+    with pytest.raises(ConnectionResetError):
+        sock.recv(1)
