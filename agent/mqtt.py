@@ -331,7 +331,7 @@ class MqttClient:
         except Exception:  # paho may raise on an already broken socket
             _LOG.debug("disconnect failed", exc_info=True)
         self._loop.wake()
-        if not self._done.wait(timeout):
+        if not self._loop.run_until(self._done.is_set, timeout):
             _LOG.warning("MQTT connection to %s:%d did not close within %.1f s", self.host, self.port, timeout)
         self._loop.remove(self)
         self._connected.clear()
@@ -603,6 +603,10 @@ class MqttClient:
                          retain: bool = False, timeout: float = 2.0) -> bool:
         """Publish and wait (at most ``timeout``) until the broker acknowledged it."""
         info = self.publish(topic, payload, qos, retain)
+        if not self._loop.threaded:  # nobody else runs the loop: run it here until the PUBACK
+            if info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
+                raise MqttError(f"publish to {topic!r} failed: the message queue is full")
+            return self._loop.run_until(info.is_published, timeout)
         try:
             info.wait_for_publish(timeout)
         except (RuntimeError, ValueError) as exc:
@@ -846,20 +850,28 @@ class BufferedSocket:
 
 
 class NetworkLoop:
-    """One thread doing the network work of one or more :class:`MqttClient` s (paho's ``loop_read``,
-    ``loop_write``, ``loop_misc`` around one ``poll``), in place of paho's ``loop_start``.
+    """The network work of one or more :class:`MqttClient` s (paho's ``loop_read``, ``loop_write``,
+    ``loop_misc`` around one ``poll``), in place of paho's ``loop_start``.
 
     Why not paho's thread: a client must be able to stop reading while its queue is full
-    (module docstring), and the agent's two connections share this one thread (a thread
-    more costs every event GIL hand-overs). Reconnecting follows paho's back-off: the
-    minimum delay after a lost connection, doubling up to the maximum while attempts fail.
-    Callbacks of the clients run in this thread.
+    (module docstring), and the agent's two connections share one loop. Reconnecting
+    follows paho's back-off: the minimum delay after a lost connection, doubling up to the
+    maximum while attempts fail. Callbacks of the clients run in the thread that runs it.
+
+    ``threaded`` (the default): a thread of its own runs it. Otherwise the caller does, with
+    :meth:`run_once` (the agent's worker, between messages: see ``AgentService._work``):
+    with two threads every event crossed between them twice, and the hand-overs of the GIL
+    (futex calls, context switches, a ``poll`` and a ``send`` pass per answer) cost more
+    CPU than the event's Python. :meth:`MqttClient.stop` and ``publish_and_wait`` run the
+    loop themselves when nobody else does (:meth:`run_until`).
     """
 
-    def __init__(self, name: str = "mqtt-network") -> None:
+    def __init__(self, name: str = "mqtt-network", *, threaded: bool = True) -> None:
         self.name = name
+        self.threaded = threaded
         self._clients: list[MqttClient] = []
         self._lock = threading.Lock()
+        self._pass_lock = threading.Lock()  # one pass at a time (run_once from several threads)
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._wake_r: socket.socket | None = None
@@ -869,10 +881,11 @@ class NetworkLoop:
         with self._lock:
             if client not in self._clients:
                 self._clients.append(client)
-            if self._thread is None:
+            if self._wake_r is None:
                 self._wake_r, self._wake_w = socket.socketpair()
                 self._wake_r.setblocking(False)
                 self._wake_w.setblocking(False)
+            if self.threaded and self._thread is None:
                 self._stop.clear()
                 self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
                 self._thread.start()
@@ -883,15 +896,17 @@ class NetworkLoop:
         with self._lock:
             if client in self._clients:
                 self._clients.remove(client)
-            thread = self._thread if not self._clients else None
+            last = not self._clients
+            thread = self._thread if last else None
             if thread is not None:
                 self._stop.set()
         if thread is not None:
             self.wake()
             if thread is not threading.current_thread():
                 thread.join(2.0)
+        if last:
             with self._lock:
-                if self._thread is thread:
+                if self._thread is thread and not self._clients:
                     self._thread = None
                     for s in (self._wake_r, self._wake_w):
                         if s is not None:
@@ -899,7 +914,7 @@ class NetworkLoop:
                     self._wake_r = self._wake_w = None
 
     def wake(self) -> None:
-        """Make the thread look again (something to write, a client added or stopping)."""
+        """Make the loop look again (something to write, a client added or stopping)."""
         w = self._wake_w
         if w is not None:
             try:
@@ -907,22 +922,48 @@ class NetworkLoop:
             except OSError:  # full (already woken) or closed
                 pass
 
+    def run_once(self, timeout: float = 0.0) -> None:
+        """One pass (without a thread of its own): wait at most ``timeout`` s for something to do,
+        then read, write and keep alive every client. Never raises."""
+        wake_r = self._wake_r
+        if wake_r is None:
+            if timeout > 0:
+                time.sleep(min(timeout, 0.05))  # no client yet
+            return
+        with self._pass_lock:
+            try:
+                self._once(wake_r, timeout)
+            except Exception:  # paho re-raises callback errors; the caller must go on
+                _LOG.exception("MQTT network loop failed; continuing")
+
+    def run_until(self, done: Callable[[], bool], timeout: float) -> bool:
+        """Wait until ``done()`` (at most ``timeout`` s), running the loop if it has no thread."""
+        deadline = time.monotonic() + timeout
+        while not done():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            if self.threaded:
+                time.sleep(min(left, 0.005))
+            else:
+                self.run_once(min(left, 0.02))
+        return True
+
     def _run(self) -> None:
         wake_r = self._wake_r
         assert wake_r is not None
         while not self._stop.is_set():
             try:
-                self._once(wake_r)
+                self._once(wake_r, 1.0)
             except Exception:  # never let the network thread die; paho re-raises callback errors
                 _LOG.exception("MQTT network loop failed; continuing")
                 self._stop.wait(0.1)
         _LOG.debug("MQTT network thread ends")
 
-    def _once(self, wake_r: socket.socket) -> None:
+    def _once(self, wake_r: socket.socket, timeout: float) -> None:
         with self._lock:
             clients = list(self._clients)
         now = time.monotonic()
-        timeout = 1.0
         # poll(), not select(): select() cannot watch a descriptor numbered 1024 or more, and the
         # HTTP bridge in the same process may hold that many connections
         poller = select.poll()

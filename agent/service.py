@@ -2,13 +2,14 @@
 
 Threads:
 
-* one network thread (:class:`agent.mqtt.NetworkLoop`) for two MQTT connections: events
-  in (persistent session, the status, the Last Will; incoming messages are only queued)
-  and answers out (so their PUBACKs never wait behind unread events);
-* one worker thread (:meth:`AgentService._work`) drains the queue in order:
-  parse -> :class:`~agent.events.BasketStates` -> ``registry.current.recommend`` ->
-  publish -> acknowledge. It also expires idle baskets, republishes the status
-  and logs a summary periodically.
+* one worker thread (:meth:`AgentService._work`) runs the network loop
+  (:class:`agent.mqtt.NetworkLoop`, without a thread of its own) of two MQTT connections,
+  events in (persistent session, the status, the Last Will) and answers out (so their
+  PUBACKs never wait behind unread events), and between its passes drains the messages
+  read, in order: parse -> :class:`~agent.events.BasketStates` ->
+  ``registry.current.recommend`` -> publish -> acknowledge. It also expires idle baskets,
+  republishes the status and logs a summary periodically. (Until 2026-11-25 a network
+  thread of its own did the I/O; each event then crossed between two threads twice.)
 
 A bad event costs one message on ``PREFIX/basket/{id}/errors`` and a log
 line; the agent carries on.
@@ -69,6 +70,9 @@ _LOG = logging.getLogger(__name__)
 __all__ = ["AgentService", "UpdateSink", "parse_ts"]
 
 _WAKE = Message("", b"")  # queued to wake the worker (status due, stop)
+#: with a backlog the worker runs a network pass every this many messages (answers and acks out,
+#: events in); far below the broker's inflight window (broker.receive_maximum, 100)
+_WRITE_EVERY = 16
 _FRACTION = re.compile(r"\.(\d+)")
 _COMPACT_OFFSET = re.compile(r"([+-]\d\d)(\d\d)$")
 
@@ -168,12 +172,14 @@ class AgentService:
         self._worker: threading.Thread | None = None
         self._stop_requested = 0.0  # time.perf_counter() of stop(): what arrived later is left unacked
         self._last_publish: Any = None  # MQTTMessageInfo of the worker's latest publish
-        self._idle = False  # the worker waits for a message (read by the answers' network thread)
         self._answer_listeners: list[Callable[[str, bytes], None]] = []
         self.notifier = Notifier()  # systemd Type=notify + WatchdogSec; a no-op outside systemd
         # stable: the broker keeps this agent's session (and the events queued for it) under it
         client_id = config.client_id or f"smartbasket-agent-{config.agent_id}"
-        broker, loop = config.broker, NetworkLoop()  # one network thread for both connections
+        # one loop for both connections, run by the worker between messages (no network thread: see
+        # NetworkLoop; every event crossing between two threads cost more than its own Python)
+        broker = config.broker
+        self._loop = loop = NetworkLoop(threaded=False)
         # events in (and the status, and the Last Will): persistent session, acknowledged when handled
         self.mqtt = MqttClient.for_broker(
             broker, client_id=client_id, loop=loop,
@@ -193,7 +199,7 @@ class AgentService:
         # connections one client id, each knocking the other off.
         self.out = MqttClient.for_broker(
             broker, client_id=f"{client_id}-out", loop=loop, max_queued_out=0, track_published=True,
-            on_connected=self._on_connected, on_published=self._wake_if_idle,
+            on_connected=self._on_connected,
             **({"username": f"{broker.username}-out"} if broker.username else {}))
         self.metrics.set_gauges(self._gauges)
 
@@ -311,22 +317,16 @@ class AgentService:
                 "models": snap.model_versions if snap is not None else {"guest": None, "member": None},
                 "last_update": self.last_update, "stats": self.metrics.snapshot(), "ts": _now_iso()}
 
-    def _on_connected(self, first: bool) -> None:  # a network thread (either connection): flags only
+    def _on_connected(self, first: bool) -> None:  # the network loop (either connection): flags only
         if not first:
             self.metrics.reconnect()
         self._status_due.set()
         self._wake()
 
-    def _wake_if_idle(self) -> None:
-        """An answer was acknowledged: an idle worker acknowledges its event now, not in 0.5 s (a
-        crash in between would have the broker redeliver an event that was answered). A busy
-        worker settles acknowledgements after every message anyway: no wake-up then."""
-        if self._idle:
-            self._idle = False
-            self._wake()
-
     def _wake(self) -> None:
-        self.mqtt.messages.put_nowait(_WAKE)  # unbounded: never blocks the network thread
+        """Make the worker look (status due, stop): it may be waiting in the network loop's poll."""
+        self.mqtt.messages.put_nowait(_WAKE)  # unbounded: never blocks
+        self._loop.wake()
 
     def _publish_status(self) -> None:
         try:
@@ -339,18 +339,23 @@ class AgentService:
         s = self.config
         next_status = next_summary = next_expire = time.monotonic()
         next_summary += s.summary_interval_s
+        messages, loop = self.mqtt.messages, self._loop
+        unwritten = 0  # messages handled since the last network pass
         while not self._stopping.is_set():
             try:
-                msg = self.mqtt.messages.get_nowait()
+                msg = messages.get_nowait()
             except queue.Empty:
-                self._idle = True  # from here on an acknowledged answer wakes us (_wake_if_idle)
-                try:
-                    msg = self.mqtt.messages.get(timeout=0.5)
-                except queue.Empty:
-                    msg = None
-                self._idle = False
+                # nothing read is waiting: write the answers and acknowledgements, then wait for input
+                # (a message, a PUBACK, a wake-up) at most 0.5 s
+                loop.run_once(0.5)
+                unwritten = 0
+                msg = None
             if msg is not None and msg is not _WAKE:
                 self._take(msg)
+                unwritten += 1
+                if unwritten >= _WRITE_EVERY:  # a backlog: answers go out in batches, new events come in
+                    loop.run_once(0.0)
+                    unwritten = 0
             self.mqtt.settle(self.out)
             now = time.monotonic()
             self.notifier.ping(now)  # here, not in a thread of its own: a hung worker must stop the pings
@@ -410,7 +415,7 @@ class AgentService:
             handled += 1
         while self.mqtt.unacked and time.monotonic() < deadline:
             self.mqtt.settle(self.out)
-            time.sleep(0.005)
+            self._loop.run_once(0.005)  # writes the answers, reads their PUBACKs
         self.mqtt.settle(self.out)
         left += sum(1 for m in self._queued() if m is not _WAKE) + self.mqtt.discarded
         self.metrics.left(left)
