@@ -164,6 +164,12 @@ def test_guest_cart_answer(mqtt_broker: Broker, protocol: str, make_agent: Any) 
                    "items": [{"id": "B", "name": NAMES["B"]}, {"id": "C", "name": NAMES["C"]}],
                    "model": "guest", "model_version": VERSION, "event_id": "e-0001", "seq": 17}
     assert "바나나".encode() in msg.payload  # UTF-8, not \u escapes
+    # the worker ran the network loop: there is no network thread (NetworkLoop(threaded=False))
+    assert not svc._loop.threaded and svc._loop._thread is None
+    deadline = time.monotonic() + 5  # the event by the fast lane; then the answer's PUBACK too
+    while svc.out.fast_read == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert svc.mqtt.fast_read > 0 and svc.out.fast_read > 0
     # retained: a display that starts later still gets it
     assert [json.loads(p)["event_id"] for p in retained(mqtt_broker, msg.topic, protocol)] == ["e-0001"]
 

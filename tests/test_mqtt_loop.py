@@ -1,4 +1,5 @@
-"""The MQTT fast lane (``MqttClient._read_fast``): PUBLISH and PUBACK packets read without paho.
+"""The MQTT fast lane (``MqttClient._read_fast``): PUBLISH and PUBACK packets read without paho; and the
+network loop without a thread of its own (``NetworkLoop(threaded=False)``), which the agent's worker runs.
 
 It must deliver exactly what paho would (topic, payload, QoS, retain flag, packet id), over
 both protocols, through a real Mosquitto, with MQTT 5 properties skipped correctly; and it
@@ -20,7 +21,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.mqtt import _CONNECTED, FAST_LANE_NEEDS, BufferedSocket, Message, MqttClient
+from agent.mqtt import _CONNECTED, FAST_LANE_NEEDS, BufferedSocket, Message, MqttClient, NetworkLoop, Will
 from scripts.brokers import Broker
 
 PAHO_PROTOCOLS = {"3.1.1": paho.MQTTv311, "5": paho.MQTTv5}
@@ -257,3 +258,41 @@ def test_fill_keeps_the_end_of_the_connection_for_paho() -> None:
     assert not sock.fill() and sock.failed
     with pytest.raises(ConnectionResetError):
         sock.recv(1)
+
+
+# --- the loop without a thread of its own (the agent's: its worker runs it) -------------------------
+def test_a_loop_without_a_thread_runs_only_where_it_is_called(mqtt_broker: Broker) -> None:
+    """Connecting, reading, publish_and_wait and a clean stop (no Last Will) all happen in the passes of
+    whoever calls run_once: here the test itself."""
+    prefix = f"inline/{uuid.uuid4().hex[:8]}"
+    will_topic = f"{prefix}/status"
+    watched: queue.Queue[bytes] = queue.Queue()
+    watcher = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"w-{uuid.uuid4().hex[:8]}",
+                          protocol=paho.MQTTv5)
+    watcher.on_message = lambda c, u, m: watched.put(m.payload)
+    watcher.connect(mqtt_broker.host, mqtt_broker.port)
+    watcher.subscribe(will_topic, 1)
+    watcher.loop_start()
+    loop = NetworkLoop(threaded=False)
+    client = MqttClient(mqtt_broker.host, mqtt_broker.port, client_id=f"inline-{uuid.uuid4().hex[:8]}",
+                        subscriptions=[(f"{prefix}/in", 1)], will=Will(will_topic, b"gone", 1, False), loop=loop)
+    pub = _publisher(mqtt_broker, "5")
+    try:
+        client.start()
+        time.sleep(0.3)
+        assert not client.connected  # nobody ran the loop
+        assert "mqtt-network" not in {t.name for t in threading.enumerate()}
+        assert loop.run_until(lambda: client.connected, 10)
+        pub.publish(f"{prefix}/in", b"hello", 1)
+        assert loop.run_until(lambda: client.messages.qsize() > 0, 10)
+        assert client.messages.get_nowait().payload == b"hello"
+        assert client.publish_and_wait(f"{prefix}/out", b"x", 1, timeout=5)  # runs the loop itself
+        client.stop()
+        assert not client.connected
+        with pytest.raises(queue.Empty):  # a clean DISCONNECT: the broker keeps the Will to itself
+            watched.get(timeout=1.0)
+    finally:
+        client.stop()
+        for c in (pub, watcher):
+            c.loop_stop()
+            c.disconnect()
