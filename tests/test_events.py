@@ -37,6 +37,26 @@ def test_topics_build_and_parse() -> None:
     assert t.parse_basket(t.errors("x")) == BasketTopic("smartbasket/store-17", "x", "errors")
 
 
+def test_topics_remember_only_what_passed_and_stay_bounded() -> None:
+    """parse_cart and recommendations are cached per topic / basket (per event they were ~5 % of a
+    guest event): the cache never answers for a topic that failed, nor grows without bound."""
+    from agent import topics as topics_module
+
+    t = Topics("s")
+    for _ in range(2):  # the second time from the cache: the same answer
+        assert t.parse_cart("s/basket/b-1/cart") == "b-1"
+        assert t.recommendations("b-1") == "s/basket/b-1/recommendations"
+        with pytest.raises(EventError):
+            t.parse_cart("s/basket/b-1/errors")
+        with pytest.raises(ValueError):
+            t.recommendations("a/b")
+    assert t == Topics("s") and hash(t) == hash(Topics("s"))  # the caches are not part of the value
+    for i in range(topics_module._CACHED + 10):
+        assert t.parse_cart(f"s/basket/b{i}/cart") == f"b{i}"
+        assert t.recommendations(f"b{i}").endswith(f"/b{i}/recommendations")
+    assert len(t._basket_of) <= topics_module._CACHED and len(t._answers_to) <= topics_module._CACHED
+
+
 @pytest.mark.parametrize("topic", [
     "smartbasket/basket//cart",                  # empty basket id
     "smartbasket/basket/a/b/cart",               # id with '/'
