@@ -198,7 +198,7 @@ def create_app(registry: ModelRegistry, metrics: Metrics | None = None,
         return JSONResponse({
             "user_id": user.user_id if user.user_id is not None else GUEST,
             "recommendations": rec.ids,
-            "items": [{"id": p, "name": snap.name(p)} for p in rec.ids],
+            "items": [{"id": p, "name": name} for p, name in zip(rec.ids, snap.names_for(rec))],
             "model": rec.model,
             "model_version": rec.version,
         })

@@ -81,8 +81,8 @@ class Recommendation:
     model: str  # "guest" | "member"
     version: str
     unknown: list[str] = field(default_factory=list)
-    #: display names of ``ids`` when the snapshot had them at hand (else ModelSnapshot.names_of)
-    names: list[str] | None = None
+    #: the guest model's item indices of ``ids`` when it answered (ModelSnapshot.names_for reads names by row)
+    rows: np.ndarray | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -113,10 +113,15 @@ class ModelSnapshot:
         if request.user_id is not None and self.member is not None and self.member.knows_user(request.user_id):
             return Recommendation(self.member.recommend(request), "member", self.version, unknown)
         rows = g.recommend_indices(request)
+        return Recommendation(g.item_ids_[rows].tolist(), "guest", self.version, unknown, rows)
+
+    def names_for(self, rec: Recommendation) -> list[str]:
+        """Display names of ``rec.ids``: by row when the guest model answered (its rows are the names'
+        rows; no second lookup by id, ~15 us an answer), else :meth:`names_of`."""
         names = self.names
-        # the guest's rows are the names' rows: no second lookup by id (~15 us an answer)
-        at_hand = names.names_at(rows) if isinstance(names, ProductNames) and names.indexes(g.index_) else None
-        return Recommendation(g.item_ids_[rows].tolist(), "guest", self.version, unknown, at_hand)
+        if rec.rows is not None and isinstance(names, ProductNames) and names.indexes(self.guest.index_):
+            return names.names_at(rec.rows)
+        return self.names_of(rec.ids)
 
     def name(self, product_id: str) -> str:
         return self.names.get(product_id, product_id)

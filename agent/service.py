@@ -534,8 +534,7 @@ class AgentService:
             "basket_id": basket_id,
             "user_id": user.user_id if user.user_id is not None else "guest",
             "recommendations": rec.ids,
-            "items": [{"id": pid, "name": name} for pid, name in
-                      zip(rec.ids, rec.names if rec.names is not None else snap.names_of(rec.ids))],
+            "items": [{"id": pid, "name": name} for pid, name in zip(rec.ids, snap.names_for(rec))],
             "model": rec.model, "model_version": rec.version,
             "event_id": event.event_id, "seq": event.seq, "ts": _now_iso()})
         if self._publish_recommendations(basket_id, payload):

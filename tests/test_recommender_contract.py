@@ -176,14 +176,12 @@ def test_concurrent_callers_get_the_serial_answers(snapshot, trained):
 
 
 def test_the_snapshot_names_its_answers_as_names_of_would(snapshot, trained):
-    """A guest answer carries its display names (looked up by row, not by id again); a member answer
-    leaves them to ``names_of``. Either way the service shows the same names."""
+    """A guest answer carries its rows, and its display names are read by row, not looked up by id
+    again; a member answer's by id. Either way the names are those of ``names_of``."""
     for fam in range(0, 20, 4):
         cart = tuple(trained.family_items(fam)[:3])
         for user in (None, trained.member_id):
             rec = snapshot.recommend(RecommendRequest(cart=cart, top_k=10, user_id=user))
-            if rec.model == "guest":
-                assert rec.names is not None and rec.names == snapshot.names_of(rec.ids)
-                assert all(isinstance(n, str) for n in rec.names)
-            else:
-                assert rec.names is None
+            assert (rec.rows is not None) == (rec.model == "guest")
+            names = snapshot.names_for(rec)
+            assert names == snapshot.names_of(rec.ids) and all(isinstance(n, str) for n in names)
