@@ -13,7 +13,6 @@ import struct
 import threading
 import time
 import uuid
-from typing import Any
 
 import paho.mqtt.client as paho
 import pytest
@@ -25,15 +24,6 @@ from agent.mqtt import _CONNECTED, FAST_LANE_NEEDS, BufferedSocket, Message, Mqt
 from scripts.brokers import Broker
 
 PAHO_PROTOCOLS = {"3.1.1": paho.MQTTv311, "5": paho.MQTTv5}
-
-
-def _wait(cond: Any, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.01)
-    return cond()
 
 
 def _publisher(broker: Broker, protocol: str) -> paho.Client:
@@ -138,11 +128,12 @@ def test_pubacks_read_by_the_fast_lane_complete_publishes(mqtt_broker: Broker, p
     try:
         assert out.wait_connected(10)
         infos = [out.publish(f"fast/{uuid.uuid4().hex[:6]}/out", b"x" * (i % 50), 1) for i in range(500)]
-        assert _wait(lambda: len(out.published_mids) == 500)
+        assert out._loop.run_until(lambda: len(out.published_mids) == 500, 10)  # its own thread runs it
         assert sorted(out.published_mids) == sorted(info.mid for info in infos)
         assert all(info.is_published() for info in infos)
         assert not out._client._out_messages  # paho forgot them: nothing is resent on a reconnect
         assert out.fast_read >= 250
+        assert acked.is_set()  # on_published is called for PUBACKs the lane read
     finally:
         out.stop()
 

@@ -68,12 +68,17 @@ typedef struct {
 typedef Column Index;
 typedef Column Values;
 
-static int index_arg(PyObject *o, const char *name, Index *out) {
-    if (!want(o, name, 1, NPY_INT32, NPY_INT64)) return 0;
+/* A Column of `narrow` or `wide` elements (the two numpy types it may have). */
+static int column_arg(PyObject *o, const char *name, int narrow, int wide, Column *out) {
+    if (!want(o, name, 1, narrow, wide)) return 0;
     out->p = data(o);
-    out->wide = PyArray_TYPE((PyArrayObject *)o) == NPY_INT64;
+    out->wide = PyArray_TYPE((PyArrayObject *)o) == wide;
     out->n = len(o);
     return 1;
+}
+
+static int index_arg(PyObject *o, const char *name, Index *out) {
+    return column_arg(o, name, NPY_INT32, NPY_INT64, out);
 }
 
 static inline int64_t at(const Index *ix, npy_intp i) {
@@ -82,11 +87,7 @@ static inline int64_t at(const Index *ix, npy_intp i) {
 
 /* Values are read as float32: the features' type. */
 static int values_arg(PyObject *o, const char *name, Values *out) {
-    if (!want(o, name, 1, NPY_FLOAT32, NPY_FLOAT64)) return 0;
-    out->p = data(o);
-    out->wide = PyArray_TYPE((PyArrayObject *)o) == NPY_FLOAT64;
-    out->n = len(o);
-    return 1;
+    return column_arg(o, name, NPY_FLOAT32, NPY_FLOAT64, out);
 }
 
 static inline float value_at(const Values *v, npy_intp i) {
