@@ -429,6 +429,16 @@ class MqttClient:
         if c.socket() is sock and isinstance(sock, BufferedSocket):
             sock.flush()
 
+    def _write_ahead(self, sock: BufferedSocket) -> None:
+        """Before poll(): write what paho has queued (answers, acknowledgements) now, so the poll waits
+        only for input instead of returning at once for a writable socket and costing a second pass
+        (an idle agent made four passes per event, two of them only to write)."""
+        c = self._client
+        if c.socket() is sock:
+            c.loop_write()
+        if c.socket() is sock:
+            sock.flush()
+
     def _full(self) -> bool:
         return not self._discarding and self.messages.qsize() >= self.queue_size
 
@@ -882,6 +892,11 @@ class NetworkLoop:
         self._stop = threading.Event()
         self._wake_r: socket.socket | None = None
         self._wake_w: socket.socket | None = None
+        # without a thread: the thread that ran the last pass, and the one inside a pass now (see wake)
+        self._runner: int | None = None
+        self._in_pass: int | None = None
+        #: wake-ups written to the wake socket, and wake-ups not needed (the caller runs the next pass)
+        self.wakes = self.wakes_skipped = 0
 
     def add(self, client: MqttClient) -> None:
         with self._lock:
@@ -920,9 +935,22 @@ class NetworkLoop:
                     self._wake_r = self._wake_w = None
 
     def wake(self) -> None:
-        """Make the loop look again (something to write, a client added or stopping)."""
+        """Make the loop look again (something to write, a client added or stopping).
+
+        Without a thread, a wake-up from the thread that runs the passes, while no other
+        thread is inside one, is not written: its next pass looks anyway (and polls for
+        writing while paho has something to write). The agent's worker queues two packets
+        per event (the answer, then the event's PUBACK); each wake-up cost a ``send``, a
+        ``recv`` and a ``poll`` that returned at once.
+        """
+        if not self.threaded:
+            me = threading.get_ident()
+            if self._runner == me and self._in_pass in (None, me):
+                self.wakes_skipped += 1
+                return
         w = self._wake_w
         if w is not None:
+            self.wakes += 1
             try:
                 w.send(b"\0")
             except OSError:  # full (already woken) or closed
@@ -937,10 +965,13 @@ class NetworkLoop:
                 time.sleep(min(timeout, 0.05))  # no client yet
             return
         with self._pass_lock:
+            self._runner = self._in_pass = threading.get_ident()
             try:
                 self._once(wake_r, timeout)
             except Exception:  # paho re-raises callback errors; the caller must go on
                 _LOG.exception("MQTT network loop failed; continuing")
+            finally:
+                self._in_pass = None
 
     def run_until(self, done: Callable[[], bool], timeout: float) -> bool:
         """Wait until ``done()`` (at most ``timeout`` s), running the loop if it has no thread."""
@@ -985,6 +1016,8 @@ class NetworkLoop:
                 fd = sock.fileno()
             except (OSError, ValueError):  # closed meanwhile
                 continue
+            if isinstance(sock, BufferedSocket) and cl._client.want_write():
+                cl._write_ahead(sock)
             mask = (select.POLLIN if read else 0) | (
                 select.POLLOUT if cl._client.want_write() or getattr(sock, "unsent", 0) else 0)
             ready.append((cl, sock, read, fd))
