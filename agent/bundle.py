@@ -44,6 +44,7 @@ import numpy as np
 
 from .errors import BundleError, SignatureError
 from .layout import is_edge_file
+from .signing import load_public_key, signature_matches
 
 _LOG = logging.getLogger(__name__)
 
@@ -112,23 +113,6 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def load_public_key(path: str | Path) -> Any:
-    """Read an Ed25519 public key (PEM or 32 raw bytes)."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
-    data = Path(path).read_bytes()
-    try:
-        if len(data) == 32:
-            return Ed25519PublicKey.from_public_bytes(data)
-        key = serialization.load_pem_public_key(data)
-    except ValueError as exc:
-        raise SignatureError(f"{path}: not an Ed25519 public key ({exc})") from exc
-    if not isinstance(key, Ed25519PublicKey):
-        raise SignatureError(f"{path}: not an Ed25519 public key")
-    return key
-
-
 def _decode_signature(raw: bytes) -> bytes:
     if len(raw) == 64:
         return raw
@@ -149,8 +133,6 @@ def verify_parameters(root: str | Path, public_key: Any | None, *,
     a present but wrong signature is refused even then. ``map_files``: ``root`` is a
     version nobody rewrites (the agent's own store): its read-only files are mapped.
     """
-    from cryptography.exceptions import InvalidSignature
-
     root = Path(root)
     manifest_path = root / MANIFEST
     try:
@@ -160,10 +142,8 @@ def verify_parameters(root: str | Path, public_key: Any | None, *,
     sig_path = root / SIGNATURE
     signed = False
     if public_key is not None and sig_path.exists():
-        try:
-            public_key.verify(_decode_signature(sig_path.read_bytes()), raw)
-        except InvalidSignature:
-            raise SignatureError(f"{sig_path}: signature does not match the public key") from None
+        if not signature_matches(public_key, _decode_signature(sig_path.read_bytes()), raw):
+            raise SignatureError(f"{sig_path}: signature does not match the public key")
         signed = True
     elif not allow_unsigned:
         if public_key is None:
