@@ -23,6 +23,7 @@ from . import layout
 from .bundle import verify_parameters
 from .errors import BundleError
 from .recommenders.base import RecommendRequest
+from .recommenders.features import index_rows
 from .recommenders.guest import CoPartners, GuestParams, GuestRecommender, RecentBaskets
 from .recommenders.member import MemberBaskets, MemberHistory, MemberParams, MemberRecommender, ScoreParts
 from .recommenders.rerank import FEATURES, MemberStats, TreeReranker
@@ -59,12 +60,11 @@ class ProductNames(Mapping[str, str]):
 
     def names_of(self, product_ids: Sequence[str]) -> list[str]:
         """Display names of known ids (unknown ids name themselves), in one array lookup."""
-        get = self._index.get
-        idx = [get(p, -1) for p in product_ids]
-        if not idx or not len(self._names):
+        if not product_ids or not len(self._names):
             return list(product_ids)
-        names = self._names[idx].tolist()
-        return [n if i >= 0 else p for n, i, p in zip(names, idx, product_ids)]
+        idx = index_rows(self._index, product_ids, known_only=False)
+        names = self._names[idx].tolist()  # -1 (unknown) reads the last name: replaced below
+        return [n if i >= 0 else p for n, i, p in zip(names, idx.tolist(), product_ids)]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._index)

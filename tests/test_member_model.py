@@ -298,17 +298,19 @@ def test_checkpoint_round_trip_and_fine_tune(member_trained: dict, tmp_path: Pat
     assert tuned.history["examples"] > 0
 
 
-def test_models_built_from_equal_lookups_share_one_index_until_none_uses_it(trained):
-    """A hot swap to a bundle with yesterday's catalogue and members reuses the serving version's id -> row
-    dicts (4.6 MB each on 50,000 products) instead of holding two; another catalogue gets its own; the
-    shared dict goes when its last model does."""
+def test_models_built_from_equal_lookups_share_one_index_until_none_uses_it(trained, monkeypatch):
+    """Without the compiled kernels: a hot swap to a bundle with yesterday's catalogue and members reuses the
+    serving version's id -> row dicts (4.6 MB each on 50,000 products) instead of holding two; another
+    catalogue gets its own; the shared dict goes when its last model does. (With the kernels each model
+    has its own IdIndex of 0.9 MB: tests/test_native.py.)"""
     import gc
     import weakref
 
     from agent.bundle import load_public_key
-    from agent.recommenders import features
+    from agent.recommenders import features, native
     from agent.registry import load_snapshot
 
+    monkeypatch.setattr(native, "KERNELS", None)
     key = load_public_key(trained.public_key)
     a, b = load_snapshot(trained.parameters, key), load_snapshot(trained.parameters, key)
     assert a.guest.index_ is b.guest.index_ and a.member.user_index_ is b.member.user_index_

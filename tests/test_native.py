@@ -393,3 +393,67 @@ def test_numpy_float_weights_blend_as_python_floats(snapshot, trained, monkeypat
         ref_top, ref_scores = m._best(parts, excluded, 50)  # a copy: parts stay as they are
     np.testing.assert_array_equal(top, ref_top)
     np.testing.assert_array_equal(scores, ref_scores)
+
+
+def _id_index_cases():
+    rng = np.random.default_rng(5)
+    ids = [f"p{int(i)}" for i in rng.integers(0, 400, 300)]  # repeats: the last row wins, as in a dict
+    ids += ["", "\u00e9t\u00e9", "\uc0ac\uacfc", "\U0001f34e", "a\x00b", "x" * 256]
+    return np.array(ids)
+
+
+def test_id_index_answers_as_the_dict_it_replaces():
+    """IdIndex (the kernels' hash table over the lookup array) against build_index's dict, key by key."""
+    from agent.recommenders.features import IdIndex, build_index, index_rows
+
+    ids = _id_index_cases()
+    index, reference = IdIndex(ids, K), build_index(ids.tolist())
+    assert len(index) == len(reference) and list(index) == list(reference) and index == reference
+    probes = list(reference) + ["p-1", "a", "a\x00", "p1\x00", "\u00e9t\u00e9 ", "x" * 257, "P1"]
+    for key in probes:
+        assert index.get(key) == reference.get(key), key
+        assert index.get(key, -7) == reference.get(key, -7)
+        assert (key in index) == (key in reference)
+        if key in reference:
+            assert index[key] == reference[key]
+        else:
+            with pytest.raises(KeyError):
+                index[key]
+    for not_text in (3, None, b"p1", ("p1",)):
+        assert index.get(not_text) is None and not_text not in index
+    rows = index_rows(index, probes, known_only=False)
+    assert rows.dtype == np.int64 and rows.tolist() == [reference.get(k, -1) for k in probes]
+    assert index_rows(index, probes).tolist() == [reference[k] for k in probes if k in reference]
+    assert index_rows(index, iter(["p-1", "zz"])).tolist() == [] and index_rows(index, ()).size == 0
+    assert index_rows(reference, probes, known_only=False).tolist() == rows.tolist()  # the dict's way: the same
+    with pytest.raises(TypeError):
+        index["new"] = 1  # read-only, as the shared dicts are
+    empty = IdIndex(np.array([], dtype="<U4"), K)
+    assert len(empty) == 0 and empty.get("a") is None and index_rows(empty, ["a"]).size == 0
+
+
+def test_id_index_refuses_tables_that_do_not_fit_its_ids():
+    ids = np.array(["a", "b", "c"])
+    hashes, slots = K.id_table(ids)
+    with pytest.raises(ValueError):
+        K.id_find(ids, hashes[:2], slots, "a")
+    with pytest.raises(ValueError):
+        K.id_find(ids, hashes, slots[:3], "a")  # not a power of two above n
+    bad = slots.copy()
+    bad[bad >= 0] = 99
+    with pytest.raises(ValueError, match="outside"):
+        K.id_find(ids, hashes, bad, "a")
+    with pytest.raises(TypeError):
+        K.id_table(np.array([b"a", b"b"]))  # bytes, not text
+
+
+def test_models_with_kernels_index_ids_without_dicts(snapshot):
+    """The memory this saves: no dict of 50,000 str keys per catalogue (4.6 MB); a hash and two to four
+    slots a product instead."""
+    from agent.recommenders.features import IdIndex
+
+    g, m = snapshot.guest, snapshot.member
+    assert isinstance(g.index_, IdIndex) and isinstance(m.user_index_, IdIndex)
+    assert m.item_index_ is g.index_  # one numbering: one index
+    assert g.index_._hashes.nbytes + g.index_._slots.nbytes <= 24 * len(g.item_ids_)
+    assert g.indices(g.item_ids_.tolist()).tolist() == list(range(len(g.item_ids_)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -36,8 +37,8 @@ def backend(request, monkeypatch):
 
 
 def test_the_check_agrees_with_cryptography(backend):
-    rng = __import__("random").Random(7)
-    for n in range(40):
+    rng = random.Random(7)
+    for _ in range(40):
         private = Ed25519PrivateKey.generate()
         key = PublicKey(_raw(private))
         message = os.urandom(rng.randrange(0, 3000))

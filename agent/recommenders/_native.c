@@ -925,6 +925,182 @@ done:
     return pair(idx, scores);
 }
 
+/* ---- ids -> rows without a dict ---------------------------------------------------------------- */
+
+/* A product or member id lookup (features.IdIndex): an open-addressing table of rows over the lookup array
+ * itself (numpy 'U', UCS4 rows padded with zeros), keyed by Python's own str hash. A dict of 50,000 ids cost
+ * 4.6 MB (its key strings and int objects); the table costs 16 to 24 bytes a row (a hash, two to four slots). */
+
+static int ids_arg(PyObject *o, const Py_UCS4 **base, npy_intp *width) {
+    if (!PyArray_Check(o) || PyArray_TYPE((PyArrayObject *)o) != NPY_UNICODE || PyArray_NDIM((PyArrayObject *)o) != 1 ||
+        !PyArray_IS_C_CONTIGUOUS((PyArrayObject *)o) || !PyArray_ISALIGNED((PyArrayObject *)o) ||
+        !PyArray_ISNOTSWAPPED((PyArrayObject *)o)) {
+        PyErr_SetString(PyExc_TypeError, "ids: a 1-D contiguous numpy str array expected");
+        return 0;
+    }
+    *base = (const Py_UCS4 *)PyArray_DATA((PyArrayObject *)o);
+    *width = PyArray_ITEMSIZE((PyArrayObject *)o) / 4;
+    return 1;
+}
+
+static inline npy_intp id_length(const Py_UCS4 *row, npy_intp width) { /* numpy drops trailing NULs */
+    while (width > 0 && row[width - 1] == 0) width--;
+    return width;
+}
+
+static int same_id(PyObject *key, const Py_UCS4 *row, npy_intp width) {
+    Py_ssize_t n = PyUnicode_GET_LENGTH(key);
+    if (n > width || id_length(row, width) != n) return 0;
+    int kind = PyUnicode_KIND(key);
+    const void *d = PyUnicode_DATA(key);
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (PyUnicode_READ(kind, d, i) != row[i]) return 0;
+    return 1;
+}
+
+typedef struct {
+    const Py_UCS4 *base;
+    npy_intp width, n;
+    const int64_t *hashes;
+    const int32_t *slots;
+    npy_intp mask;
+} IdTable;
+
+static int table_arg(PyObject *ids_o, PyObject *hashes_o, PyObject *slots_o, IdTable *t) {
+    if (!ids_arg(ids_o, &t->base, &t->width) || !want(hashes_o, "hashes", 1, NPY_INT64, NPY_INT64) ||
+        !want(slots_o, "slots", 1, NPY_INT32, NPY_INT32))
+        return 0;
+    t->n = len(ids_o);
+    npy_intp m = len(slots_o);
+    if (len(hashes_o) != t->n || m < 1 || (m & (m - 1)) || m <= t->n) {
+        PyErr_SetString(PyExc_ValueError, "id table: hashes [n], slots [a power of two > n]");
+        return 0;
+    }
+    t->hashes = data(hashes_o);
+    t->slots = data(slots_o);
+    t->mask = m - 1;
+    return 1;
+}
+
+/* The row of ``key`` (the last of equal ids, as a dict built in order keeps), -1 when absent, -2 on error. */
+static npy_intp find_id(const IdTable *t, PyObject *key) {
+    if (!PyUnicode_Check(key)) return -1; /* a dict of str keys holds no other type either */
+    Py_hash_t h = PyObject_Hash(key);     /* cached in the str object */
+    if (h == -1 && PyErr_Occurred()) return -2;
+    for (npy_intp i = (npy_intp)((uint64_t)h & (uint64_t)t->mask);; i = (i + 1) & t->mask) {
+        int32_t r = t->slots[i];
+        if (r < 0) return -1;
+        if (r >= t->n) {
+            out_of_range("an id table's slot");
+            return -2;
+        }
+        if (t->hashes[r] == (int64_t)h && same_id(key, t->base + r * t->width, t->width)) return r;
+    }
+}
+
+PyDoc_STRVAR(id_table_doc,
+"id_table(ids) -> (hashes, slots)\n\n"
+"features.IdIndex: each id's str hash (int64 [n]) and an open-addressing table of rows (int32, a power of\n"
+"two at least twice n, -1 empty). Equal ids keep the last row, as a dict built in order does.");
+
+static PyObject *id_table(PyObject *self, PyObject *args) {
+    PyObject *ids_o;
+    if (!PyArg_ParseTuple(args, "O", &ids_o)) return NULL;
+    const Py_UCS4 *base;
+    npy_intp width;
+    if (!ids_arg(ids_o, &base, &width)) return NULL;
+    npy_intp n = len(ids_o), m = 1;
+    while (m < 2 * n + 1) m <<= 1;
+    if (n >= INT32_MAX / 2) {
+        PyErr_SetString(PyExc_ValueError, "id_table: too many ids");
+        return NULL;
+    }
+    npy_intp dh[1] = {n}, ds[1] = {m};
+    PyObject *hashes_o = PyArray_SimpleNew(1, dh, NPY_INT64), *slots_o = PyArray_SimpleNew(1, ds, NPY_INT32);
+    if (!hashes_o || !slots_o) goto fail;
+    int64_t *hashes = data(hashes_o);
+    int32_t *slots = data(slots_o);
+    for (npy_intp i = 0; i < m; i++) slots[i] = -1;
+    for (npy_intp r = 0; r < n; r++) {
+        const Py_UCS4 *row = base + r * width;
+        PyObject *key = PyUnicode_FromKindAndData(PyUnicode_4BYTE_KIND, row, id_length(row, width));
+        if (!key) goto fail;
+        Py_hash_t h = PyObject_Hash(key);
+        if (h == -1 && PyErr_Occurred()) {
+            Py_DECREF(key);
+            goto fail;
+        }
+        hashes[r] = (int64_t)h;
+        npy_intp i = (npy_intp)((uint64_t)h & (uint64_t)(m - 1));
+        for (; slots[i] >= 0; i = (i + 1) & (m - 1))
+            if (hashes[slots[i]] == (int64_t)h && same_id(key, base + (npy_intp)slots[i] * width, width)) break;
+        slots[i] = (int32_t)r; /* new, or an equal id before it: the last one wins */
+        Py_DECREF(key);
+    }
+    return pair(hashes_o, slots_o);
+fail:
+    Py_XDECREF(hashes_o);
+    Py_XDECREF(slots_o);
+    return NULL;
+}
+
+PyDoc_STRVAR(id_find_doc,
+"id_find(ids, hashes, slots, key) -> row\n\n"
+"The row of ``key`` in ``ids`` (see id_table), -1 when absent or not a str.");
+
+static PyObject *id_find(PyObject *self, PyObject *args) {
+    PyObject *ids_o, *hashes_o, *slots_o, *key;
+    if (!PyArg_ParseTuple(args, "OOOO", &ids_o, &hashes_o, &slots_o, &key)) return NULL;
+    IdTable t;
+    if (!table_arg(ids_o, hashes_o, slots_o, &t)) return NULL;
+    npy_intp r = find_id(&t, key);
+    return r == -2 ? NULL : PyLong_FromSsize_t(r);
+}
+
+PyDoc_STRVAR(id_find_many_doc,
+"id_find_many(ids, hashes, slots, keys, known_only) -> int64 array\n\n"
+"The row of each of ``keys`` (any iterable), in order: -1 for an absent one, or, with ``known_only``,\n"
+"absent ones left out.");
+
+static PyObject *id_find_many(PyObject *self, PyObject *args) {
+    PyObject *ids_o, *hashes_o, *slots_o, *keys_o;
+    int known_only;
+    if (!PyArg_ParseTuple(args, "OOOOp", &ids_o, &hashes_o, &slots_o, &keys_o, &known_only)) return NULL;
+    IdTable t;
+    if (!table_arg(ids_o, hashes_o, slots_o, &t)) return NULL;
+    PyObject *keys = PySequence_Fast(keys_o, "id_find_many: keys must be iterable");
+    if (!keys) return NULL;
+    Py_ssize_t k = PySequence_Fast_GET_SIZE(keys);
+    npy_intp dims[1] = {k};
+    PyObject *out = PyArray_SimpleNew(1, dims, NPY_INT64);
+    if (!out) {
+        Py_DECREF(keys);
+        return NULL;
+    }
+    int64_t *o = data(out);
+    npy_intp filled = 0;
+    for (Py_ssize_t j = 0; j < k; j++) {
+        npy_intp r = find_id(&t, PySequence_Fast_GET_ITEM(keys, j));
+        if (r == -2) {
+            Py_DECREF(keys);
+            Py_DECREF(out);
+            return NULL;
+        }
+        if (r >= 0 || !known_only) o[filled++] = r;
+    }
+    Py_DECREF(keys);
+    if (filled < k) { /* a view of the first ``filled`` would keep the whole buffer: shrink in place */
+        PyArray_Dims shape = {(npy_intp[]){filled}, 1};
+        PyObject *res = PyArray_Resize((PyArrayObject *)out, &shape, 0, NPY_CORDER);
+        if (!res) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        Py_DECREF(res);
+    }
+    return out;
+}
+
 /* ---- module ------------------------------------------------------------------------------------ */
 
 static PyMethodDef methods[] = {
@@ -934,6 +1110,9 @@ static PyMethodDef methods[] = {
     {"co_partner_sums", co_partner_sums, METH_VARARGS, co_partner_sums_doc},
     {"top_k", top_k, METH_VARARGS, top_k_doc},
     {"blend_top_k", blend_top_k, METH_VARARGS, blend_top_k_doc},
+    {"id_table", id_table, METH_VARARGS, id_table_doc},
+    {"id_find", id_find, METH_VARARGS, id_find_doc},
+    {"id_find_many", id_find_many, METH_VARARGS, id_find_many_doc},
     {"guest_rank", guest_rank, METH_VARARGS, guest_rank_doc},
     {NULL, NULL, 0, NULL}};
 

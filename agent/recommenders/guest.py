@@ -31,7 +31,7 @@ import numpy as np
 
 from . import native
 from .base import RecommendRequest
-from .features import shared_index
+from .features import index_rows, shared_index
 
 _LOG = logging.getLogger(__name__)
 
@@ -225,12 +225,14 @@ class GuestRecommender:
 
     def unknown_ids(self, ids: Sequence[str]) -> list[str]:
         """The ids in ``ids`` that this model does not know."""
-        return [pid for pid in ids if pid not in self.index_]
+        if not ids:
+            return []
+        rows = index_rows(self.index_, ids, known_only=False)
+        return [pid for pid, row in zip(ids, rows.tolist()) if row < 0] if (rows < 0).any() else []
 
     def indices(self, ids: Sequence[str]) -> np.ndarray:
         """Known ids -> item indices (unknown ids dropped, order kept)."""
-        get = self.index_.get
-        return np.fromiter((i for i in map(get, ids) if i is not None), dtype=np.int64)
+        return index_rows(self.index_, ids)
 
     def recommend(self, request: RecommendRequest) -> list[str]:
         return self.item_ids_[self.recommend_indices(request)].tolist()

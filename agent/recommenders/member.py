@@ -35,7 +35,7 @@ import numpy as np
 
 from . import native
 from .base import RecommendRequest
-from .features import CONTEXT_LENGTH, age_bucket, build_index, encode_context, gender_index, shared_index
+from .features import CONTEXT_LENGTH, age_bucket, gender_index, index_rows, shared_index
 from .guest import GuestRecommender, sum_by_item
 from .onnx import cpu_session
 from .rerank import MemberStats, TreeReranker, candidate_features
@@ -219,14 +219,14 @@ class MemberRecommender:
             self.item_index_ = guest.index_
             self.guest_to_item_ = None  # same numbering
         else:
-            self.item_index_ = build_index(self.item_ids_.tolist())
-            self.guest_to_item_ = (None if guest is None else np.array(
-                [self.item_index_.get(p, -1) for p in guest.item_ids_.tolist()], dtype=np.int64))
+            self.item_index_ = shared_index(self.item_ids_)
+            self.guest_to_item_ = (None if guest is None else
+                                   index_rows(self.item_index_, guest.item_ids_.tolist(), known_only=False))
         ctx = np.asarray(context_lookup)
         if len(ctx) == len(self.item_ids_) + 2 and np.array_equal(ctx[2:], self.item_ids_):
             self.context_index_ = None  # context index = item index + 2
         else:
-            self.context_index_ = build_index(ctx.tolist())
+            self.context_index_ = shared_index(ctx)
         self.session_ = cpu_session(onnx_model, self.params.threads)
         names = [i.name for i in self.session_.get_inputs()]
         if sorted(names) != sorted(INPUT_NAMES):
@@ -255,11 +255,15 @@ class MemberRecommender:
         else:
             index, offset = self.context_index_, 0
         # As in training: the basket's own items first (the last CONTEXT_LENGTH), then
-        # the wishlist fills free slots (training fills them with earlier purchases).
-        cart = [p for p in request.cart if p in index][-CONTEXT_LENGTH:]
-        room = CONTEXT_LENGTH - len(cart)
-        wish = [p for p in request.wishlist if p in index and p not in request.cart][:room] if room else []
-        context = encode_context(cart + wish, index, offset)
+        # the wishlist fills free slots (training fills them with earlier purchases);
+        # encode_context's numbering, unknown products left out
+        rows = index_rows(index, request.cart)[-CONTEXT_LENGTH:]
+        room = CONTEXT_LENGTH - len(rows)
+        if room and request.wishlist:
+            wish = index_rows(index, [p for p in request.wishlist if p not in request.cart])[:room]
+            rows = np.concatenate([rows, wish])
+        context = np.zeros(CONTEXT_LENGTH, dtype=np.int64)  # PAD after the items
+        context[:len(rows)] = rows + offset
         feed = {
             "user_index": np.array([self.user_index_.get(request.user_id or "", 0)], dtype=np.int64),
             "gender_index": np.array([gender_index(request.gender)], dtype=np.int64),
@@ -270,8 +274,7 @@ class MemberRecommender:
 
     def item_indices(self, ids: Sequence[str]) -> np.ndarray:
         """Known product ids -> item indices (item_lookup numbering; unknown ids dropped, order kept)."""
-        get = self.item_index_.get
-        return np.fromiter((i for i in map(get, ids) if i is not None), dtype=np.int64)
+        return index_rows(self.item_index_, ids)
 
     def score_parts(self, request: RecommendRequest) -> ScoreParts:
         """Every term of the blend for this request, unweighted (tuning and calibration use this)."""
