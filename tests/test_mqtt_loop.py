@@ -287,3 +287,43 @@ def test_a_loop_without_a_thread_runs_only_where_it_is_called(mqtt_broker: Broke
         for c in (pub, watcher):
             c.loop_stop()
             c.disconnect()
+
+
+def test_the_thread_running_the_loop_writes_before_it_waits_and_never_wakes_itself(mqtt_broker: Broker) -> None:
+    """An idle agent's worker publishes an answer, then runs a pass: the answer is written before the
+    pass polls, so that one pass also reads the broker's PUBACK (before, the first pass returned at once
+    for a writable socket and a second one waited). A wake-up from the thread that runs the passes is not
+    written to the wake socket; one from another thread still interrupts a pass waiting in poll."""
+    loop = NetworkLoop(threaded=False)
+    client = MqttClient(mqtt_broker.host, mqtt_broker.port, client_id=f"ahead-{uuid.uuid4().hex[:8]}", loop=loop)
+    prefix = f"ahead/{uuid.uuid4().hex[:8]}"
+    try:
+        client.start()
+        assert loop.run_until(lambda: client.connected, 10)
+        loop.run_once(0.0)  # the SUBACK-less start settles: nothing left to write
+        for i in range(20):
+            written = loop.wakes
+            info = client.publish(f"{prefix}/answer", b"a%d" % i, 1)
+            assert loop.wakes == written  # this thread runs the next pass: no wake-up written
+            loop.run_once(5.0)  # writes, then waits for input: the PUBACK
+            assert info.is_published(), f"publish {i} needed a second pass"
+        assert loop.wakes_skipped >= 20
+
+        woken = threading.Event()
+
+        def publish_from_elsewhere() -> None:
+            time.sleep(0.3)
+            client.publish(f"{prefix}/other", b"o", 1)  # e.g. the updater's status
+            woken.set()
+
+        other = threading.Thread(target=publish_from_elsewhere)
+        written = loop.wakes
+        other.start()
+        t0 = time.monotonic()
+        loop.run_once(30.0)  # interrupted by the other thread's wake-up, not ended by the timeout
+        other.join()
+        assert woken.is_set() and time.monotonic() - t0 < 15.0
+        assert loop.wakes == written + 1
+        assert loop.run_until(lambda: not client._client.want_write() and client.unacked == 0, 5)
+    finally:
+        client.stop()
