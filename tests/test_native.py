@@ -443,6 +443,8 @@ def test_id_index_refuses_tables_that_do_not_fit_its_ids():
     bad[bad >= 0] = 99
     with pytest.raises(ValueError, match="outside"):
         K.id_find(ids, hashes, bad, "a")
+    full = np.arange(len(slots), dtype=np.int32) % len(ids)  # no free slot: the probe still ends
+    assert K.id_find(ids, hashes, full, "absent") == -1
     with pytest.raises(TypeError):
         K.id_table(np.array([b"a", b"b"]))  # bytes, not text
 

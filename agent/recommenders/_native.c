@@ -987,7 +987,9 @@ static npy_intp find_id(const IdTable *t, PyObject *key) {
     if (!PyUnicode_Check(key)) return -1; /* a dict of str keys holds no other type either */
     Py_hash_t h = PyObject_Hash(key);     /* cached in the str object */
     if (h == -1 && PyErr_Occurred()) return -2;
-    for (npy_intp i = (npy_intp)((uint64_t)h & (uint64_t)t->mask);; i = (i + 1) & t->mask) {
+    npy_intp i = (npy_intp)((uint64_t)h & (uint64_t)t->mask);
+    for (npy_intp probes = 0; probes <= t->mask; probes++, i = (i + 1) & t->mask) { /* bounded: a table
+                                                                                      without a free slot */
         int32_t r = t->slots[i];
         if (r < 0) return -1;
         if (r >= t->n) {
@@ -996,6 +998,7 @@ static npy_intp find_id(const IdTable *t, PyObject *key) {
         }
         if (t->hashes[r] == (int64_t)h && same_id(key, t->base + r * t->width, t->width)) return r;
     }
+    return -1;
 }
 
 PyDoc_STRVAR(id_table_doc,
