@@ -932,12 +932,7 @@ done:
  * 4.6 MB (its key strings and int objects); the table costs 16 to 24 bytes a row (a hash, two to four slots). */
 
 static int ids_arg(PyObject *o, const Py_UCS4 **base, npy_intp *width) {
-    if (!PyArray_Check(o) || PyArray_TYPE((PyArrayObject *)o) != NPY_UNICODE || PyArray_NDIM((PyArrayObject *)o) != 1 ||
-        !PyArray_IS_C_CONTIGUOUS((PyArrayObject *)o) || !PyArray_ISALIGNED((PyArrayObject *)o) ||
-        !PyArray_ISNOTSWAPPED((PyArrayObject *)o)) {
-        PyErr_SetString(PyExc_TypeError, "ids: a 1-D contiguous numpy str array expected");
-        return 0;
-    }
+    if (!want(o, "ids", 1, NPY_UNICODE, NPY_UNICODE)) return 0; /* numpy str: UCS4 rows */
     *base = (const Py_UCS4 *)PyArray_DATA((PyArrayObject *)o);
     *width = PyArray_ITEMSIZE((PyArrayObject *)o) / 4;
     return 1;

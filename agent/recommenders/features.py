@@ -129,7 +129,7 @@ def shared_index(vocabulary: np.ndarray) -> Mapping[str, int]:
     """
     a = np.ascontiguousarray(vocabulary)
     kernels = native.KERNELS
-    if kernels is not None and a.ndim == 1 and a.dtype.kind == "U" and a.dtype.byteorder in "=<|":
+    if kernels is not None and a.ndim == 1 and a.dtype.kind == "U" and a.dtype.isnative:
         return IdIndex(a, kernels)
     if a.ndim != 1 or a.dtype.kind not in "US":  # only text lookups are shared (a hash of pointers is not a key)
         return build_index(a.tolist())
