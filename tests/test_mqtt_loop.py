@@ -289,25 +289,34 @@ def test_a_loop_without_a_thread_runs_only_where_it_is_called(mqtt_broker: Broke
             c.disconnect()
 
 
-def test_the_thread_running_the_loop_writes_before_it_waits_and_never_wakes_itself(mqtt_broker: Broker) -> None:
+@pytest.mark.parametrize("fast_lane", [True, False])
+def test_the_thread_running_the_loop_writes_before_it_waits_and_never_wakes_itself(mqtt_broker: Broker,
+                                                                                    fast_lane: bool) -> None:
     """An idle agent's worker publishes an answer, then runs a pass: the answer is written before the
     pass polls, so that one pass also reads the broker's PUBACK (before, the first pass returned at once
     for a writable socket and a second one waited). A wake-up from the thread that runs the passes is not
-    written to the wake socket; one from another thread still interrupts a pass waiting in poll."""
+    written to the wake socket; one from another thread still interrupts a pass waiting in poll.
+    With the fast lane the answer goes straight into the buffered socket (no wake-up to skip); without
+    it paho queues it and asks for a wake-up, which is skipped."""
     loop = NetworkLoop(threaded=False)
     client = MqttClient(mqtt_broker.host, mqtt_broker.port, client_id=f"ahead-{uuid.uuid4().hex[:8]}", loop=loop)
+    client.fast_lane = fast_lane
     prefix = f"ahead/{uuid.uuid4().hex[:8]}"
     try:
         client.start()
         assert loop.run_until(lambda: client.connected, 10)
         loop.run_once(0.0)  # the SUBACK-less start settles: nothing left to write
+        skipped = loop.wakes_skipped
         for i in range(20):
             written = loop.wakes
             info = client.publish(f"{prefix}/answer", b"a%d" % i, 1)
             assert loop.wakes == written  # this thread runs the next pass: no wake-up written
             loop.run_once(5.0)  # writes, then waits for input: the PUBACK
             assert info.is_published(), f"publish {i} needed a second pass"
-        assert loop.wakes_skipped >= 20
+        if fast_lane:
+            assert client.fast_written == 20 and loop.wakes_skipped == skipped
+        else:
+            assert client.fast_written == 0 and loop.wakes_skipped >= skipped + 20
 
         woken = threading.Event()
 
@@ -327,3 +336,84 @@ def test_the_thread_running_the_loop_writes_before_it_waits_and_never_wakes_itse
         assert loop.run_until(lambda: not client._client.want_write() and client.unacked == 0, 5)
     finally:
         client.stop()
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_the_write_lane_writes_what_paho_writes_and_its_publishes_complete_like_paho_s(
+        mqtt_broker: Broker, protocol: str) -> None:
+    """A QoS 1 publish written by the fast lane is byte for byte paho's packet (but its packet id),
+    for remaining lengths of 1 to 3 bytes, retained or not; it sits in paho's outgoing table in the
+    same state, so the broker's PUBACK completes it and a subscriber receives exactly the payload.
+    PUBACKs of received events take the lane too. Another thread, or anything paho has queued
+    first, sends the packet through paho instead (in order)."""
+    prefix = f"lane/{uuid.uuid4().hex[:8]}"
+    loop = NetworkLoop(threaded=False)
+    client = MqttClient(mqtt_broker.host, mqtt_broker.port, client_id=f"lane-{uuid.uuid4().hex[:8]}", loop=loop,
+                        protocol=protocol, subscriptions=[(f"{prefix}/in", 1)], manual_ack=True)
+    got: queue.Queue[tuple[str, bytes, bool]] = queue.Queue()
+    sub = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"sub-{uuid.uuid4().hex[:8]}",
+                      protocol=PAHO_PROTOCOLS[protocol])
+    sub.on_message = lambda c, u, m: got.put((m.topic, m.payload, m.retain))
+    sub.connect(mqtt_broker.host, mqtt_broker.port)
+    sub.subscribe(f"{prefix}/#", 1)
+    sub.loop_start()
+    pub = _publisher(mqtt_broker, protocol)
+    try:
+        client.start()
+        assert loop.run_until(lambda: client.connected, 10)
+        time.sleep(0.3)  # the subscriber's SUBACK
+        loop.run_once(0.0)
+        sock = client._client._sock
+        assert isinstance(sock, BufferedSocket)
+        cases = [("a", 0, False), ("a", 100, True), (f"ü/{'t' * 60}", 120, False), ("b", 200, False),
+                 ("b", 16_370, False), ("b", 16_390, True), ("c", 70_000, False)]
+        for i, (leaf, size, retain) in enumerate(cases):
+            topic, payload = f"{prefix}/out/{leaf}", bytes([65 + i % 26]) * size
+            packets = []
+            for fast in (True, False):
+                client.fast_lane = fast
+                before = client.fast_written
+                info = client.publish(topic, payload, 1, retain)
+                client._client.loop_write()  # paho's queue into the buffered socket (no-op for the lane)
+                packets.append((bytes(sock._wbuf), info))
+                assert client.fast_written == before + fast
+                loop.run_once(0.0)  # written
+                assert loop.run_until(info.is_published, 5)
+                assert info.mid not in client._client._out_messages
+            (lane, lane_info), (theirs, their_info) = packets
+            assert lane_info.mid != their_info.mid
+            id_at = lane.index(topic.encode()) + len(topic.encode())
+            assert lane[:id_at] == theirs[:id_at] and lane[id_at + 2:] == theirs[id_at + 2:]
+            assert int.from_bytes(lane[id_at:id_at + 2], "big") == lane_info.mid
+            for _ in range(2):
+                assert got.get(timeout=5) == (topic, payload, False)  # a live message is not flagged retained
+        client.fast_lane = True
+
+        # another thread: paho's way (the lane belongs to the thread that runs the passes)
+        before = client.fast_written
+        other = []
+        t = threading.Thread(target=lambda: other.append(client.publish(f"{prefix}/out/o", b"o", 1)))
+        t.start()
+        t.join()
+        assert client.fast_written == before and client._client.want_write()
+        # what paho queued goes first: this thread's next publish waits behind it
+        info = client.publish(f"{prefix}/out/o", b"p", 1)
+        assert client.fast_written == before
+        assert loop.run_until(lambda: other[0].is_published() and info.is_published(), 5)
+        assert [got.get(timeout=5)[1] for _ in range(2)] == [b"o", b"p"]
+
+        # the PUBACK of a received event
+        pub.publish(f"{prefix}/in", b"event", 1)
+        assert loop.run_until(lambda: client.messages.qsize() > 0, 10)
+        msg = client.messages.get_nowait()
+        before = client.fast_written
+        assert client.ack(msg)
+        assert client.fast_written == before + 1
+        assert sock._wbuf[-4:] == b"\x40\x02" + msg.mid.to_bytes(2, "big")
+        loop.run_once(0.0)
+        assert not sock.unsent
+    finally:
+        client.stop()
+        for c in (pub, sub):
+            c.loop_stop()
+            c.disconnect()
