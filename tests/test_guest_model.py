@@ -92,6 +92,23 @@ def test_unknown_ids_are_ignored_and_reported(model):
     assert rec.unknown_ids([ids[0], "no-such-id"]) == ["no-such-id"]
 
 
+def test_one_lookup_answers_as_the_two_it_replaces(model, hot_path):
+    """The agent's guest answers look the cart's and wishlist's ids up once
+    (``recommend_indices_and_unknown``): same rows and same unknown ids as ``recommend_indices`` +
+    ``unknown_ids``, with unknown ids anywhere, repeats, empty parts and wishlists."""
+    rec = recommender(model)
+    ids = model.catalog.ids.tolist()
+    rng = np.random.default_rng(11)
+    pool = ids + ["no-such-id", "", "ghost-2"]
+    for _ in range(300):
+        cart = tuple(pool[i] for i in rng.integers(0, len(pool), rng.integers(0, 12)))
+        wish = tuple(pool[i] for i in rng.integers(0, len(pool), rng.integers(0, 4)))
+        req = RecommendRequest(cart=cart, wishlist=wish, top_k=int(rng.integers(0, 15)))
+        rows, unknown = rec.recommend_indices_and_unknown(req)
+        assert rows.tolist() == rec.recommend_indices(req).tolist()
+        assert unknown == rec.unknown_ids(cart + wish)
+
+
 def test_empty_or_unknown_cart_gets_popular_items(model):
     rec = recommender(model)
     popular = model.catalog.ids[model.popular[:10]].tolist()
