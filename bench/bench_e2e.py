@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import queue
 import socket
 import subprocess
@@ -590,6 +591,9 @@ def main() -> None:
     met["rss"] = all(m["rss_peak_mb"] <= goals["rss_mb"] for m in memory.values())
     print(f"\n1-min load average before the runs: {load_before} on {os.cpu_count()} CPUs "
           "(other work shares them; see cpu% columns)")
+    # the agent runs on this interpreter too: pyenv's default build (no PGO/LTO) made the guest path ~25 %
+    # slower than Debian's python3 on this VM (README, "Benchmarks")
+    print(f"Python {platform.python_version()} at {sys.executable} ({platform.python_compiler()})")
     verdicts = ", ".join(f"{k.split()[1]} {'met' if v else 'NOT met'}" for k, v in met.items() if k != "rss")
     print(f"\ngoal p99 <= {goals['p99_ms_at_500']} ms at {args.rate:.0f}/s, no loss: {verdicts}; "
           f"agent RSS <= {goals['rss_mb']} MB: {'met' if met['rss'] else 'NOT met'}; sustained: "
@@ -616,6 +620,7 @@ def main() -> None:
     write_json("e2e", {"n_items": 50_000, "cart_size": 10, "baskets": N_BASKETS, "qos": 1,
                        "paced_seconds": args.seconds, "rate": args.rate, "window": args.window,
                        "loadavg_1m_before": load_before, "rows": rows, "agent_memory": memory,
+                       "python": {"executable": sys.executable, "version": platform.python_version()},
                        "goal": goals, "goal_met": met,
                        "note": "latency = display receive - sensor publish, same process, perf_counter; "
                                "2 broker hops; load generator, broker and agent share the machine's CPUs"})
