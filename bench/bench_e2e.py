@@ -51,11 +51,11 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from brokers import MosquittoBroker
 
 N_BASKETS = 200
+N_CARTS = 2000
+EID_KEY = b'"event_id":"'
 #: issue 11 ("a leaner, faster edge"): sustained events/s and agent CPU ms per event at saturation,
 #: member p99 at 500 events/s, resident memory with both models
 LEAN_GOALS = {"guest": (4000, 0.2), "member": (2000, 0.5), "member_p99_ms": 2.0, "rss_mb": 100.0}
-N_CARTS = 2000
-EID_KEY = b'"event_id":"'
 
 
 # -- /proc helpers -------------------------------------------------------------------------
