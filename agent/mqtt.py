@@ -92,7 +92,8 @@ _PUBLISH, _PUBACK = 3, 4  # MQTT packet types the fast lane reads (see MqttClien
 #: what paho's client must have for the fast lane (a test fails when paho renames them)
 FAST_LANE_NEEDS = ("_in_packet", "_state", "_out_message_mutex", "_out_messages", "_do_on_publish",
                    "_last_bytes_received", "_msgtime_mutex", "_out_packet", "_mid_generate", "_inflight_messages",
-                   "_max_inflight_messages", "_max_queued_messages", "_raise_for_invalid_topic", "_sock")
+                   "_max_inflight_messages", "_max_queued_messages", "_raise_for_invalid_topic", "_sock",
+                   "_pack_remaining_length")
 _WAIT_FOR_PUBACK = getattr(paho, "mqtt_ms_wait_for_puback", None)
 _TOPIC_HEADS_MAX = 4096  # MqttClient._publish_fast: encoded topics kept (answers go to one topic per basket)
 
@@ -681,12 +682,8 @@ class MqttClient:
         n = len(topic_field) + 2 + (1 if self._v5 else 0) + len(payload)
         if n > 268_435_455:
             return None  # paho raises its error
-        length = bytearray()
-        while True:
-            n, byte = n >> 7, n & 127
-            length.append(byte | 128 if n else byte)
-            if not n:
-                break
+        packet = bytearray(first)
+        c._pack_remaining_length(packet, n)
         mid = c._mid_generate()
         message = paho.MQTTMessage(mid, topic_field[2:])
         message.timestamp = paho.time_func()
@@ -699,8 +696,8 @@ class MqttClient:
             c._out_messages[mid] = message
             c._inflight_messages += 1
             message.state = _WAIT_FOR_PUBACK
-            sock.send(first + length + topic_field + mid.to_bytes(2, "big")
-                      + (b"\x00" if self._v5 else b"") + payload)
+            packet += topic_field + mid.to_bytes(2, "big") + (b"\x00" if self._v5 else b"")
+            sock.send(packet + payload)
         message.info.rc = MQTTErrorCode.MQTT_ERR_SUCCESS
         self.fast_written += 1
         return message.info
