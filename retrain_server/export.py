@@ -128,12 +128,13 @@ def write_basket_arrays(log: PurchaseLog, ages: np.ndarray, user_lookup: np.ndar
 def write_manifest(root: Path, *, metrics: Mapping[str, Any] | None = None,
                    models: Mapping[str, Any] | None = None, signing_key: str | Path | None,
                    created_at: datetime | None = None, version: str | None = None,
-                   extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                   extra: Mapping[str, Any] | None = None, scratch: bool = False) -> dict[str, Any]:
     """List every file under ``root`` with sha256 + size, then sign the manifest.
 
     The version is ``created_at`` (UTC) plus a digest of the file list unless
     ``version`` is given (a bundle keeps the version of the parameters it was
-    packed from). ``extra`` adds top-level fields (e.g. ``"kind": "bundle"``).
+    packed from). ``extra`` adds top-level fields (e.g. ``"kind": "bundle"``). ``scratch``: a private
+    directory that is never published (the reranker's fitting): unsigned without a warning.
     """
     created = created_at or datetime.now(timezone.utc)
     files = {}
@@ -157,7 +158,7 @@ def write_manifest(root: Path, *, metrics: Mapping[str, Any] | None = None,
     (root / MANIFEST).write_bytes(raw)
     if signing_key is not None:
         (root / SIGNATURE).write_bytes(sign_bytes(load_private_key(signing_key), raw))
-    else:
+    elif not scratch:
         _LOG.warning("manifest of %s is UNSIGNED (no signing key given)", root)
     return doc
 
@@ -209,13 +210,13 @@ def recover_directory(out: Path) -> None:
 def write_parameters(out_dir: str | Path, guest: GuestModel, *,
                      member_writer: Callable[[Path], Mapping[str, Any]] | None = None,
                      metrics: Mapping[str, Any] | None = None,
-                     signing_key: str | Path | None) -> dict[str, Any]:
+                     signing_key: str | Path | None, scratch: bool = False) -> dict[str, Any]:
     """Write a complete, signed parameters directory and swap it into ``out_dir``.
 
     ``member_writer(member_dir)`` writes the member model files and returns its
     description for the manifest; None ships a guest-only bundle. ``out_dir``
     must be missing, empty (but for a README.md) or a previous bundle: anything
-    else is refused rather than replaced.
+    else is refused rather than replaced. ``scratch``: see :func:`write_manifest`.
     """
     out = Path(out_dir)
     _check_replaceable(out)
@@ -229,7 +230,7 @@ def write_parameters(out_dir: str | Path, guest: GuestModel, *,
         if member_writer is not None:
             (tmp / layout.MEMBER_DIR).mkdir()
             models["member"] = dict(member_writer(tmp / layout.MEMBER_DIR))
-        doc = write_manifest(tmp, metrics=metrics, models=models, signing_key=signing_key)
+        doc = write_manifest(tmp, metrics=metrics, models=models, signing_key=signing_key, scratch=scratch)
         install_directory(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

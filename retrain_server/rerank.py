@@ -377,7 +377,7 @@ def fit_on_history(log: PurchaseLog, catalog: Any, cfg: RerankConfig, *, days: f
         root = Path(tmp) / "parameters"
         write_parameters(root, guest, member_writer=state_writer(state, guest, calibration_log=before,
                                                                  history=counts.history_triples()),
-                         signing_key=None)
+                         signing_key=None, scratch=True)
         source = DirectorySource(root)
         member = member_from_source(source, guest_from_source(source), {"rerank": False})
         if member is None:

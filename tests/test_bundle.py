@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import stat
@@ -77,6 +78,19 @@ def test_missing_signature_is_refused_unless_allowed(params, keys):
     with pytest.raises(SignatureError, match="unsigned"):
         verify_parameters(params, load_public_key(keys[1]))
     assert not verify_parameters(params, None, allow_unsigned=True).signed
+
+
+def test_unsigned_parameters_are_announced_unless_they_are_private_scratch(tmp_path, guest_model, caplog):
+    """Parameters written without a key warn (someone may ship them); the reranker's private scratch copy,
+    never published, does not (it alarmed every nightly run's and the demo's output)."""
+    caplog.set_level(logging.WARNING, logger="retrain_server.export")
+    write_parameters(tmp_path / "shipped", guest_model, signing_key=None)
+    (record,) = caplog.records
+    assert "is UNSIGNED (no signing key given)" in record.getMessage() and record.levelno == logging.WARNING
+    caplog.clear()
+    write_parameters(tmp_path / "scratch", guest_model, signing_key=None, scratch=True)
+    assert not caplog.records
+    assert not verify_parameters(tmp_path / "scratch", None, allow_unsigned=True).signed
 
 
 def test_no_key_is_refused_without_allow_unsigned(params):

@@ -7,6 +7,7 @@ Real TensorFlow on a small synthetic shop with planted structure: 300 products i
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +70,20 @@ def member_trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("member_model")
     files = member.export_member_model(state, out)
     return {"log": log, "state": state, "out": out, "files": files, "cfg": cfg}
+
+
+def test_export_drops_only_the_quantizers_preprocessing_advice(member_trained, tmp_path, caplog) -> None:
+    """``quantize_dynamic`` advises a pre-pass on the root logger at every export; the export drops that one
+    line and leaves the root logger as it found it (other warnings still show)."""
+    caplog.set_level(logging.WARNING)
+    root_filters = list(logging.getLogger().filters)
+    member.export_member_model(member_trained["state"], tmp_path / "again")
+    assert not [r for r in caplog.records if "pre-processing" in r.getMessage()]
+    assert logging.getLogger().filters == root_filters
+    with member._without_preprocessing_advice():
+        logging.warning("Please consider to run pre-processing before quantization. Refer to example: x")
+        logging.warning("another warning")
+    assert [r.getMessage() for r in caplog.records] == ["another warning"]
 
 
 def member_random_inputs(state, n: int = 256, seed: int = 3) -> dict[str, np.ndarray]:
