@@ -89,6 +89,7 @@ _READ_AHEAD = 65536  # BufferedSocket: bytes asked of the kernel per recv
 _WRITE_HIGH_WATER = 262144  # BufferedSocket: flush early beyond this many buffered bytes
 _READ_BURST = 64  # packets read per pass while more are already buffered
 _PUBLISH, _PUBACK = 3, 4  # MQTT packet types the fast lane reads (see MqttClient._read_fast)
+_PUBACK_SUCCESS = (0x00, 0x10)  # MQTT 5's success reason codes for a PUBACK: success, no matching subscribers
 #: what paho's client must have for the fast lane (a test fails when paho renames them)
 FAST_LANE_NEEDS = ("_in_packet", "_state", "_out_message_mutex", "_out_messages", "_do_on_publish",
                    "_last_bytes_received", "_msgtime_mutex", "_out_packet", "_mid_generate", "_inflight_messages",
@@ -458,9 +459,10 @@ class MqttClient:
         thousand events a second that was a quarter of the agent's CPU. Here a packet costs a
         few microseconds and has the same effect: a PUBLISH is queued as paho's ``on_message``
         would (:meth:`_on_message`), a PUBACK of one of our publishes completes it as paho's
-        ``_handle_pubackcomp`` does. Everything else (CONNACK, SUBACK, PINGRESP, QoS 2, ``$``
-        topics, PUBACKs with a failure code or properties, a packet cut by the end of the read-ahead, anything
-        malformed) stops the lane and is left to paho, which reads it next.
+        ``_handle_pubackcomp`` does. Everything else (CONNACK, SUBACK, PINGRESP, QoS 2, QoS 1 for a
+        client that does not acknowledge by hand (paho acknowledges those), ``$`` topics, PUBACKs with a
+        failure code, a code MQTT 5 does not define or properties, a packet cut by the end of the read-ahead,
+        anything malformed) stops the lane and is left to paho, which reads it next.
         """
         c = self._client
         buf, pos, end = sock._rbuf, sock._rpos, len(sock._rbuf)
@@ -489,8 +491,8 @@ class MqttClient:
                 # no reason code (2 bytes: success), or an MQTT 5 reason code below 0x80 (success, e.g.
                 # 0x10 "no matching subscribers") without properties (3 bytes, or 4 with a zero length)
                 code = buf[i + 2] if length > 2 else 0
-                if length > 2 and (code >= 0x80 or length > 4 or (length == 4 and buf[i + 3])):
-                    break  # a failure, or properties: paho's decoder
+                if length > 2 and (code not in _PUBACK_SUCCESS or length > 4 or (length == 4 and buf[i + 3])):
+                    break  # a failure, a code MQTT 5 does not define, or properties: paho's decoder
                 mid = (buf[i] << 8) | buf[i + 1]
                 reason = self._puback_codes.get(code)
                 if reason is None:
@@ -500,8 +502,8 @@ class MqttClient:
                         c._do_on_publish(mid, reason, self._no_properties)
             else:
                 qos = (first >> 1) & 3
-                if qos > 1 or length < 2:
-                    break
+                if qos > 1 or length < 2 or (qos and not self.manual_ack):
+                    break  # QoS 2; or QoS 1 that paho acknowledges itself (a client not acknowledging by hand)
                 n = (buf[i] << 8) | buf[i + 1]
                 p = i + 2 + n
                 if n == 0 or p + (2 if qos else 0) > stop or buf[i + 2] == 0x24:  # an alias, short, or "$"

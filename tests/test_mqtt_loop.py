@@ -178,6 +178,7 @@ LEFT_FOR_PAHO = {
     "a length of five bytes": b"\x32\xff\xff\xff\xff\x01" + b"\x00" * 8,
     "a packet cut by the end of the read": GOOD[:-3],
     "a PUBACK with a failure": b"\x40\x03\x00\x07\x80",
+    "a PUBACK with a success code MQTT 5 does not define": b"\x40\x03\x00\x07\x05",
     "a PUBACK with properties": b"\x40\x08\x00\x07\x00\x04\x1f\x00\x01x",
     "a SUBACK": b"\x90\x03\x00\x01\x01",
     "a PINGRESP": b"\xd0\x00",
@@ -198,6 +199,45 @@ def test_what_the_fast_lane_does_not_read_is_left_to_paho(what: str) -> None:
     assert [(m.topic, m.payload, m.mid, m.qos) for m in got] == [("s/basket/b1/cart", b'{"a":1}', 7, 1)] * 2
     assert sock.buffered == len(tail)
     assert sock.recv(len(tail)) == tail  # paho reads exactly what was left
+
+
+def test_a_qos1_message_for_a_client_that_does_not_acknowledge_by_hand_is_left_to_paho() -> None:
+    """paho acknowledges those itself (the bridge's and the console's subscriptions); read by the lane they
+    were never acknowledged, and the broker stopped delivering after its inflight window (20 messages)."""
+    client = MqttClient("127.0.0.1", 1, client_id="auto", protocol="5")
+    client._client._state = _CONNECTED
+    at_most_once = _publish_packet(b"s/t", b"x", qos=0, props=b"\x00")
+    sock = BufferedSocket(_Bytes(at_most_once + GOOD))
+    assert sock.fill()
+    client._read_fast(sock)
+    assert client.messages.qsize() == 1 and sock.buffered == len(GOOD)
+
+
+@pytest.mark.parametrize("protocol", ["3.1.1", "5"])
+def test_a_client_that_does_not_acknowledge_by_hand_gets_every_qos1_message(mqtt_broker: Broker,
+                                                                           protocol: str) -> None:
+    client = MqttClient(mqtt_broker.host, mqtt_broker.port, client_id=f"auto-{uuid.uuid4().hex[:8]}",
+                        protocol=protocol, subscriptions=[("auto/#", 1)])
+    client.start()
+    pub = _publisher(mqtt_broker, protocol)
+    try:
+        deadline = time.monotonic() + 10
+        while not client.connected and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.2)  # subscribed
+        for i in range(60):  # three times Mosquitto's inflight window
+            assert pub.publish(f"auto/{i}", b"x", qos=1).wait_for_publish(5) is None
+        got: list[Message] = []
+        while len(got) < 60 and time.monotonic() < deadline + 10:
+            try:
+                got.append(client.messages.get(timeout=0.2))  # not acknowledged by hand: paho does it
+            except queue.Empty:
+                continue
+        assert sorted(int(m.topic.split("/")[1]) for m in got) == list(range(60))
+    finally:
+        pub.loop_stop()
+        pub.disconnect()
+        client.stop()
 
 
 def test_successful_pubacks_complete_the_publish_whatever_their_reason_code() -> None:
