@@ -421,7 +421,10 @@ class Updater:
                 if length is not None and length > limit:
                     raise _Failed(f"bundle too large: {length} bytes (limit {limit})")
                 while True:
-                    chunk = resp.read(_CHUNK)
+                    # read1: what one read of the socket gives (each bounded by timeout_s), so the deadline
+                    # and stop() are checked between reads; read(_CHUNK) waited for the whole chunk, and a
+                    # server sending a byte at a time within timeout_s held the updater for as long as it liked
+                    chunk = resp.read1(_CHUNK)
                     if not chunk:
                         break
                     size += len(chunk)

@@ -14,6 +14,7 @@ import logging
 import shutil
 import tarfile
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -94,7 +95,8 @@ class BundleServer:
     """Serves files of ``root`` over HTTP on a free loopback port.
 
     ``/bundles/NAME`` the file; ``/truncated/NAME`` announces the full length but
-    sends half and closes; ``/nolength/NAME`` sends it without Content-Length;
+    sends half and closes; ``/nolength/NAME`` sends it without Content-Length; ``/drip/NAME``
+    announces the full length and sends one byte every 0.2 s (a server slower than any timeout's reach);
     ``/redirect/SCHEME/NAME`` answers 302 to ``SCHEME://...``. ``requests`` counts GETs per path.
     """
 
@@ -125,6 +127,15 @@ class BundleServer:
                 if parts[0] != "nolength":
                     self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
+                if parts[0] == "drip":
+                    for i in range(min(len(data), 300)):  # at most a minute, whatever the client does
+                        try:
+                            self.wfile.write(data[i:i + 1])
+                            self.wfile.flush()
+                        except OSError:
+                            return
+                        time.sleep(0.2)
+                    return
                 self.wfile.write(data[: len(data) // 2] if parts[0] == "truncated" else data)
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)

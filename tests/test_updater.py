@@ -628,6 +628,44 @@ def test_stop_interrupts_the_jitter_wait(tmp_path: Path, versions: Versions, ser
     assert registry.current.version == versions.base.version
 
 
+def test_a_server_that_drips_bytes_cannot_hold_the_updater(tmp_path: Path, versions: Versions,
+                                                          server: BundleServer) -> None:
+    """max_download_s bounds the whole download even when every read gets a byte before timeout_s (a slow or
+    hostile server), and stop() does not wait for such a download to end."""
+    params = tmp_path / "parameters"
+    shutil.copytree(versions.base.dir, params)
+    store = VersionStore(params)
+    loader = loader_for(versions.trained.public_key)
+    registry = ModelRegistry(store.load_newest(loader).snapshot)
+    reports: list[tuple[Any, str, Any]] = []
+    b = versions.make()
+    message = json.dumps(update_message(b.version, server.url(b.bundle.name, "drip"), b.bundle)).encode()
+    updater = Updater(store, registry, loader, lambda *r: reports.append(r), jitter_s=0, timeout_s=1,
+                      max_download_s=1)
+    updater.start()
+    try:
+        t0 = time.perf_counter()
+        updater.submit(message)
+        assert updater.wait_idle(20)
+        elapsed = time.perf_counter() - t0
+    finally:
+        updater.stop()
+    assert reports == [(b.version, "rejected", "download failed: took longer than 1 s")]
+    assert elapsed < 1 + 1 + 1.5  # the limit, one read's timeout, slack
+    assert registry.current.version == versions.base.version and leftovers(params) == []
+    # stop() during such a download: back within one read's timeout
+    patient = Updater(store, registry, loader, None, jitter_s=0, timeout_s=1, max_download_s=600)
+    patient.start()
+    patient.submit(message)
+    time.sleep(1.0)
+    thread = patient._thread
+    assert thread is not None and thread.is_alive()
+    t0 = time.perf_counter()
+    patient.stop()
+    assert time.perf_counter() - t0 < 1 + 1.5 and not thread.is_alive()
+    assert registry.current.version == versions.base.version and leftovers(params) == []
+
+
 # --- start-up ------------------------------------------------------------------------------------
 def _layout(tmp_path: Path, versions: Versions) -> tuple[Path, Built, Built]:
     """Seed V0 at top level, a good newer version, a newest one that is corrupt, and leftovers."""
