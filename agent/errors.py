@@ -7,12 +7,13 @@ Hierarchy::
     ├── EventError             one cart event / request is invalid (reported, not fatal)
     ├── MqttError              the broker connection refused an operation
     └── BundleError            model parameters failed verification or loading
-        └── SignatureError     manifest signature missing or wrong
+        ├── SignatureError     manifest signature missing or wrong
+        └── StorageError       the agent's own disk failed (full, read-only, I/O): not the bundle's fault
 """
 
 from __future__ import annotations
 
-__all__ = ["AgentError", "ConfigError", "EventError", "MqttError", "BundleError", "SignatureError"]
+__all__ = ["AgentError", "ConfigError", "EventError", "MqttError", "BundleError", "SignatureError", "StorageError"]
 
 
 class AgentError(Exception):
@@ -48,3 +49,8 @@ class BundleError(AgentError):
 
 class SignatureError(BundleError):
     """Raised when ``manifest.sig`` is missing or does not match the public key."""
+
+
+class StorageError(BundleError):
+    """Raised when the agent's own disk fails while a bundle is unpacked or installed (disk full, a read-only
+    or failing file system): the bundle may be fine, so an update is tried again on its next delivery."""

@@ -28,6 +28,7 @@ reading, file modes chosen here rather than taken from the archive.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -44,7 +45,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from .bundle import MANIFEST
-from .errors import BundleError
+from .errors import BundleError, StorageError
 
 _LOG = logging.getLogger(__name__)
 
@@ -196,8 +197,20 @@ def safe_unpack(archive: Path, dest: Path, *, max_file_bytes: int, max_total_byt
     except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
         raise BundleError(f"bundle is not a valid tar.gz ({type(exc).__name__}: {exc})") from exc
     except OSError as exc:  # e.g. a file where the archive wants a directory, or disk full
-        raise BundleError(f"cannot unpack bundle: {exc.strerror or exc}") from exc
+        raise _disk_error(exc, "cannot unpack bundle") from exc
     return written
+
+
+#: errno values that say the agent's own disk failed, not the bundle
+_LOCAL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG, errno.ENOMEM,
+                           errno.EMFILE, errno.ENFILE, errno.EACCES, errno.EPERM})
+
+
+def _disk_error(exc: OSError, doing: str) -> BundleError:
+    """A StorageError (tried again on the next delivery) when the disk failed, else a BundleError (remembered
+    as rejected: the same bytes would fail again)."""
+    kind = StorageError if exc.errno in _LOCAL_ERRNOS else BundleError
+    return kind(f"{doing}: {exc.strerror or exc}")
 
 
 class VersionStore:
@@ -318,7 +331,7 @@ class VersionStore:
         try:
             path.mkdir(mode=0o755)
         except OSError as exc:
-            raise BundleError(f"cannot create {path}: {exc.strerror or exc}") from exc
+            raise _disk_error(exc, f"cannot create {path}") from exc
         return path
 
     def unpack(self, archive: Path, dest: Path) -> int:
@@ -335,7 +348,7 @@ class VersionStore:
             os.rename(incoming, final)
             _fsync_dir(self.versions)  # ... and the rename itself
         except OSError as exc:
-            raise BundleError(f"cannot install {version}: {exc.strerror or exc}") from exc
+            raise _disk_error(exc, f"cannot install {version}") from exc
         return final
 
     def set_aside(self, path: Path) -> None:

@@ -52,7 +52,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from .bundle import MANIFEST
-from .errors import BundleError
+from .errors import BundleError, StorageError
 from .registry import ModelRegistry, ModelSnapshot
 from .store import VERSION_RE, VersionStore, one_line
 
@@ -299,6 +299,9 @@ class Updater:
             snapshot = self._obtain(msg)
         except _Failed as exc:
             self._rejected_with(msg, exc.reason, exc.transient)
+            return
+        except StorageError as exc:  # this agent's disk (full, read-only): the same bundle may well work later
+            self._rejected_with(msg, one_line(exc), True)
             return
         except BundleError as exc:
             self._rejected_with(msg, one_line(exc), False)

@@ -666,6 +666,63 @@ def test_a_server_that_drips_bytes_cannot_hold_the_updater(tmp_path: Path, versi
     assert registry.current.version == versions.base.version and leftovers(params) == []
 
 
+def _pages(n: int) -> int:
+    return -(-n // 4096) * 4096
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Callable[[int], Path]]:
+    """``small_disk(size)``: a tmpfs of ``size`` bytes (root only; skipped elsewhere); resized by calling again."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = False
+
+    def make(size: int) -> Path:
+        nonlocal mounted
+        cmd = ["mount", "-o", f"remount,size={size}", str(disk)] if mounted else \
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(disk)]
+        if subprocess.run(cmd, capture_output=True).returncode != 0:
+            pytest.skip("mounting a small tmpfs needs root")
+        mounted = True
+        return disk
+
+    yield make
+    if mounted:
+        subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_a_full_disk_is_not_the_bundles_fault(small_disk: Callable[[int], Path], versions: Versions,
+                                              server: BundleServer) -> None:
+    """Disk full while unpacking: rejected for now but not remembered (the bundle is fine); once there is room,
+    the same message is applied. (It used to be remembered as a bad bundle until the agent restarted.)"""
+    b = versions.make()
+    base = sum(_pages(f.stat().st_size) for f in versions.base.dir.rglob("*") if f.is_file())
+    with tarfile.open(b.bundle) as tar:
+        unpacked = sum(_pages(m.size) for m in tar.getmembers() if m.isfile())
+    room = base + _pages(b.bundle.stat().st_size) + unpacked // 2  # the download fits, its files do not
+    params = small_disk(room) / "parameters"
+    shutil.copytree(versions.base.dir, params)
+    store = VersionStore(params)
+    loader = loader_for(versions.trained.public_key)
+    registry = ModelRegistry(store.load_newest(loader).snapshot)
+    reports: list[tuple[Any, str, Any]] = []
+    updater = Updater(store, registry, loader, lambda *r: reports.append(r), jitter_s=0)
+    message = json.dumps(update_message(b.version, server.url(b.bundle.name), b.bundle)).encode()
+    updater.start()
+    try:
+        updater.submit(message)
+        assert updater.wait_idle(20)
+        assert len(reports) == 1 and reports[0][:2] == (b.version, "rejected")
+        assert "cannot unpack bundle: No space left on device" in reports[0][2]
+        assert registry.current.version == versions.base.version and leftovers(params) == []
+        small_disk(4 * room)
+        updater.submit(message)  # e.g. the retained message again after a reconnect
+        assert updater.wait_idle(20)
+    finally:
+        updater.stop()
+    assert reports[1:] == [(b.version, "applied", None)] and registry.current.version == b.version
+
+
 # --- start-up ------------------------------------------------------------------------------------
 def _layout(tmp_path: Path, versions: Versions) -> tuple[Path, Built, Built]:
     """Seed V0 at top level, a good newer version, a newest one that is corrupt, and leftovers."""
