@@ -206,9 +206,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     conn = postgres.connect(cfg.dsn)
     try:
         postgres.migrate(conn)
-        job.announce_pending(conn)
+        job.finish_interrupted(conn)
     except RetrainError as exc:
         _LOG.error("could not finish an interrupted publication: %s", exc)
+    except Exception:  # the bundles are served anyway; the next nightly run tries again
+        _LOG.exception("could not finish an interrupted publication")
     finally:
         conn.close()
     if cfg.schedule_enabled:

@@ -517,6 +517,21 @@ class NightlyJob:
         _LOG.info("published %s (%.1f MB) at %s", version, info.bytes / 1e6, url)
         return info
 
+    def finish_interrupted(self, conn: Any) -> bool:
+        """At the server's start: publish what a crash left pending, under the nightly lock (a timer may start
+        a run at the same moment, which does the same: both would pack and announce). False when a run holds
+        the lock: it finishes the publication itself."""
+        conn.autocommit = True
+        if not conn.execute("SELECT pg_try_advisory_lock(%s)", (_LOCK_KEY,)).fetchone()[0]:
+            _LOG.info("a nightly run holds the lock: it publishes whatever an interrupted run left pending")
+            return False
+        try:
+            recover_directory(self.cfg.parameters)
+            self.announce_pending(conn)
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(%s)", (_LOCK_KEY,))
+        return True
+
     def announce_pending(self, conn: Any) -> None:
         """Finish a publication a crash or a broker outage interrupted (newest pending version only)."""
         for version in db_state.pending_versions(conn)[:1]:

@@ -33,7 +33,7 @@ from retrain_server.config import parse_config
 from retrain_server.counts import Counts
 from retrain_server.data import write_products, write_purchases
 from retrain_server.gate import holdout_mask
-from retrain_server.nightly import NightlyJob
+from retrain_server.nightly import _LOCK_KEY, NightlyJob
 from retrain_server.serve import BundleServer, create_app
 from retrain_server.sign import keygen
 from retrain_server.sources import postgres
@@ -384,7 +384,7 @@ import os, signal, sys
 from datetime import date
 sys.path.insert(0, {root!r})
 from retrain_server.config import parse_config
-from retrain_server.nightly import NightlyJob
+from retrain_server.nightly import _LOCK_KEY, NightlyJob
 import json
 cfg = parse_config(json.loads({cfg!r}), env={{}})
 def after(step):
@@ -420,6 +420,18 @@ def test_killing_the_job_midway_leaves_published_version_and_counts_intact(world
     assert (world.tmp / "parameters" / "manifest.json").read_bytes() == params_manifest
     assert world.snapshot().version == first.version
     assert _retained_update(world.broker, world.prefix)["version"] == first.version
+    if step == "pack":
+        # A server starting now finishes the publication, but not while a nightly run holds the lock (a
+        # timer-started run finishes it instead; both packing and announcing raced before).
+        with psycopg.connect(world.dsn, autocommit=True) as holder, postgres.connect(world.dsn) as conn:
+            assert holder.execute("SELECT pg_try_advisory_lock(%s)", (_LOCK_KEY,)).fetchone()[0]
+            assert world.job().finish_interrupted(conn) is False
+            assert not world.state()[1][0]["published"]
+            assert _retained_update(world.broker, world.prefix)["version"] == first.version
+            holder.execute("SELECT pg_advisory_unlock(%s)", (_LOCK_KEY,))
+            assert world.job().finish_interrupted(conn) is True
+        assert world.state()[1][0]["published"]
+        assert _retained_update(world.broker, world.prefix)["version"] == world.state()[1][0]["version"]
     # The next run finishes the job exactly once.
     again = world.job().run(world.last_day)
     state_after, history = world.state()
