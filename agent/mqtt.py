@@ -182,6 +182,7 @@ class MqttClient:
         if not 0 <= receive_maximum <= 65535:
             raise ConfigError(f"MQTT receive maximum must be 0..65535, got {receive_maximum}")
         self.host, self.port, self.protocol, self.keepalive = host, port, protocol, keepalive
+        self.client_id = client_id
         self.subscriptions = list(subscriptions)
         self.queue_size = queue_size
         # no maxsize: the network thread stops reading at queue_size instead (nothing is ever dropped).
@@ -200,6 +201,9 @@ class MqttClient:
         #: acknowledgements sent, and not sent because their connection was gone (redelivered instead)
         self.acks_sent = 0
         self.acks_lost = 0
+        #: QoS 1 publishes the broker acknowledged with a failure code (MQTT 5), see _on_publish
+        self.publishes_refused = 0
+        self._next_refusal_log = 0.0
         self._connected = threading.Event()
         self._ever_connected = False
         self._loop = loop or NetworkLoop()
@@ -816,6 +820,16 @@ class MqttClient:
 
     def _on_publish(self, client: paho.Client, userdata: Any, mid: int, reason_code: Any,
                     properties: Any) -> None:
+        if getattr(reason_code, "is_failure", False):
+            # MQTT 5: the broker took the message and dropped it (not authorized, quota exceeded, ...). The
+            # event that caused it is acknowledged all the same (a redelivery would be refused again), so
+            # this is the place the loss shows: counted, and logged at most once a minute.
+            self.publishes_refused += 1
+            now = time.monotonic()
+            if now >= self._next_refusal_log:
+                self._next_refusal_log = now + 60.0
+                _LOG.warning("the broker refused a publish from %s: %s (%d refused so far; check this user's "
+                             "ACL and the broker's limits)", self.client_id, reason_code, self.publishes_refused)
         if self.track_published:
             self.published_mids.append(mid)  # matched by settle() in the worker
         if self.on_published is not None:

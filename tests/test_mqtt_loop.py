@@ -258,6 +258,30 @@ def test_successful_pubacks_complete_the_publish_whatever_their_reason_code() ->
     assert all(info.is_published() for info in infos) and not c._out_messages and sock.buffered == 0
 
 
+def test_a_publish_the_broker_refuses_is_counted_and_logged(caplog: pytest.LogCaptureFixture) -> None:
+    """An MQTT 5 PUBACK with a failure code (paho reads it: the lane leaves failures to paho) still completes
+    the publish, so the event behind it is acknowledged; the loss is counted and logged, at most once a minute."""
+    client = MqttClient("127.0.0.1", 1, client_id="refused", protocol="5", track_published=True)
+    c = client._client
+    c._state = _CONNECTED
+    c._sock = BufferedSocket(_Bytes(b""))
+    infos = [client.publish("s/out", b"x", 1) for _ in range(3)]
+    acks = b"".join(b"\x40\x03" + struct.pack("!H", info.mid) + code
+                    for info, code in zip(infos, (b"\x87", b"\x00", b"\x97")))
+    sock = BufferedSocket(_Bytes(acks))
+    assert sock.fill()
+    c._sock = sock
+    with caplog.at_level("WARNING", logger="agent.mqtt"):
+        while sock.buffered:
+            client._read_fast(sock)
+            if sock.buffered:
+                assert c._packet_read() == paho.MQTT_ERR_SUCCESS
+    assert list(client.published_mids) == [info.mid for info in infos]
+    assert client.publishes_refused == 2
+    refusals = [r.getMessage() for r in caplog.records if "refused a publish" in r.getMessage()]
+    assert len(refusals) == 1 and "Not authorized" in refusals[0] and "refused" in refusals[0]
+
+
 def test_the_fast_lane_stops_at_a_full_queue() -> None:
     client = MqttClient("127.0.0.1", 1, client_id="full", protocol="3.1.1", queue_size=3)
     client._client._state = _CONNECTED
