@@ -104,7 +104,8 @@ updates.enabled        follow PREFIX/models/updated: download, verify, swap (def
 updates.jitter_s       longest random wait before downloading an update, default 30 (0 = none)
 updates.max_bundle_bytes   largest bundle download, default 67108864 (64 MiB); unpacked
                        contents at most 4x that, one file at most 2x
-updates.download_timeout_s   connect/read timeout of a bundle download, default 30
+updates.download_timeout_s   connect/read timeout of a bundle download, default 30 (a whole
+                       download is abandoned after 15 minutes, however slowly the server sends)
 updates.keep_versions  versions kept on disk (the serving one included, >= 2), default 3
 log_level              DEBUG | INFO (default) | WARNING | ERROR
 """
