@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import html
 import logging
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import AsyncIterator
@@ -185,9 +186,14 @@ class DisplayHub:
             sub.offer(CLOSED)
 
 
+_SSE_LINES = re.compile(r"\r\n|\r|\n")
+
+
 def _sse(event: str, data: str) -> str:
-    # A JSON text holds no raw newline, but SSE would split it at one: one data line per line.
-    lines = data.splitlines() or [""]
+    # A JSON text holds no raw newline, but SSE would split it at one: one data line per line. Only CR and LF
+    # end a line in SSE: str.splitlines() also splits at U+2028, U+2029 and U+0085, which orjson writes as
+    # they are (an event id or a product name holding one froze the display on its previous answer).
+    lines = _SSE_LINES.split(data)
     return f"event: {event}\n" + "".join(f"data: {line}\n" for line in lines) + "\n"
 
 

@@ -174,6 +174,12 @@ def test_stream_sends_retry_hint_current_state_changes_and_clear(bridge_with_hub
         hub.publish("b-2", b'{"other": 1}')  # another basket's answer is not this page's business
         hub.publish("b-1", b'{"event_id": "e2"}')
         assert r.next() == {"event": "recommendations", "data": '{"event_id": "e2"}'}
+        # characters Python's splitlines() breaks at but SSE does not (U+2028, U+2029, U+0085), as orjson
+        # writes them: the page must get the JSON whole
+        odd = {"event_id": "e\u2028x", "items": [{"id": "A", "name": "사과\u2029\x85"}]}
+        hub.publish("b-1", json.dumps(odd, ensure_ascii=False).encode())
+        got = r.next()
+        assert got["event"] == "recommendations" and json.loads(got["data"]) == odd
         hub.publish("b-1", b"")
         assert r.next() == {"event": "cleared", "data": "{}"}
     finally:
