@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping
@@ -196,7 +197,33 @@ def install_directory(new: Path, out: Path) -> None:
     if out.exists():
         out.rename(old)
     new.rename(out)
+    sync_dir(out.parent)  # the renames themselves, before anything announces the new contents
     shutil.rmtree(old, ignore_errors=True)
+
+
+def sync_tree(root: Path) -> None:
+    """Every file and directory under ``root`` on disk (fsync), and ``root``'s own entry in its parent.
+
+    Before PostgreSQL records a run as done: a power cut after the commit must not find the generation's
+    counts or the candidate half written (the next runs read them), since ext4 writes back late."""
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        sync_dir(Path(dirpath))
+    sync_dir(Path(root).parent)
+
+
+def sync_dir(path: Path) -> None:
+    """A directory's entries (a rename or a new file in it) on disk."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def recover_directory(out: Path) -> None:

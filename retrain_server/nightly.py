@@ -61,7 +61,7 @@ from .config import RetrainConfig
 from .counts import Counts, ages_in_days
 from .data import PurchaseLog
 from .errors import RetrainError
-from .export import install_directory, recover_directory, write_manifest, write_parameters
+from .export import install_directory, recover_directory, sync_tree, write_manifest, write_parameters
 from .gate import GateResult, gate_cases, holdout_mask, judge, score_snapshot
 from .rerank import FittedReranker
 
@@ -283,7 +283,9 @@ class NightlyJob:
         final = self.candidates / version
         candidate.rename(final)
         self.after_step("gate")
-        # 7. commit state + watermark + version record together
+        # 7. commit state + watermark + version record together, once what they name is on disk
+        sync_tree(gen_dir)
+        sync_tree(final)
         db_state.commit_run(conn, generation=generation, through_day=day, days=days, version={
             "version": version, "created_at": datetime.now(created_at.tzinfo), "reason": verdict.reason,
             "metrics": metrics, "timings": timings})

@@ -349,6 +349,29 @@ def test_a_bundle_from_the_servers_packer_is_applied(tmp_path: Path, versions: V
     assert reports[-1] == ("v-next", "rejected", f"bundle too large: {info.bytes} bytes (limit 1024)")
 
 
+def test_the_packer_gives_the_same_bytes_twice_and_refuses_files_changed_since_they_were_written(
+        tmp_path: Path, versions: Versions) -> None:
+    """Packing a version again (a crash between announcing and recording it) keeps its sha256, which an update
+    message may already carry; a file that no longer matches its manifest (an edit, a power cut) is not signed."""
+    from retrain_server.bundles import pack_bundle
+
+    src = versions.make(bundle=False)
+    first = pack_bundle(src.dir, tmp_path / "a", versions.trained.signing_key)
+    time.sleep(1.1)  # another second: the times in the headers would differ
+    again = pack_bundle(src.dir, tmp_path / "b", versions.trained.signing_key)
+    assert (again.sha256, again.bytes) == (first.sha256, first.bytes)
+    assert first.path.read_bytes() == again.path.read_bytes()
+    edge = next(rel for rel in sorted(layout.EDGE_FILES) if rel.endswith(".npy") and (src.dir / rel).is_file())
+    path = src.dir / edge
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.chmod(0o644)
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=f"{re.escape(edge)} differ from the sha256 its manifest recorded"):
+        pack_bundle(src.dir, tmp_path / "c", versions.trained.signing_key)
+    assert not list((tmp_path / "c").glob("*.tar.gz")) and not list((tmp_path / "c").glob(".pack-*"))
+
+
 # --- rejections --------------------------------------------------------------------------------
 def _not_gzip(v: Versions, s: BundleServer) -> tuple[dict, str]:
     p = v.bundles / "not-gzip.tar.gz"
