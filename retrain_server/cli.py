@@ -173,8 +173,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                                "last_error": scheduler.last_error}
         try:
             conn = postgres.connect(cfg.dsn, connect_timeout=3)
-        except RetrainError as exc:
-            return {**doc, "status": "degraded", "database": str(exc)}
+        except RetrainError as exc:  # unauthenticated: the log has the reason, which may name the address
+            _LOG.warning("health: %s", exc)
+            return {**doc, "status": "degraded", "database": "unreachable (the server's log says why)"}
         try:
             history = model_history(conn, 30)
             doc["published"] = published_version(conn)

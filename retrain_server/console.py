@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import queue
 import secrets
 import threading
@@ -35,6 +36,8 @@ from agent.config import BrokerConfig
 from agent.errors import AgentError
 from agent.mqtt import Message, MqttClient
 from agent.topics import validate_prefix
+
+from .errors import DatabaseError
 
 _LOG = logging.getLogger(__name__)
 
@@ -136,11 +139,13 @@ class AgentDirectory:
                 self._agents.pop(agent_id, None)
             return
         try:
-            doc = json.loads(payload)
+            # NaN, Infinity or 1e400 would make every later /api/agents a 500 (JSON has no such numbers)
+            doc = json.loads(payload, parse_constant=_no_constant, parse_float=_finite_float)
         except (ValueError, RecursionError):
             doc = None
         if not isinstance(doc, dict):
-            _LOG.warning("operations console: status of %s is not a JSON object; ignored", agent_id)
+            _LOG.warning("operations console: status of %s is not a JSON object of finite numbers; ignored",
+                         agent_id)
             return
         state = doc.get("state") if doc.get("state") in _STATES else "unknown"
         with self._lock:
@@ -170,6 +175,17 @@ class AgentDirectory:
         return sorted(rows, key=lambda r: r["agent_id"])
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is out of range")
+    return value
+
+
 def add_console_routes(app: FastAPI, directory: AgentDirectory | None,
                        models: Callable[[], list[dict[str, Any]]] | None) -> None:
     """``GET /``, ``/api/agents``, ``/api/models``, ``/api/console`` on ``app`` (read-only).
@@ -194,7 +210,9 @@ def add_console_routes(app: FastAPI, directory: AgentDirectory | None,
             rows = models()
         except Exception as exc:
             _LOG.warning("operations console: model history unavailable: %s: %s", type(exc).__name__, exc)
-            return JSONResponse({"error": f"model history unavailable: {type(exc).__name__}: {exc}"[:300]},
+            # the page is unauthenticated: the reason without the text, which may name the database's address
+            why = "the database cannot be reached" if isinstance(exc, DatabaseError) else type(exc).__name__
+            return JSONResponse({"error": f"model history unavailable: {why} (the server's log says more)"},
                                 status_code=503)
         return JSONResponse(jsonable_encoder(rows))
 

@@ -77,6 +77,18 @@ def test_directory_keeps_what_an_offline_agent_last_said_and_when_it_went_offlin
     assert d.agents() == []
 
 
+def test_a_status_with_numbers_json_has_not_is_ignored_and_the_api_keeps_answering():
+    """NaN, Infinity or 1e400 in one retained status made every /api/agents a 500 until that agent spoke again."""
+    d = AgentDirectory("127.0.0.1", 1, prefix="p")
+    d.update("p/agent/ok/status", _status("online", "ok", stats={"p99_ms": 0.9}))
+    for i, number in enumerate((b"NaN", b"Infinity", b"-Infinity", b"1e400")):
+        d.update(f"p/agent/bad-{i}/status", b'{"state":"online","stats":{"p99_ms":' + number + b"}}")
+    app = create_app(Path("."), lambda: {"status": "ok"})
+    add_console_routes(app, d, None)
+    r = TestClient(app).get("/api/agents")
+    assert r.status_code == 200 and [a["agent_id"] for a in r.json()] == ["ok"]
+
+
 def test_directory_is_bounded():
     d = AgentDirectory("127.0.0.1", 1, prefix="p", max_agents=3)
     for i in range(5):
@@ -118,7 +130,8 @@ def test_api_models_says_why_when_the_database_is_down(tmp_path):
     add_console_routes(app, None, broken)
     c = TestClient(app)
     r = c.get("/api/models")
-    assert r.status_code == 503 and "connection refused" in r.json()["error"]
+    assert r.status_code == 503 and "the database cannot be reached" in r.json()["error"]
+    assert "postgresql://" not in r.text and "shop@db" not in r.text  # the page is unauthenticated
     assert c.get("/api/agents").json() == []
 
 
