@@ -154,7 +154,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     from .console import AgentDirectory, add_console_routes
     from .nightly import NightlyJob
-    from .serve import BundleServer, Scheduler, create_app, next_run
+    from .serve import BundleServer, Scheduler, create_app, next_run, ttl_cached
     from .sources import postgres
     from .state import model_history, published_version
 
@@ -196,6 +196,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         finally:
             conn.close()
 
+    # one PostgreSQL connection a second at most, however many ask (both routes are unauthenticated)
+    health, models = ttl_cached(health, 1.0), ttl_cached(models, 1.0)
     app = create_app(cfg.bundle_dir, health)
     # The operations console (contract §9) on the same port: agents from their retained statuses,
     # the nightly history from PostgreSQL. Read-only.

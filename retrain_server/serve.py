@@ -20,21 +20,25 @@ import time as _time
 from collections.abc import Callable, Collection
 from datetime import date, datetime, time, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from fastapi import FastAPI
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import FileResponse, JSONResponse, Response
 
+from agent.config import HttpConfig
+from agent.http import make_server, server_config
 from agent.store import remove_path
 
 from .errors import ConfigError, PublishError, RetrainError
 from .publish import BUNDLE_NAME_RE, BUNDLE_SUFFIX
 
+T = TypeVar("T")
+
 _LOG = logging.getLogger(__name__)
 
-__all__ = ["create_app", "BundleServer", "next_run", "Scheduler", "prune_bundles", "parse_time_of_day",
+__all__ = ["create_app", "BundleServer", "next_run", "Scheduler", "prune_bundles", "parse_time_of_day", "ttl_cached",
            "STALE_SUFFIXES"]
 
 _AT_RE = re.compile(r"^(\d{2}):(\d{2})$")
@@ -84,19 +88,35 @@ def create_app(bundle_dir: Path, health: Callable[[], dict[str, Any]]) -> FastAP
     return app
 
 
+def ttl_cached(fn: Callable[[], T], ttl_s: float, clock: Callable[[], float] = _time.monotonic) -> Callable[[], T]:
+    """``fn()``'s result, computed at most once every ``ttl_s`` and by one caller at a time (the others wait and
+    share it): ``/health`` and ``/api/models`` open a PostgreSQL connection each, and anyone may ask for them."""
+    lock = threading.Lock()
+    last: list[tuple[float, T]] = []
+
+    def call() -> T:
+        with lock:
+            if last and clock() - last[0][0] < ttl_s:
+                return last[0][1]
+            value = fn()  # an exception is not cached: the next caller tries again
+            last[:] = [(clock(), value)]
+            return value
+
+    return call
+
+
 class BundleServer:
     """Runs the app with uvicorn in a background thread (inside ``retrain-server serve``).
 
     ``port`` 0 picks a free port; :attr:`url` tells which one after :meth:`start`.
     """
 
-    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 8700) -> None:
-        import uvicorn
-
-        config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
-                                lifespan="off", server_header=False, timeout_graceful_shutdown=5)
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 8700, http: HttpConfig | None = None) -> None:
+        # Every basket must reach this port: the agent bridge's limits (connections in all and per client,
+        # a deadline for each request head, one throttled log line per kind of bad request), from ``http``
+        # (the bridge's defaults when None). Plain uvicorn kept any number of silent connections open.
         self.host, self.port = host, port
-        self.server = uvicorn.Server(config)
+        self.server = make_server(server_config(app, host, port, http or HttpConfig()))
         self.server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
         self._thread = threading.Thread(target=self._serve, name="bundle-server", daemon=True)
 
@@ -132,7 +152,7 @@ class BundleServer:
         _LOG.info("serving bundles on %s", self.url)
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop accepting, let running downloads finish (at most 5 s), join the thread."""
+        """Stop accepting, let running downloads finish (at most 2 s), join the thread."""
         self.server.should_exit = True
         if self._thread.is_alive():
             self._thread.join(timeout=timeout)

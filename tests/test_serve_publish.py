@@ -31,10 +31,11 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from agent.config import HttpConfig
 from agent.topics import Topics
 from retrain_server.errors import ConfigError, GateRefused, PublishError
 from retrain_server.publish import Announcer, UpdateMessage, bundle_url, check_reachable, publish_update
-from retrain_server.serve import BundleServer, Scheduler, create_app, next_run, prune_bundles
+from retrain_server.serve import BundleServer, Scheduler, create_app, next_run, prune_bundles, ttl_cached
 from scripts.brokers import Broker, MosquittoBroker, free_port
 
 VERSION = "20261124T030000Z-9f1c2a"
@@ -143,6 +144,85 @@ def test_a_symlink_out_of_the_directory_is_404(served: Served) -> None:
     (served.root / "latest.tar.gz").symlink_to(served.bundle)
     status, _h, body = served.raw("GET", "/bundles/latest.tar.gz")
     assert status == 200 and body == served.data
+
+
+def _closed_within(s: socket.socket, timeout: float) -> tuple[bool, bytes]:
+    s.settimeout(timeout)
+    data = b""
+    try:
+        while True:
+            chunk = s.recv(4096)
+            if not chunk:
+                return True, data
+            data += chunk
+    except TimeoutError:
+        return False, data
+    except ConnectionResetError:
+        return True, data
+
+
+def test_the_bundle_port_has_the_bridge_s_limits(tmp_path: Path) -> None:
+    """Every basket reaches this port: silent connections are closed at the head deadline and one address
+    cannot hold more than its share (plain uvicorn kept 30 silent connections open indefinitely)."""
+    bundle = make_bundle(tmp_path)
+    server = BundleServer(create_app(tmp_path, lambda: {"status": "ok"}), "127.0.0.1", 0,
+                          HttpConfig(max_connections=8, max_connections_per_client=3, header_timeout_s=0.5))
+    server.start()
+    try:
+        silent = socket.create_connection(("127.0.0.1", server.port))
+        t0 = time.monotonic()
+        closed, _ = _closed_within(silent, 3)
+        assert closed and time.monotonic() - t0 < 2
+        silent.close()
+        held = []
+        for _ in range(3):
+            s = socket.socket()
+            s.bind(("127.0.0.2", 0))
+            s.connect(("127.0.0.1", server.port))
+            held.append(s)
+        time.sleep(0.2)
+        fourth = socket.socket()
+        fourth.bind(("127.0.0.2", 0))
+        fourth.connect(("127.0.0.1", server.port))
+        closed, data = _closed_within(fourth, 2)
+        assert closed and data.startswith(b"HTTP/1.1 503 "), data
+        fourth.close()
+        with urllib.request.urlopen(f"{server.url}/bundles/{bundle.name}", timeout=5) as resp:
+            assert resp.read() == bundle.read_bytes()  # another address still gets its bundle
+        for s in held:
+            s.close()
+    finally:
+        server.stop()
+
+
+def test_ttl_cached_asks_once_per_interval_and_never_caches_a_failure() -> None:
+    now = [0.0]
+    calls: list[float] = []
+    failing = [False]
+
+    def health() -> dict[str, Any]:
+        calls.append(now[0])
+        if failing[0]:
+            raise RuntimeError("database down")
+        time.sleep(0.05)
+        return {"n": len(calls)}
+
+    cached = ttl_cached(health, 1.0, clock=lambda: now[0])
+    results: list[dict[str, Any]] = []
+    threads = [threading.Thread(target=lambda: results.append(cached())) for _ in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert calls == [0.0] and results == [{"n": 1}] * 20  # twenty at once: one database call
+    now[0] = 0.9
+    assert cached() == {"n": 1} and len(calls) == 1
+    now[0] = 1.0
+    failing[0] = True
+    with pytest.raises(RuntimeError):
+        cached()
+    failing[0] = False
+    assert cached() == {"n": 3} and calls == [0.0, 1.0, 1.0]
 
 
 def test_health_is_200_when_ok_and_503_otherwise(served: Served) -> None:
