@@ -34,7 +34,7 @@ _LOG = logging.getLogger(__name__)
 __all__ = ["write_parameters", "write_guest_model", "write_member_history", "history_matrix",
            "write_history_arrays", "write_member_table", "write_neighbour_arrays", "write_basket_arrays",
            "write_manifest",
-           "install_directory", "recover_directory"]
+           "install_directory", "recover_directory", "sync_tree", "sync_dir"]
 
 
 def write_guest_model(model: GuestModel, out: Path) -> None:
