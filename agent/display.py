@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import html
+import json
 import logging
 import re
 import threading
@@ -197,9 +198,18 @@ def _sse(event: str, data: str) -> str:
     return f"event: {event}\n" + "".join(f"data: {line}\n" for line in lines) + "\n"
 
 
+#: what the page shows of an answer; the rest (the member's user_id, seq, ts) stays off the unauthenticated stream
+_SHOWN = ("items", "recommendations", "model", "model_version", "event_id")
+
+
 def _event_for(payload: bytes, first: bool) -> str:
     if payload:
-        return _sse("recommendations", payload.decode("utf-8", errors="replace"))
+        try:
+            answer = json.loads(payload)
+        except ValueError:
+            answer = None
+        shown = {k: answer[k] for k in _SHOWN if k in answer} if isinstance(answer, dict) else {}
+        return _sse("recommendations", json.dumps(shown, ensure_ascii=False, separators=(",", ":")))
     return _sse("waiting" if first else "cleared", "{}")
 
 

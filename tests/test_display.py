@@ -161,7 +161,9 @@ def bridge_with_hub() -> Iterator[tuple[DisplayHub, int, HttpBridge]]:
 
 def test_stream_sends_retry_hint_current_state_changes_and_clear(bridge_with_hub):
     hub, port, _ = bridge_with_hub
-    payload = json.dumps({"basket_id": "b-1", "items": [{"id": "A", "name": "사과"}], "event_id": "e1"},
+    payload = json.dumps({"basket_id": "b-1", "user_id": "member-42", "recommendations": ["A"],
+                          "items": [{"id": "A", "name": "사과"}], "model": "member", "model_version": "v1",
+                          "event_id": "e1", "seq": 3, "ts": "2026-11-25T10:00:00.000+09:00"},
                          ensure_ascii=False).encode()
     hub.publish("b-1", payload)
     r = SseReader(port, "/display/b-1/events")
@@ -171,12 +173,15 @@ def test_stream_sends_retry_hint_current_state_changes_and_clear(bridge_with_hub
         assert r.next() == {"retry": "1000"}
         first = r.next()
         assert first["event"] == "recommendations" and json.loads(first["data"])["items"][0]["name"] == "사과"
+        # what the page shows, and nothing else: no member id on a stream anyone on the network may open
+        assert json.loads(first["data"]) == {"recommendations": ["A"], "items": [{"id": "A", "name": "사과"}],
+                                             "model": "member", "model_version": "v1", "event_id": "e1"}
         hub.publish("b-2", b'{"other": 1}')  # another basket's answer is not this page's business
-        hub.publish("b-1", b'{"event_id": "e2"}')
-        assert r.next() == {"event": "recommendations", "data": '{"event_id": "e2"}'}
+        hub.publish("b-1", b'{"event_id": "e2", "user_id": "member-42"}')
+        assert r.next() == {"event": "recommendations", "data": '{"event_id":"e2"}'}
         # characters Python's splitlines() breaks at but SSE does not (U+2028, U+2029, U+0085), as orjson
         # writes them: the page must get the JSON whole
-        odd = {"event_id": "e\u2028x", "items": [{"id": "A", "name": "사과\u2029\x85"}]}
+        odd = {"items": [{"id": "A", "name": "사과\u2029\x85"}], "event_id": "e\u2028x"}
         hub.publish("b-1", json.dumps(odd, ensure_ascii=False).encode())
         got = r.next()
         assert got["event"] == "recommendations" and json.loads(got["data"]) == odd
