@@ -321,7 +321,8 @@ class Scheduler:
 # -- pruning --------------------------------------------------------------------------------
 def prune_bundles(bundle_dir: Path, keep: int, protect: Collection[str] = (), *,
                   stale_after_s: float = 3600.0, now: float | None = None) -> list[Path]:
-    """Delete the oldest ``<version>.tar.gz`` beyond the newest ``keep``, and stale ``*.tmp``/``*.partial``.
+    """Delete the oldest ``<version>.tar.gz`` beyond the newest ``keep``, and stale ``*.tmp``/``*.partial`` files
+    and ``.pack-*`` staging directories.
 
     Age is mtime, then name. Versions in ``protect`` (the published one: agents
     may still be downloading it) are never deleted, nor anything whose name is
@@ -347,7 +348,8 @@ def prune_bundles(bundle_dir: Path, keep: int, protect: Collection[str] = (), *,
         name = entry.name
         if BUNDLE_NAME_RE.match(name) and entry.is_file() and not entry.is_symlink():
             bundles.append((st.st_mtime, name, entry))
-        elif name.endswith(STALE_SUFFIXES) and now - st.st_mtime > stale_after_s:
+        elif (name.endswith(STALE_SUFFIXES) or (name.startswith(".pack-") and entry.is_dir())) \
+                and now - st.st_mtime > stale_after_s:  # .pack-*: the packer's staging, left by a kill
             if remove_path(entry):
                 removed.append(entry)
     bundles.sort(key=lambda b: (b[0], b[1]), reverse=True)  # newest first

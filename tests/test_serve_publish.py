@@ -662,6 +662,16 @@ def test_prune_keeps_the_newest_and_the_protected(tmp_path: Path) -> None:
     assert prune_bundles(tmp_path, keep=2, protect={"v1.tar.gz"}, now=now) == []
 
 
+def test_prune_removes_a_killed_packers_staging_once_it_is_stale(tmp_path: Path) -> None:
+    old, fresh = tmp_path / ".pack-old1", tmp_path / ".pack-new1"
+    for d in (old, fresh):
+        (d / "bundle").mkdir(parents=True)
+        (d / "bundle" / "manifest.json").write_text("{}")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    assert prune_bundles(tmp_path, keep=1, protect=()) == [old]  # the fresh one may be a packing in progress
+    assert fresh.is_dir() and not old.exists()
+
+
 def test_prune_edge_cases(tmp_path: Path) -> None:
     assert prune_bundles(tmp_path / "missing", keep=1, protect=()) == []
     (tmp_path / "v1.tar.gz").write_bytes(b"x")
