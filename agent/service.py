@@ -144,9 +144,10 @@ def parse_ts(value: object) -> datetime | None:
     text = _COMPACT_OFFSET.sub(r"\1:\2", text) if "T" in text else text
     try:
         ts = datetime.fromisoformat(text)
-    except ValueError:
+        # local time for a ts without an offset: out of range near year 1 or 9999 (ValueError, OverflowError)
+        return ts if ts.tzinfo is not None else ts.astimezone()
+    except (ValueError, OverflowError, OSError):
         return None
-    return ts if ts.tzinfo is not None else ts.astimezone()
 
 
 class AgentService:
