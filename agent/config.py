@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -336,7 +337,14 @@ class ConfigReader:
                 self.problems.append(f"{key} is required")
             return default
         if kind is float and isinstance(node, int) and not isinstance(node, bool):
-            node = float(node)
+            try:
+                node = float(node)
+            except OverflowError:  # an integer of hundreds of digits
+                self.problems.append(f"{key} must be a finite number, got an integer of {len(str(node))} digits")
+                return default
+        if isinstance(node, float) and not math.isfinite(node):  # YAML's .nan / .inf pass every comparison
+            self.problems.append(f"{key} must be a finite number, got {node!r}")
+            return default
         if isinstance(node, bool) and kind is not bool:
             self.problems.append(f"{key} must be {_kind_name(kind)}, got {node!r}")
             return default
@@ -423,7 +431,8 @@ def read_broker(r: ConfigReader, *, required: bool = True, agent_keys: bool = Tr
     if agent_keys:
         values.update(read_section(r, "broker", BrokerConfig, reconnect_min_s=0.01, reconnect_max_s=0.1,
                                session_expiry_s=0, receive_maximum=1))
-    for key, most in (("port", 65535), ("receive_maximum", 65535), ("session_expiry_s", 0xFFFFFFFF)):
+    for key, most in (("port", 65535), ("keepalive", 65535), ("receive_maximum", 65535),
+                      ("session_expiry_s", 0xFFFFFFFF)):
         if values.get(key) is not None and values[key] > most:
             r.problems.append(f"broker.{key} must be <= {most}, got {values[key]}")
     host = r.get("broker.host", str, None, required=required)

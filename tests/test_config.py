@@ -62,6 +62,22 @@ def test_all_problems_are_reported_together(tmp_path):
     assert len(err.value.problems) >= 9
 
 
+def test_numbers_that_pass_a_comparison_but_break_later_are_config_errors(pub):
+    """NaN passed every `>= minimum` check (baskets never expired with idle_ttl_s .nan; stop() raised with
+    drain_timeout_s .inf); a 400-digit integer raised OverflowError, a traceback instead of this one-line error;
+    keepalive 70000 was accepted and every connection then failed inside paho."""
+    with pytest.raises(ConfigError) as err:
+        parse_config(base(pub, baskets={"idle_ttl_s": float("nan")}, drain_timeout_s=float("inf"),
+                          guest={"sim_weight": float("nan")}, limits={"max_event_age_s": 10 ** 400},
+                          broker={"host": "h", "keepalive": 70000}), env={})
+    msg = str(err.value)
+    assert "baskets.idle_ttl_s must be a finite number, got nan" in msg
+    assert "drain_timeout_s must be a finite number, got inf" in msg
+    assert "guest.sim_weight must be a finite number, got nan" in msg
+    assert "limits.max_event_age_s must be a finite number, got an integer of 401 digits" in msg
+    assert "broker.keepalive must be <= 65535, got 70000" in msg
+
+
 def test_typos_at_any_depth_are_errors(pub):
     with pytest.raises(ConfigError) as err:
         parse_config(base(pub, broker={"host": "h", "prot": 3}, guest={"sim_weigth": 0.5},
