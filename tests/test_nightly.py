@@ -250,6 +250,19 @@ def test_missed_days_are_caught_up_oldest_first_and_count_exactly_once(world):
     assert abs(co_got - co_expected).max() == 0 and np.array_equal(items_got, items_expected)
 
 
+def test_a_day_that_is_not_over_is_refused(world):
+    """Counting today at noon moved the watermark past it: its afternoon was never counted."""
+    from retrain_server.errors import ConfigError
+    from retrain_server.nightly import yesterday
+
+    before = world.state()
+    today = yesterday(world.config().timezone) + timedelta(days=1)
+    for day in (today, date(2099, 1, 1)):
+        with pytest.raises(ConfigError, match=f"{day} is not over yet"):
+            world.job().run(day)
+    assert world.state() == before
+
+
 def test_a_worse_candidate_is_not_published_and_the_reason_is_kept(world):
     d0 = world.last_day - timedelta(days=1)
     first = world.job(**{"gate.holdout_percent": 40}).run(d0)
