@@ -308,8 +308,16 @@ def build_guest_model(catalog: Catalog, co: sp.csr_matrix, item_counts: np.ndarr
     if len(catalog) == 0:
         raise ValueError("cannot train the guest model on an empty catalogue")
     vectorizer = TfidfVectorizer(token_pattern=TAG_TOKEN_PATTERN, lowercase=True)
-    tags = [t if t.strip() else "_" for t in catalog.tags.tolist()]
+    analyzer = vectorizer.build_analyzer()
+    tagged = np.array([bool(analyzer(t)) for t in catalog.tags.tolist()], dtype=bool)
+    # "_" only keeps the vocabulary from being empty (a catalogue without a single tag, or tags of commas only);
+    # the rows of untagged products are then zeroed: sharing the placeholder made every untagged product every
+    # other's perfect tag neighbour (cosine 1.0)
+    tags = [t if ok else "_" for t, ok in zip(catalog.tags.tolist(), tagged)]
     tag_matrix = vectorizer.fit_transform(tags).tocsr()
+    if not tagged.all():
+        tag_matrix = (sp.diags(tagged.astype(tag_matrix.dtype)) @ tag_matrix).tocsr()
+        tag_matrix.eliminate_zeros()
     knn = NearestNeighbors(metric="cosine", algorithm="brute").fit(tag_matrix)
     # knn is kept for the seed's knn_model.pkl; the tables come from the faster blocked top-k.
     sim_nb, sim_sc = similarity_tables(tag_matrix, config.sim_neighbors)

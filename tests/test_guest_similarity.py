@@ -177,3 +177,24 @@ def test_training_uses_the_new_tables_and_still_fits_the_seed_knn():
     ok = nb.ravel() >= 0
     true = np.einsum("ij,ij->i", dense[rows[ok]], dense[nb.ravel()[ok]])
     np.testing.assert_allclose(sc.ravel()[ok], true, rtol=0, atol=1e-5)
+
+
+def test_untagged_products_are_nobody_s_tag_neighbours():
+    """The empty tag's placeholder made every untagged product every other's perfect neighbour (cosine 1.0);
+    a catalogue whose tags are all commas crashed the vectorizer (empty vocabulary)."""
+    from retrain_server.data import Catalog, PurchaseLog
+
+    tags = np.array(["milk dairy", "", " ", "bread", ", ,", "milk"])
+    catalog = Catalog(ids=np.array([f"p{i}" for i in range(6)]), names=np.array([f"n{i}" for i in range(6)]),
+                      tags=tags)
+    log = PurchaseLog.from_columns(session_ids=["s1", "s1"], user_ids=["", ""], product_ids=["p0", "p3"],
+                                   genders=[-1, -1], ages=[-1, -1], timestamps=[1, 2])
+    model = train_guest_model(catalog, log)
+    untagged = [1, 2, 4]
+    for i in untagged:
+        assert (model.sim_neighbors[i] == -1).all() and (model.sim_scores[i] == 0).all()
+    assert not set(model.sim_neighbors[[0, 3, 5]].ravel().tolist()) & set(untagged)
+    assert model.sim_neighbors[0][0] == 5 and model.sim_neighbors[5][0] == 0  # "milk" still finds "milk"
+    commas = Catalog(ids=np.array(["a", "b"]), names=np.array(["a", "b"]), tags=np.array([",", ", ,"]))
+    lone = train_guest_model(commas, log.select(np.zeros(len(log), dtype=bool)))
+    assert (lone.sim_neighbors == -1).all()
