@@ -55,6 +55,32 @@ def test_score_unit_is_the_one_calibration(snapshot, trained):
     assert w["neighbour_weight"] == pytest.approx(0.5 * unit, rel=1e-4)
 
 
+def test_products_no_longer_sold_are_not_recommended_to_members(snapshot, trained):
+    """The member model keeps every product it was trained on; one the store stopped selling (gone from the
+    catalogue, so from tonight's guest model) was still recommended to members, named by its bare id."""
+    from agent.layout import DirectorySource
+    from agent.recommenders.guest import GuestParams
+    from retrain_server.data import Catalog
+    from retrain_server.evaluation.tuning import guest_recommender
+    from retrain_server.guest import train_guest_model
+
+    req = RecommendRequest(cart=tuple(trained.family_items(3)[:2]), user_id=trained.member_id, top_k=10)
+    before = snapshot.member.recommend(req)
+    gone = set(before[:3])
+    cat = trained.store.catalog
+    keep = ~np.isin(cat.ids, list(gone))
+    catalogue = Catalog(ids=cat.ids[keep], names=cat.names[keep], tags=cat.tags[keep])
+    log = trained.store.purchases
+    guest = guest_recommender(train_guest_model(catalogue, log.select(np.isin(log.product_ids, catalogue.ids))),
+                              GuestParams())
+    for rerank in (True, False):
+        member = member_from_source(DirectorySource(trained.parameters), guest, {"rerank": rerank})
+        assert set(member.item_ids_[member.outside_catalogue_].tolist()) == gone
+        after = member.recommend(req)
+        assert len(after) == 10 and not set(after) & gone, (rerank, after)
+    assert snapshot.member.outside_catalogue_.size == 0  # the same catalogue: nothing excluded
+
+
 def test_neighbour_table_sums_similar_members():
     # members 1 and 2 buy alike; member 3 is different; row 0 (unknown user) is empty
     h = sp.csr_matrix(np.array([[0, 0, 0, 0, 0],

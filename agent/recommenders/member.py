@@ -222,6 +222,14 @@ class MemberRecommender:
             self.item_index_ = shared_index(self.item_ids_)
             self.guest_to_item_ = (None if guest is None else
                                    index_rows(self.item_index_, guest.item_ids_.tolist(), known_only=False))
+        # Products the member model still knows but the store no longer sells: the guest model is built from
+        # today's catalogue, the member model keeps every product it was ever trained on. Never recommended
+        # (they were, named by their bare id).
+        self.outside_catalogue_ = np.empty(0, dtype=np.int64)
+        if self.guest_to_item_ is not None:
+            sold = np.zeros(n_items, dtype=bool)
+            sold[self.guest_to_item_[self.guest_to_item_ >= 0]] = True
+            self.outside_catalogue_ = np.flatnonzero(~sold).astype(np.int64)
         ctx = np.asarray(context_lookup)
         if len(ctx) == len(self.item_ids_) + 2 and np.array_equal(ctx[2:], self.item_ids_):
             self.context_index_ = None  # context index = item index + 2
@@ -358,12 +366,19 @@ class MemberRecommender:
         parts = self._parts(request, repeat=bool(p.repeat_weight), co=bool(p.co_weight),
                             neighbours=bool(p.neighbour_weight), known=bool(p.known_weight),
                             basket=bool(p.basket_weight), store=bool(p.store_weight))
-        excluded = self.item_indices(request.excluded)  # distinct: ``excluded`` is a set
+        excluded = self._excluded(request)
         k = min(k, len(self.item_ids_) - len(excluded))
         if k <= 0:
             return []
         top, scores = self._best(parts, excluded, k, inplace=True)
         return list(zip(self.item_ids_[top].tolist(), scores.tolist()))
+
+    def _excluded(self, request: RecommendRequest) -> np.ndarray:
+        """Distinct item indices never to recommend: the cart and wishlist, and products no longer sold."""
+        excluded = self.item_indices(request.excluded)  # distinct: ``excluded`` is a set
+        if self.outside_catalogue_.size:
+            excluded = np.union1d(excluded, self.outside_catalogue_)
+        return excluded
 
     def _best(self, parts: ScoreParts, excluded: np.ndarray, k: int,
               inplace: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -386,7 +401,7 @@ class MemberRecommender:
         """(every term, the blend's best ``n`` items best first, cart and wishlist excluded): what the
         reranker orders, here and where its trees are fitted."""
         parts = self.score_parts(request)
-        excluded = self.item_indices(request.excluded)  # distinct: ``excluded`` is a set
+        excluded = self._excluded(request)
         n = min(n, len(parts.two_tower) - len(excluded))
         return parts, (self._best(parts, excluded, n)[0] if n > 0 else np.empty(0, np.int64))
 
