@@ -640,7 +640,8 @@ class BasketStates:
             return
         if now - at < self.idle_ttl_s and event.cart is None and event.action != "checkout":
             raise InvalidEvent("this basket's state was dropped (the agent's memory for baskets was full), so a "
-                               "delta cannot be applied: send a snapshot with the whole cart ('cart': [...])",
+                               "delta cannot be applied: send a snapshot with the whole cart and the wishlist "
+                               "('cart': [...], 'wishlist': [...]; the stored wishlist was dropped too)",
                                event.event_id, kind="evicted")
         self._forget_evicted(basket_id)
 

@@ -454,6 +454,7 @@ def test_budget_evicts_oldest_reports_it_and_refuses_its_deltas() -> None:
         with pytest.raises(InvalidEvent, match="dropped.*snapshot") as info:
             apply(s, now=5, basket="b1", event_id="e-7", **delta)
         assert info.value.kind == "evicted" and info.value.event_id == "e-7"
+        assert "'wishlist': [...]" in str(info.value)  # a snapshot without it leaves the wishlist empty
         assert len(str(info.value)) <= 300
     # a snapshot re-creates it (and makes room again)
     out = apply(s, now=6, basket="b1", cart=cart[:2])
