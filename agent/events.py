@@ -684,6 +684,10 @@ class BasketStates:
         if key is None:
             return
         if key in state.recent:  # an id-less event delivered again before the checkout: applied, kept
+            old = state.recent[key]
+            if old != event.digest:  # an id reused by a new trip (shared group): its redelivery must match it
+                state.recent_bytes += _entry_bytes(key, event.digest) - _entry_bytes(key, old)
+                state.recent[key] = event.digest
             state.recent.move_to_end(key)
             return
         state.recent[key] = event.digest

@@ -713,6 +713,10 @@ def test_shared_states_take_a_new_trip_whose_checkout_another_agent_saw() -> Non
         got = [s.apply("b", ev({"event_id": "e-1", "seq": 1, "cart": ["B"]}), 1.0).kind,
                s.apply("b", ev({"event_id": "e-2", "seq": 0, "cart": ["C"]}), 2.0).kind]
         assert got == expected
+        if shared:  # a redelivery of the new trip's e-1 (a reconnect) is known as one: the cart stays C
+            assert s.apply("b", ev({"event_id": "e-1", "seq": 1, "cart": ["B"]}), 3.0).kind == "duplicate"
+            assert s.get("b").cart == ["C"]
+            assert s.nbytes == s.recount()
 
 
 def test_answer_timestamps_are_datetime_isoformat_to_the_millisecond(monkeypatch):
