@@ -138,9 +138,12 @@ def _parse_day(value: str) -> date:
 
 
 def _cmd_nightly(args: argparse.Namespace) -> int:
-    from .nightly import NightlyJob
+    from .nightly import NightlyJob, yesterday
 
     cfg = _load(args)
+    last = yesterday(cfg.timezone)
+    if args.date is not None and args.date > last:  # its later purchases would never be counted: the watermark
+        raise ConfigError(f"--date {args.date} is not over yet in {cfg.timezone}: the last complete day is {last}")
     result = NightlyJob(cfg).run(args.date, full=True if args.full else None)
     print(result.summary())
     if result.version is not None and not result.published:

@@ -251,15 +251,24 @@ def test_missed_days_are_caught_up_oldest_first_and_count_exactly_once(world):
 
 
 def test_a_day_that_is_not_over_is_refused(world):
-    """Counting today at noon moved the watermark past it: its afternoon was never counted."""
-    from retrain_server.errors import ConfigError
+    """`nightly --date <today>` at noon moved the watermark past today: its afternoon was never counted; a date
+    years ahead blocked every run until then. (NightlyJob itself takes any day: benchmarks replay synthetic
+    days dated ahead.)"""
     from retrain_server.nightly import yesterday
 
+    cfg = world.tmp / "retrain.json"
+    cfg.write_text(json.dumps({"database": {"dsn": world.dsn},
+                               "broker": {"host": world.broker.host, "port": world.broker.port},
+                               "prefix": world.prefix, "parameters": str(world.tmp / "parameters"),
+                               "state_dir": str(world.tmp / "state"), "bundle_dir": str(world.bundle_dir),
+                               "signing_key": str(world.key), "public_url": world.server.url}))
     before = world.state()
-    today = yesterday(world.config().timezone) + timedelta(days=1)
+    today = yesterday("Asia/Seoul") + timedelta(days=1)
     for day in (today, date(2099, 1, 1)):
-        with pytest.raises(ConfigError, match=f"{day} is not over yet"):
-            world.job().run(day)
+        r = subprocess.run([sys.executable, "-m", "retrain_server.cli", "nightly", "--config", str(cfg),
+                            "--date", day.isoformat()], capture_output=True, text=True, cwd=ROOT, timeout=120)
+        assert r.returncode == 2 and f"--date {day} is not over yet in Asia/Seoul" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr
     assert world.state() == before
 
 
