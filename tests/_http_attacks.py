@@ -65,6 +65,22 @@ def start_agent(*, broker: tuple[str, int], prefix: str, parameters: Path, publi
         return subprocess.Popen(cmd, cwd=cwd, stdout=logf, stderr=logf, env=full_env, preexec_fn=limits)
 
 
+def closed_within(s: socket.socket, timeout: float) -> tuple[bool, bytes]:
+    """(closed by the server within ``timeout``, what it sent first)."""
+    s.settimeout(timeout)
+    data = b""
+    try:
+        while True:
+            chunk = s.recv(4096)
+            if not chunk:
+                return True, data
+            data += chunk
+    except TimeoutError:
+        return False, data
+    except ConnectionResetError:
+        return True, data
+
+
 def http_request(port: int, method: str = "GET", path: str = "/health", body: bytes = b"", *,
                  headers: dict[str, str] | None = None, timeout: float = 5.0,
                  source: str | None = None) -> tuple[int, dict[str, str], bytes]:

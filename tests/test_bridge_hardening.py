@@ -42,6 +42,7 @@ from _http_attacks import (
     CartProbe,
     HeldOpen,
     abort_many,
+    closed_within,
     http_request,
     post_huge,
     start_agent,
@@ -80,22 +81,6 @@ def running_bridge(settings: HttpConfig | None = None, readiness: Any = None) ->
         server.stop()
 
 
-def _closed_within(s: socket.socket, timeout: float) -> tuple[bool, bytes]:
-    """(closed by the server within ``timeout``, what it sent first)."""
-    s.settimeout(timeout)
-    data = b""
-    try:
-        while True:
-            chunk = s.recv(4096)
-            if not chunk:
-                return True, data
-            data += chunk
-    except TimeoutError:
-        return False, data
-    except ConnectionResetError:
-        return True, data
-
-
 def _connect(port: int, source: str = "127.0.0.1") -> socket.socket:
     s = socket.socket()
     s.bind((source, 0))
@@ -110,7 +95,7 @@ def test_an_oversize_body_is_refused_by_its_length_before_any_of_it_is_read():
             s.sendall(b"POST /recommend HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                       b"Content-Length: 314572800\r\n\r\n")
             t0 = time.monotonic()
-            closed, data = _closed_within(s, 5)
+            closed, data = closed_within(s, 5)
         assert closed and data.startswith(b"HTTP/1.1 413 "), data[:100]
         assert b"exceeds 65536" in data and time.monotonic() - t0 < 1
         status, _, _ = http_request(port, "GET", "/health", headers={"Content-Length": "99999999"})
@@ -130,7 +115,7 @@ def test_a_slow_body_times_out():
         with _connect(port) as s:
             s.sendall(b"POST /recommend HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\n{\"cart\"")
             t0 = time.monotonic()
-            closed, data = _closed_within(s, 5)
+            closed, data = closed_within(s, 5)
         assert closed and data.startswith(b"HTTP/1.1 408 "), data[:100]
         assert 0.4 < time.monotonic() - t0 < 2
 
@@ -149,7 +134,7 @@ def test_a_silent_or_slow_request_head_is_closed(opening):
                 except OSError:
                     closed = True
                     break
-                closed, _ = _closed_within(s, 0.1)
+                closed, _ = closed_within(s, 0.1)
         assert closed and time.monotonic() - t0 < 1.5
 
 
@@ -166,7 +151,7 @@ def test_a_kept_alive_connection_cannot_be_held_by_dripping_bytes():
                     s.sendall(b"G")
                 except OSError:
                     break
-                closed, _ = _closed_within(s, 0.1)
+                closed, _ = closed_within(s, 0.1)
         assert time.monotonic() - t0 < 1.5
 
 
@@ -176,12 +161,12 @@ def test_connections_are_capped_per_client_and_in_all_with_room_for_local_checks
         held = [_connect(port, "127.0.0.2") for _ in range(3)]
         time.sleep(0.2)
         with _connect(port, "127.0.0.2") as s:  # a 4th from the same address
-            closed, data = _closed_within(s, 2)
+            closed, data = closed_within(s, 2)
             assert closed and data.startswith(b"HTTP/1.1 503 "), data
         held += [_connect(port, f"127.0.0.{3 + i // 3}") for i in range(5)]  # 8 in all
         time.sleep(0.2)
         with _connect(port, "127.0.0.9") as s:
-            closed, data = _closed_within(s, 2)
+            closed, data = closed_within(s, 2)
             assert closed and b"too many connections" in data
         assert http_request(port)[0] == 200  # 127.0.0.1: the machine's own reserve
         for s in held:
@@ -270,7 +255,7 @@ def test_host_header_is_checked(host, ok):
         raw = (b"GET /health HTTP/1.0\r\n" + (f"Host: {host}\r\n".encode() if host else b"") + b"\r\n")
         with _connect(port) as s:
             s.sendall(raw)
-            _, data = _closed_within(s, 3)
+            _, data = closed_within(s, 3)
         assert data.startswith(b"HTTP/1.1 200 " if ok else b"HTTP/1.1 400 "), (headers, data[:60])
 
 
@@ -300,7 +285,7 @@ def test_aborted_and_malformed_requests_cost_one_line_not_a_traceback(caplog):
         for _ in range(20):
             with _connect(port) as s:
                 s.sendall(b"NOT HTTP AT ALL\r\n\r\n")
-                _closed_within(s, 2)
+                closed_within(s, 2)
         time.sleep(0.5)
         assert http_request(port)[0] == 200
     records = [r for r in caplog.records if r.name.startswith(("agent.http", "uvicorn", "asyncio"))]

@@ -146,22 +146,9 @@ def test_a_symlink_out_of_the_directory_is_404(served: Served) -> None:
     assert status == 200 and body == served.data
 
 
-def _closed_within(s: socket.socket, timeout: float) -> tuple[bool, bytes]:
-    s.settimeout(timeout)
-    data = b""
-    try:
-        while True:
-            chunk = s.recv(4096)
-            if not chunk:
-                return True, data
-            data += chunk
-    except TimeoutError:
-        return False, data
-    except ConnectionResetError:
-        return True, data
-
-
 def test_the_bundle_port_has_the_bridge_s_limits(tmp_path: Path) -> None:
+    from _http_attacks import closed_within
+
     """Every basket reaches this port: silent connections are closed at the head deadline and one address
     cannot hold more than its share (plain uvicorn kept 30 silent connections open indefinitely)."""
     bundle = make_bundle(tmp_path)
@@ -171,7 +158,7 @@ def test_the_bundle_port_has_the_bridge_s_limits(tmp_path: Path) -> None:
     try:
         silent = socket.create_connection(("127.0.0.1", server.port))
         t0 = time.monotonic()
-        closed, _ = _closed_within(silent, 3)
+        closed, _ = closed_within(silent, 3)
         assert closed and time.monotonic() - t0 < 2
         silent.close()
         held = []
@@ -184,7 +171,7 @@ def test_the_bundle_port_has_the_bridge_s_limits(tmp_path: Path) -> None:
         fourth = socket.socket()
         fourth.bind(("127.0.0.2", 0))
         fourth.connect(("127.0.0.1", server.port))
-        closed, data = _closed_within(fourth, 2)
+        closed, data = closed_within(fourth, 2)
         assert closed and data.startswith(b"HTTP/1.1 503 "), data
         fourth.close()
         with urllib.request.urlopen(f"{server.url}/bundles/{bundle.name}", timeout=5) as resp:
