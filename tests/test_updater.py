@@ -108,6 +108,14 @@ def loader_for(public_key: Path) -> Callable[[Path], ModelSnapshot]:
     return lambda root: load_snapshot(root, key)
 
 
+def serving_base(params: Path, versions: Versions, **store_kw: Any) -> tuple[VersionStore, Any, ModelRegistry]:
+    """``params`` holding the base version V0, its store, a loader for the trained key, and V0 serving."""
+    shutil.copytree(versions.base.dir, params)
+    store = VersionStore(params, **store_kw)
+    loader = loader_for(versions.trained.public_key)
+    return store, loader, ModelRegistry(store.load_newest(loader).snapshot)
+
+
 def leftovers(params: Path) -> list[str]:
     d = params / "versions"
     return sorted(p.name for p in d.iterdir() if p.name.startswith((".incoming-", ".download-"))) \
@@ -284,10 +292,7 @@ def test_retained_update_is_applied_on_connect(make_agent: Any, versions: Versio
 def test_old_versions_are_pruned_but_a_rollback_loads_from_disk(
         tmp_path: Path, versions: Versions, server: BundleServer) -> None:
     params = tmp_path / "parameters"
-    shutil.copytree(versions.base.dir, params)
-    store = VersionStore(params, keep_versions=2)
-    loader = loader_for(versions.trained.public_key)
-    registry = ModelRegistry(store.load_newest(loader).snapshot)
+    store, loader, registry = serving_base(params, versions, keep_versions=2)
     reports: list[tuple[Any, str, Any]] = []
     updater = Updater(store, registry, loader, lambda *r: reports.append(r), jitter_s=0)
     updater.start()
@@ -320,10 +325,7 @@ def test_a_bundle_from_the_servers_packer_is_applied(tmp_path: Path, versions: V
     info = pack_bundle(src.dir, served, versions.trained.signing_key)
     assert info.version == src.version
     params = tmp_path / "parameters"
-    shutil.copytree(versions.base.dir, params)
-    store = VersionStore(params)
-    loader = loader_for(versions.trained.public_key)
-    registry = ModelRegistry(store.load_newest(loader).snapshot)
+    store, loader, registry = serving_base(params, versions)
     reports: list[tuple[Any, str, Any]] = []
     updater = Updater(store, registry, loader, lambda *r: reports.append(r), jitter_s=0)
     updater.start()
@@ -612,10 +614,7 @@ class RecordingRandom(random.Random):
 
 def test_jitter_delays_the_download(tmp_path: Path, versions: Versions, server: BundleServer) -> None:
     params = tmp_path / "parameters"
-    shutil.copytree(versions.base.dir, params)
-    store = VersionStore(params)
-    loader = loader_for(versions.trained.public_key)
-    registry = ModelRegistry(store.load_newest(loader).snapshot)
+    store, loader, registry = serving_base(params, versions)
     rng = RecordingRandom()
     applied = threading.Event()
     updater = Updater(store, registry, loader, lambda *r: applied.set(), jitter_s=0.6, rng=rng)
@@ -636,10 +635,7 @@ def test_jitter_delays_the_download(tmp_path: Path, versions: Versions, server: 
 
 def test_stop_interrupts_the_jitter_wait(tmp_path: Path, versions: Versions, server: BundleServer) -> None:
     params = tmp_path / "parameters"
-    shutil.copytree(versions.base.dir, params)
-    store = VersionStore(params)
-    loader = loader_for(versions.trained.public_key)
-    registry = ModelRegistry(store.load_newest(loader).snapshot)
+    store, loader, registry = serving_base(params, versions)
     updater = Updater(store, registry, loader, None, jitter_s=3600)
     updater.start()
     updater.submit(json.dumps(update_message(versions.good.version, server.url(versions.good.bundle.name),
@@ -656,10 +652,7 @@ def test_a_server_that_drips_bytes_cannot_hold_the_updater(tmp_path: Path, versi
     """max_download_s bounds the whole download even when every read gets a byte before timeout_s (a slow or
     hostile server), and stop() does not wait for such a download to end."""
     params = tmp_path / "parameters"
-    shutil.copytree(versions.base.dir, params)
-    store = VersionStore(params)
-    loader = loader_for(versions.trained.public_key)
-    registry = ModelRegistry(store.load_newest(loader).snapshot)
+    store, loader, registry = serving_base(params, versions)
     reports: list[tuple[Any, str, Any]] = []
     b = versions.make()
     message = json.dumps(update_message(b.version, server.url(b.bundle.name, "drip"), b.bundle)).encode()
@@ -724,10 +717,7 @@ def test_a_full_disk_is_not_the_bundles_fault(small_disk: Callable[[int], Path],
         unpacked = sum(_pages(m.size) for m in tar.getmembers() if m.isfile())
     room = base + _pages(b.bundle.stat().st_size) + unpacked // 2  # the download fits, its files do not
     params = small_disk(room) / "parameters"
-    shutil.copytree(versions.base.dir, params)
-    store = VersionStore(params)
-    loader = loader_for(versions.trained.public_key)
-    registry = ModelRegistry(store.load_newest(loader).snapshot)
+    store, loader, registry = serving_base(params, versions)
     reports: list[tuple[Any, str, Any]] = []
     updater = Updater(store, registry, loader, lambda *r: reports.append(r), jitter_s=0)
     message = json.dumps(update_message(b.version, server.url(b.bundle.name), b.bundle)).encode()
